@@ -1,1 +1,4 @@
+pub mod config;
+pub mod openai;
+pub mod protocol;
 pub mod storage;

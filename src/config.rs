@@ -1,0 +1,354 @@
+//! Settings, read once at start-up from the environment (app settings in Azure,
+//! `local.settings.json` under Core Tools). A missing or malformed setting stops start-up with
+//! one line naming it; secrets are never echoed back.
+
+use std::{collections::HashMap, time::Duration};
+
+use url::Url;
+
+/// Every setting the handler reads. The README and `local.settings.json.example` list the same.
+pub mod names {
+    pub const OPENAI_ENDPOINT: &str = "AZURE_OPENAI_ENDPOINT";
+    pub const OPENAI_API_VERSION: &str = "AZURE_OPENAI_API_VERSION";
+    pub const OPENAI_API_KEY: &str = "AZURE_OPENAI_API_KEY";
+    pub const STORAGE_ACCOUNT_URL: &str = "BATCH_STORAGE_ACCOUNT_URL";
+    pub const STORAGE_CONNECTION_STRING: &str = "BATCH_STORAGE_CONNECTION_STRING";
+    pub const INPUT_CONTAINER: &str = "BATCH_INPUT_CONTAINER";
+    pub const OUTPUT_CONTAINER: &str = "BATCH_OUTPUT_CONTAINER";
+    pub const STATE_CONTAINER: &str = "BATCH_STATE_CONTAINER";
+    pub const SUBMIT_LEASE_SECONDS: &str = "BATCH_SUBMIT_LEASE_SECONDS";
+    pub const QUEUE_MAX_ATTEMPTS: &str = "BATCH_QUEUE_MAX_ATTEMPTS";
+    pub const QUEUE_INITIAL_DELAY_SECONDS: &str = "BATCH_QUEUE_INITIAL_DELAY_SECONDS";
+    pub const MANAGED_IDENTITY_CLIENT_ID: &str = "AZURE_CLIENT_ID";
+    pub const HANDLER_PORT: &str = "FUNCTIONS_CUSTOMHANDLER_PORT";
+    /// Test-only: makes the process abort at a named step, to prove crash recovery.
+    pub const TEST_FAULT: &str = "BATCH_TEST_FAULT";
+}
+
+pub const DEFAULT_API_VERSION: &str = "2025-04-01-preview";
+
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum ConfigError {
+    #[error("setting {name} is required: {hint}")]
+    Missing {
+        name: &'static str,
+        hint: &'static str,
+    },
+    #[error("setting {name} is malformed: {reason}")]
+    Malformed { name: &'static str, reason: String },
+}
+
+/// Which Azure OpenAI URL style to call.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ApiStyle {
+    /// `{endpoint}/openai/batches?api-version=…`
+    Classic { api_version: String },
+    /// `{endpoint}/openai/v1/batches`
+    V1,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum StorageAuth {
+    /// Production: Entra ID tokens for this blob endpoint.
+    ManagedIdentity { account_url: Url },
+    /// Development: Azurite or an account key. Kept out of `Debug`.
+    ConnectionString(Secret),
+}
+
+/// A string that never prints.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Secret(String);
+
+impl Secret {
+    pub fn new(value: impl Into<String>) -> Self {
+        Self(value.into())
+    }
+
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl std::fmt::Debug for Secret {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Secret(..)")
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub openai_endpoint: Url,
+    pub api_style: ApiStyle,
+    pub openai_api_key: Option<Secret>,
+    pub managed_identity_client_id: Option<String>,
+    pub storage: StorageAuth,
+    pub input_container: String,
+    pub output_container: String,
+    pub state_container: String,
+    /// How long a `submitting` claim is honoured before another invocation may take it over.
+    pub submit_lease: Duration,
+    /// `token_limit_exceeded` resubmissions before the job is given up as failed.
+    pub queue_max_attempts: u32,
+    pub queue_initial_delay: Duration,
+    pub test_fault: Option<String>,
+}
+
+impl Config {
+    pub fn from_env() -> Result<Self, ConfigError> {
+        Self::from_map(&std::env::vars().collect())
+    }
+
+    pub fn from_map(env: &HashMap<String, String>) -> Result<Self, ConfigError> {
+        let get = |name: &str| {
+            env.get(name)
+                .map(|v| v.trim().to_string())
+                .filter(|v| !v.is_empty())
+        };
+
+        let endpoint_text = get(names::OPENAI_ENDPOINT).ok_or(ConfigError::Missing {
+            name: names::OPENAI_ENDPOINT,
+            hint: "the Azure OpenAI resource URL, e.g. https://my-resource.openai.azure.com",
+        })?;
+        let openai_endpoint = parse_http_url(names::OPENAI_ENDPOINT, &endpoint_text)?;
+
+        let api_style = match get(names::OPENAI_API_VERSION) {
+            None => ApiStyle::Classic {
+                api_version: DEFAULT_API_VERSION.to_string(),
+            },
+            Some(v) if v.eq_ignore_ascii_case("v1") => ApiStyle::V1,
+            Some(v) => {
+                let looks_dated = v.len() >= 10
+                    && v.as_bytes()[..10].iter().enumerate().all(|(i, b)| {
+                        if i == 4 || i == 7 {
+                            *b == b'-'
+                        } else {
+                            b.is_ascii_digit()
+                        }
+                    });
+                if !looks_dated {
+                    return Err(ConfigError::Malformed {
+                        name: names::OPENAI_API_VERSION,
+                        reason: format!(
+                            "`{v}` is neither `v1` nor a dated version like {DEFAULT_API_VERSION}"
+                        ),
+                    });
+                }
+                ApiStyle::Classic { api_version: v }
+            }
+        };
+
+        let storage = match (
+            get(names::STORAGE_ACCOUNT_URL),
+            get(names::STORAGE_CONNECTION_STRING),
+        ) {
+            (Some(_), Some(_)) => {
+                return Err(ConfigError::Malformed {
+                    name: names::STORAGE_CONNECTION_STRING,
+                    reason: format!(
+                        "set either {} (managed identity) or {} (development), not both",
+                        names::STORAGE_ACCOUNT_URL,
+                        names::STORAGE_CONNECTION_STRING
+                    ),
+                });
+            }
+            (Some(url), None) => {
+                let account_url = parse_http_url(names::STORAGE_ACCOUNT_URL, &url)?;
+                if account_url.scheme() != "https" {
+                    return Err(ConfigError::Malformed {
+                        name: names::STORAGE_ACCOUNT_URL,
+                        reason: "managed identity needs an https:// blob endpoint".into(),
+                    });
+                }
+                if account_url.query().is_some() {
+                    return Err(ConfigError::Malformed {
+                        name: names::STORAGE_ACCOUNT_URL,
+                        reason: "must not carry a query (a SAS does not belong here)".into(),
+                    });
+                }
+                StorageAuth::ManagedIdentity { account_url }
+            }
+            (None, Some(cs)) => {
+                crate::storage::ConnectionString::parse(&cs).map_err(|e| {
+                    ConfigError::Malformed {
+                        name: names::STORAGE_CONNECTION_STRING,
+                        reason: e.to_string(),
+                    }
+                })?;
+                StorageAuth::ConnectionString(Secret(cs))
+            }
+            (None, None) => {
+                return Err(ConfigError::Missing {
+                    name: names::STORAGE_ACCOUNT_URL,
+                    hint: "the blob endpoint, e.g. https://myaccount.blob.core.windows.net \
+                           (or BATCH_STORAGE_CONNECTION_STRING for local development)",
+                });
+            }
+        };
+
+        let container = |name: &'static str, default: &str| -> Result<String, ConfigError> {
+            let value = get(name).unwrap_or_else(|| default.to_string());
+            validate_container_name(&value).map_err(|reason| ConfigError::Malformed {
+                name,
+                reason: format!("`{value}` is not a valid container name: {reason}"),
+            })?;
+            Ok(value)
+        };
+        let input_container = container(names::INPUT_CONTAINER, "batch-input")?;
+        let output_container = container(names::OUTPUT_CONTAINER, "batch-output")?;
+        let state_container = container(names::STATE_CONTAINER, "batch-jobs")?;
+        if state_container == input_container || state_container == output_container {
+            return Err(ConfigError::Malformed {
+                name: names::STATE_CONTAINER,
+                reason: "must differ from the input and output containers".into(),
+            });
+        }
+        if input_container == output_container {
+            return Err(ConfigError::Malformed {
+                name: names::OUTPUT_CONTAINER,
+                reason: "must differ from the input container (results would be taken as inputs)"
+                    .into(),
+            });
+        }
+
+        let number = |name: &'static str, default: u64| -> Result<u64, ConfigError> {
+            match get(name) {
+                None => Ok(default),
+                Some(v) => v.parse::<u64>().map_err(|_| ConfigError::Malformed {
+                    name,
+                    reason: format!("`{v}` is not a whole number"),
+                }),
+            }
+        };
+
+        Ok(Config {
+            openai_endpoint,
+            api_style,
+            openai_api_key: get(names::OPENAI_API_KEY).map(Secret),
+            managed_identity_client_id: get(names::MANAGED_IDENTITY_CLIENT_ID),
+            storage,
+            input_container,
+            output_container,
+            state_container,
+            submit_lease: Duration::from_secs(number(names::SUBMIT_LEASE_SECONDS, 300)?),
+            queue_max_attempts: number(names::QUEUE_MAX_ATTEMPTS, 10)? as u32,
+            queue_initial_delay: Duration::from_secs(number(
+                names::QUEUE_INITIAL_DELAY_SECONDS,
+                300,
+            )?),
+            test_fault: get(names::TEST_FAULT),
+        })
+    }
+}
+
+fn parse_http_url(name: &'static str, text: &str) -> Result<Url, ConfigError> {
+    let url = Url::parse(text).map_err(|e| ConfigError::Malformed {
+        name,
+        reason: format!("not a URL ({e})"),
+    })?;
+    if url.scheme() != "https" && url.scheme() != "http" {
+        return Err(ConfigError::Malformed {
+            name,
+            reason: format!("scheme `{}` is not http(s)", url.scheme()),
+        });
+    }
+    if !url.username().is_empty() || url.password().is_some() {
+        return Err(ConfigError::Malformed {
+            name,
+            reason: "must not carry credentials".into(),
+        });
+    }
+    Ok(url)
+}
+
+/// Azure's container naming rules: 3–63 characters, lowercase letters, digits and single
+/// hyphens, starting and ending with a letter or digit.
+fn validate_container_name(name: &str) -> Result<(), &'static str> {
+    if !(3..=63).contains(&name.len()) {
+        return Err("must be 3 to 63 characters long");
+    }
+    if !name
+        .bytes()
+        .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+    {
+        return Err("only lowercase letters, digits and hyphens are allowed");
+    }
+    if name.starts_with('-') || name.ends_with('-') || name.contains("--") {
+        return Err("hyphens must sit between letters or digits");
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn base() -> HashMap<String, String> {
+        [
+            (names::OPENAI_ENDPOINT, "https://r.openai.azure.com"),
+            (
+                names::STORAGE_ACCOUNT_URL,
+                "https://acct.blob.core.windows.net",
+            ),
+        ]
+        .into_iter()
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect()
+    }
+
+    #[test]
+    fn defaults_follow_the_contract() {
+        let c = Config::from_map(&base()).unwrap();
+        assert_eq!(c.input_container, "batch-input");
+        assert_eq!(c.output_container, "batch-output");
+        assert_eq!(c.state_container, "batch-jobs");
+        assert_eq!(
+            c.api_style,
+            ApiStyle::Classic {
+                api_version: "2025-04-01-preview".into()
+            }
+        );
+    }
+
+    #[test]
+    fn v1_selects_the_v1_style() {
+        let mut env = base();
+        env.insert(names::OPENAI_API_VERSION.into(), "v1".into());
+        assert_eq!(Config::from_map(&env).unwrap().api_style, ApiStyle::V1);
+    }
+
+    #[test]
+    fn errors_name_the_setting() {
+        let mut env = base();
+        env.remove(names::OPENAI_ENDPOINT);
+        let err = Config::from_map(&env).unwrap_err().to_string();
+        assert!(err.contains("AZURE_OPENAI_ENDPOINT"), "{err}");
+
+        let mut env = base();
+        env.insert(names::INPUT_CONTAINER.into(), "Bad_Name".into());
+        let err = Config::from_map(&env).unwrap_err().to_string();
+        assert!(err.contains("BATCH_INPUT_CONTAINER"), "{err}");
+
+        let mut env = base();
+        env.insert(names::OPENAI_API_VERSION.into(), "latest".into());
+        let err = Config::from_map(&env).unwrap_err().to_string();
+        assert!(err.contains("AZURE_OPENAI_API_VERSION"), "{err}");
+
+        let mut env = base();
+        env.remove(names::STORAGE_ACCOUNT_URL);
+        let err = Config::from_map(&env).unwrap_err().to_string();
+        assert!(err.contains("BATCH_STORAGE_ACCOUNT_URL"), "{err}");
+    }
+
+    #[test]
+    fn a_bad_connection_string_is_named_but_not_printed() {
+        let mut env = base();
+        env.remove(names::STORAGE_ACCOUNT_URL);
+        env.insert(
+            names::STORAGE_CONNECTION_STRING.into(),
+            "AccountName=a;AccountKey=%%%secret%%%".into(),
+        );
+        let err = Config::from_map(&env).unwrap_err().to_string();
+        assert!(err.contains("BATCH_STORAGE_CONNECTION_STRING"), "{err}");
+        assert!(!err.contains("secret"), "{err}");
+    }
+}

@@ -1,0 +1,645 @@
+//! The Azure OpenAI Batch REST client.
+//!
+//! Hand-written over reqwest because no Rust crate models the blob fields (`input_blob`,
+//! `output_folder`, `output_blob`, `error_blob`) or Azure's variations (see
+//! shared/reference/batch-api-research.md §1.4, §1.12): statuses in any case, `canceled` and
+//! `cancelled`, lists under `data` or `value`, timestamps as integers or RFC 3339 strings,
+//! `line` as a string or an integer. Every type is lenient and ignores unknown fields.
+
+use std::{sync::Arc, time::Duration};
+
+use azure_core::credentials::TokenCredential;
+use rand::Rng;
+use reqwest::{Method, StatusCode, header::HeaderMap};
+use serde::{Deserialize, Deserializer, Serialize};
+use serde_json::Value;
+use url::Url;
+
+use crate::config::{ApiStyle, Secret};
+
+const COGNITIVE_SERVICES_SCOPE: &str = "https://cognitiveservices.azure.com/.default";
+
+/// A batch's status. Parsed case-insensitively; anything unknown is kept, not an error.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum BatchStatus {
+    Validating,
+    InProgress,
+    Finalizing,
+    Completed,
+    Failed,
+    Expired,
+    Cancelling,
+    Cancelled,
+    #[serde(untagged)]
+    Unknown(String),
+}
+
+impl BatchStatus {
+    pub fn parse(text: &str) -> Self {
+        match text.to_ascii_lowercase().replace([' ', '-'], "_").as_str() {
+            "validating" => Self::Validating,
+            "in_progress" | "inprogress" | "running" => Self::InProgress,
+            "finalizing" => Self::Finalizing,
+            "completed" | "succeeded" => Self::Completed,
+            "failed" => Self::Failed,
+            "expired" => Self::Expired,
+            "cancelling" | "canceling" => Self::Cancelling,
+            "cancelled" | "canceled" => Self::Cancelled,
+            _ => Self::Unknown(text.to_string()),
+        }
+    }
+
+    /// The four ends of a batch; all four are harvested.
+    pub fn is_terminal(&self) -> bool {
+        matches!(
+            self,
+            Self::Completed | Self::Failed | Self::Expired | Self::Cancelled
+        )
+    }
+
+    pub fn as_str(&self) -> &str {
+        match self {
+            Self::Validating => "validating",
+            Self::InProgress => "in_progress",
+            Self::Finalizing => "finalizing",
+            Self::Completed => "completed",
+            Self::Failed => "failed",
+            Self::Expired => "expired",
+            Self::Cancelling => "cancelling",
+            Self::Cancelled => "cancelled",
+            Self::Unknown(s) => s,
+        }
+    }
+}
+
+impl<'de> Deserialize<'de> for BatchStatus {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        Ok(Self::parse(&String::deserialize(d)?))
+    }
+}
+
+impl std::fmt::Display for BatchStatus {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize, Serialize)]
+pub struct RequestCounts {
+    #[serde(default, deserialize_with = "null_as_zero")]
+    pub total: u64,
+    #[serde(default, deserialize_with = "null_as_zero")]
+    pub completed: u64,
+    #[serde(default, deserialize_with = "null_as_zero")]
+    pub failed: u64,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize, Serialize)]
+pub struct BatchError {
+    #[serde(default)]
+    pub code: Option<String>,
+    #[serde(default)]
+    pub message: Option<String>,
+    #[serde(default)]
+    pub param: Option<String>,
+    #[serde(default, deserialize_with = "lenient_line")]
+    pub line: Option<u64>,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize, Serialize)]
+pub struct BatchErrors {
+    #[serde(default, alias = "value", deserialize_with = "null_as_default")]
+    pub data: Vec<BatchError>,
+}
+
+/// The batch object. Only the fields we act on; the rest are ignored.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+pub struct Batch {
+    pub id: String,
+    pub status: BatchStatus,
+    #[serde(default)]
+    pub endpoint: Option<String>,
+    #[serde(default)]
+    pub input_blob: Option<String>,
+    #[serde(default)]
+    pub output_blob: Option<String>,
+    #[serde(default)]
+    pub error_blob: Option<String>,
+    #[serde(default, deserialize_with = "null_as_default")]
+    pub request_counts: RequestCounts,
+    #[serde(default)]
+    pub errors: Option<BatchErrors>,
+    #[serde(default, deserialize_with = "lenient_time")]
+    pub created_at: Option<i64>,
+    #[serde(default, deserialize_with = "lenient_time")]
+    pub in_progress_at: Option<i64>,
+    #[serde(default, deserialize_with = "lenient_time")]
+    pub expires_at: Option<i64>,
+    #[serde(default, deserialize_with = "lenient_time")]
+    pub finalizing_at: Option<i64>,
+    #[serde(default, deserialize_with = "lenient_time")]
+    pub completed_at: Option<i64>,
+    #[serde(default, deserialize_with = "lenient_time")]
+    pub failed_at: Option<i64>,
+    #[serde(default, deserialize_with = "lenient_time")]
+    pub expired_at: Option<i64>,
+    #[serde(default, deserialize_with = "lenient_time")]
+    pub cancelling_at: Option<i64>,
+    #[serde(default, deserialize_with = "lenient_time")]
+    pub cancelled_at: Option<i64>,
+}
+
+impl Batch {
+    pub fn error_codes(&self) -> impl Iterator<Item = &str> {
+        self.errors
+            .iter()
+            .flat_map(|e| e.data.iter())
+            .filter_map(|e| e.code.as_deref())
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+pub struct BatchPage {
+    #[serde(default, alias = "value", deserialize_with = "null_as_default")]
+    pub data: Vec<Batch>,
+    #[serde(default)]
+    pub has_more: bool,
+    #[serde(default)]
+    pub last_id: Option<String>,
+}
+
+/// What a batch is created from.
+#[derive(Debug, Clone, Serialize)]
+pub struct CreateBatch {
+    /// `/chat/completions`, `/responses`, or their `/v1/` forms, as the input lines have it.
+    pub endpoint: String,
+    pub input_blob: String,
+    pub output_folder_url: String,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum OpenAiError {
+    /// The deployment's enqueued-token quota is full: the job waits and is resubmitted later.
+    #[error("token_limit_exceeded: {message}")]
+    TokenLimitExceeded { message: String },
+    /// Throttled, 5xx, timeouts, connection failures, after our retries: try again later.
+    #[error("Azure OpenAI is unavailable ({what}): {message}")]
+    Transient { what: String, message: String },
+    /// The service refused the request; trying again will not help.
+    #[error("Azure OpenAI refused the request (HTTP {status}, {code}): {message}")]
+    Rejected {
+        status: u16,
+        code: String,
+        message: String,
+    },
+    #[error("batch {0} not found")]
+    NotFound(String),
+    #[error("cannot authenticate to Azure OpenAI: {0}")]
+    Auth(String),
+    #[error("unexpected answer from Azure OpenAI: {0}")]
+    Decode(String),
+}
+
+impl OpenAiError {
+    pub fn is_transient(&self) -> bool {
+        matches!(self, Self::Transient { .. } | Self::Auth(_))
+    }
+}
+
+#[derive(Clone)]
+pub enum Auth {
+    /// Development only.
+    ApiKey(Secret),
+    /// Microsoft Entra ID (managed identity in Azure).
+    Entra(Arc<dyn TokenCredential>),
+}
+
+/// Retry tuning for 429/5xx/timeouts.
+#[derive(Debug, Clone, Copy)]
+pub struct RetryConfig {
+    pub max_attempts: u32,
+    pub base_delay: Duration,
+    pub max_delay: Duration,
+}
+
+impl Default for RetryConfig {
+    fn default() -> Self {
+        Self {
+            max_attempts: 5,
+            base_delay: Duration::from_millis(500),
+            max_delay: Duration::from_secs(30),
+        }
+    }
+}
+
+#[derive(Clone)]
+pub struct BatchClient {
+    http: reqwest::Client,
+    endpoint: Url,
+    style: ApiStyle,
+    auth: Auth,
+    retry: RetryConfig,
+}
+
+impl std::fmt::Debug for BatchClient {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("BatchClient")
+            .field("endpoint", &self.endpoint.as_str())
+            .field("style", &self.style)
+            .finish_non_exhaustive()
+    }
+}
+
+impl BatchClient {
+    pub fn new(endpoint: Url, style: ApiStyle, auth: Auth, retry: RetryConfig) -> Self {
+        let http = reqwest::Client::builder()
+            .connect_timeout(Duration::from_secs(10))
+            .timeout(Duration::from_secs(60))
+            .build()
+            .expect("a TLS backend is compiled in");
+        Self {
+            http,
+            endpoint,
+            style,
+            auth,
+            retry,
+        }
+    }
+
+    fn url(&self, path: &str, query: &[(&str, String)]) -> Url {
+        let mut url = self.endpoint.clone();
+        let base = url.path().trim_end_matches('/').to_string();
+        match &self.style {
+            ApiStyle::Classic { api_version } => {
+                url.set_path(&format!("{base}/openai/{path}"));
+                url.query_pairs_mut()
+                    .append_pair("api-version", api_version);
+            }
+            ApiStyle::V1 => url.set_path(&format!("{base}/openai/v1/{path}")),
+        }
+        for (k, v) in query {
+            url.query_pairs_mut().append_pair(k, v);
+        }
+        url
+    }
+
+    /// Creates a batch. Retried only on 429 (the service did not take it). A 5xx or timeout
+    /// may have created the batch after all, so those come back as `Transient` and the caller
+    /// looks the batch up by `input_blob` before creating again: that is what keeps it to one.
+    pub async fn create(&self, req: &CreateBatch) -> Result<Batch, OpenAiError> {
+        let body = serde_json::json!({
+            "input_file_id": null,
+            "endpoint": req.endpoint,
+            "completion_window": "24h",
+            "input_blob": req.input_blob,
+            "output_folder": { "url": req.output_folder_url },
+        });
+        self.send(Method::POST, self.url("batches", &[]), Some(body), false)
+            .await
+    }
+
+    pub async fn retrieve(&self, id: &str) -> Result<Batch, OpenAiError> {
+        let path = format!("batches/{}", encode_segment(id));
+        match self
+            .send(Method::GET, self.url(&path, &[]), None, true)
+            .await
+        {
+            Err(OpenAiError::Rejected { status: 404, .. }) => Err(OpenAiError::NotFound(id.into())),
+            other => other,
+        }
+    }
+
+    pub async fn cancel(&self, id: &str) -> Result<Batch, OpenAiError> {
+        let path = format!("batches/{}/cancel", encode_segment(id));
+        self.send(Method::POST, self.url(&path, &[]), None, true)
+            .await
+    }
+
+    pub async fn list_page(
+        &self,
+        after: Option<&str>,
+        limit: u32,
+    ) -> Result<BatchPage, OpenAiError> {
+        let mut query = vec![("limit", limit.to_string())];
+        if let Some(a) = after {
+            query.push(("after", a.to_string()));
+        }
+        self.send(Method::GET, self.url("batches", &query), None, true)
+            .await
+    }
+
+    /// Finds a batch created for this input blob, newest first, among batches created at or
+    /// after `not_before` (unix seconds). The service lists newest first, so the walk stops at
+    /// the first older batch.
+    pub async fn find_by_input_blob(
+        &self,
+        input_blob: &str,
+        not_before: i64,
+    ) -> Result<Option<Batch>, OpenAiError> {
+        let mut after: Option<String> = None;
+        loop {
+            let page = self.list_page(after.as_deref(), 100).await?;
+            let mut older_seen = false;
+            for b in &page.data {
+                if b.created_at.is_some_and(|t| t < not_before) {
+                    older_seen = true;
+                    continue;
+                }
+                if b.input_blob
+                    .as_deref()
+                    .is_some_and(|u| same_blob_url(u, input_blob))
+                {
+                    return Ok(Some(b.clone()));
+                }
+            }
+            let next = page
+                .last_id
+                .or_else(|| page.data.last().map(|b| b.id.clone()));
+            if !page.has_more || older_seen || next.is_none() || page.data.is_empty() {
+                return Ok(None);
+            }
+            after = next;
+        }
+    }
+
+    async fn send<T: for<'de> Deserialize<'de>>(
+        &self,
+        method: Method,
+        url: Url,
+        body: Option<Value>,
+        retry_server_errors: bool,
+    ) -> Result<T, OpenAiError> {
+        let what = format!("{} {}", method, url.path());
+        let mut attempt = 0;
+        loop {
+            attempt += 1;
+            let mut req = self.http.request(method.clone(), url.clone());
+            req = match &self.auth {
+                Auth::ApiKey(key) => req.header("api-key", key.expose()),
+                Auth::Entra(cred) => {
+                    let token = cred
+                        .get_token(&[COGNITIVE_SERVICES_SCOPE], None)
+                        .await
+                        .map_err(|e| OpenAiError::Auth(e.to_string()))?;
+                    req.bearer_auth(token.token.secret())
+                }
+            };
+            if let Some(b) = &body {
+                req = req.json(b);
+            }
+            let outcome = req.send().await;
+            let (retryable, hint, error) = match outcome {
+                Ok(resp) => {
+                    let status = resp.status();
+                    let headers = resp.headers().clone();
+                    let text = resp.text().await.unwrap_or_default();
+                    if status.is_success() {
+                        return serde_json::from_str(&text)
+                            .map_err(|e| OpenAiError::Decode(format!("{what}: {e}")));
+                    }
+                    let (code, message) = error_fields(&text);
+                    if code == "token_limit_exceeded" || message.contains("token_limit_exceeded") {
+                        return Err(OpenAiError::TokenLimitExceeded { message });
+                    }
+                    let throttled = status == StatusCode::TOO_MANY_REQUESTS;
+                    let server = status.is_server_error() || status == StatusCode::REQUEST_TIMEOUT;
+                    let err = if throttled || server {
+                        OpenAiError::Transient {
+                            what: what.clone(),
+                            message: format!("HTTP {} {code}: {message}", status.as_u16()),
+                        }
+                    } else {
+                        return Err(OpenAiError::Rejected {
+                            status: status.as_u16(),
+                            code,
+                            message,
+                        });
+                    };
+                    (
+                        throttled || (server && retry_server_errors),
+                        retry_after(&headers),
+                        err,
+                    )
+                }
+                Err(e) => {
+                    // A request that never reached the service is safe to send again even for
+                    // create; one that may have (a timeout) is not.
+                    let safe = e.is_connect() || retry_server_errors;
+                    (
+                        safe,
+                        None,
+                        OpenAiError::Transient {
+                            what: what.clone(),
+                            message: e.without_url().to_string(),
+                        },
+                    )
+                }
+            };
+            if !retryable || attempt >= self.retry.max_attempts {
+                return Err(error);
+            }
+            let delay = hint
+                .unwrap_or_else(|| self.backoff(attempt))
+                .min(self.retry.max_delay * 2);
+            tracing::warn!(attempt, delay_ms = delay.as_millis() as u64, error = %error, "retrying Azure OpenAI request");
+            tokio::time::sleep(delay).await;
+        }
+    }
+
+    /// Exponential backoff with full jitter, so racing instances spread out.
+    fn backoff(&self, attempt: u32) -> Duration {
+        let cap = self
+            .retry
+            .base_delay
+            .saturating_mul(1 << attempt.min(16))
+            .min(self.retry.max_delay);
+        let ms = rand::rng().random_range(0..=cap.as_millis().max(1) as u64);
+        Duration::from_millis(ms.max(self.retry.base_delay.as_millis() as u64 / 2))
+    }
+}
+
+/// `retry-after-ms` (Azure) takes precedence over `Retry-After` (seconds).
+fn retry_after(headers: &HeaderMap) -> Option<Duration> {
+    if let Some(ms) = headers
+        .get("retry-after-ms")
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.trim().parse::<f64>().ok())
+    {
+        return Some(Duration::from_millis(ms.max(0.0) as u64));
+    }
+    headers
+        .get(reqwest::header::RETRY_AFTER)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.trim().parse::<f64>().ok())
+        .map(|s| Duration::from_millis((s.max(0.0) * 1000.0) as u64))
+}
+
+/// `{"error": {"code", "message"}}`, or whatever text the body has.
+fn error_fields(text: &str) -> (String, String) {
+    let v: Value = serde_json::from_str(text).unwrap_or(Value::Null);
+    let err = v.get("error").unwrap_or(&v);
+    let code = match err.get("code") {
+        Some(Value::String(s)) => s.clone(),
+        Some(Value::Number(n)) => n.to_string(),
+        _ => String::new(),
+    };
+    let message = err
+        .get("message")
+        .and_then(Value::as_str)
+        .map(str::to_string)
+        .unwrap_or_else(|| text.chars().take(500).collect());
+    (code, message)
+}
+
+fn encode_segment(s: &str) -> String {
+    percent_encoding::utf8_percent_encode(s, percent_encoding::NON_ALPHANUMERIC).to_string()
+}
+
+/// Compares blob URLs the way the service echoes them: scheme and host case-insensitively,
+/// the path after percent-decoding.
+pub fn same_blob_url(a: &str, b: &str) -> bool {
+    match (Url::parse(a), Url::parse(b)) {
+        (Ok(a), Ok(b)) => {
+            a.scheme() == b.scheme()
+                && a.host_str().map(str::to_ascii_lowercase)
+                    == b.host_str().map(str::to_ascii_lowercase)
+                && a.port_or_known_default() == b.port_or_known_default()
+                && decoded_path(&a) == decoded_path(&b)
+        }
+        _ => a == b,
+    }
+}
+
+fn decoded_path(u: &Url) -> Vec<u8> {
+    percent_encoding::percent_decode_str(u.path()).collect()
+}
+
+fn null_as_zero<'de, D: Deserializer<'de>>(d: D) -> Result<u64, D::Error> {
+    Ok(Option::<u64>::deserialize(d)?.unwrap_or(0))
+}
+
+fn null_as_default<'de, D, T>(d: D) -> Result<T, D::Error>
+where
+    D: Deserializer<'de>,
+    T: Default + Deserialize<'de>,
+{
+    Ok(Option::<T>::deserialize(d)?.unwrap_or_default())
+}
+
+fn lenient_line<'de, D: Deserializer<'de>>(d: D) -> Result<Option<u64>, D::Error> {
+    Ok(match Option::<Value>::deserialize(d)? {
+        Some(Value::Number(n)) => n.as_u64(),
+        Some(Value::String(s)) => s.trim().parse().ok(),
+        _ => None,
+    })
+}
+
+fn lenient_time<'de, D: Deserializer<'de>>(d: D) -> Result<Option<i64>, D::Error> {
+    Ok(match Option::<Value>::deserialize(d)? {
+        Some(Value::Number(n)) => n.as_i64().or_else(|| n.as_f64().map(|f| f as i64)),
+        Some(Value::String(s)) => {
+            time::OffsetDateTime::parse(s.trim(), &time::format_description::well_known::Rfc3339)
+                .ok()
+                .map(|t| t.unix_timestamp())
+                .or_else(|| s.trim().parse().ok())
+        }
+        _ => None,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    #[test]
+    fn parses_the_seed_batch_object() {
+        let b: Batch = serde_json::from_value(json!({
+          "id": "batch_b632a805-797b-49ed-9c9c-86eb4057f2a2",
+          "completion_window": "24h", "created_at": 1747516485, "endpoint": "/chat/completions",
+          "input_file_id": null, "object": "batch", "status": "validating",
+          "cancelled_at": null, "cancelling_at": null, "completed_at": null, "error_file_id": null,
+          "errors": null, "expired_at": null, "expires_at": 1747602881, "failed_at": null,
+          "finalizing_at": null, "in_progress_at": null, "metadata": null, "output_file_id": null,
+          "request_counts": { "completed": 0, "failed": 0, "total": 0 },
+          "error_blob": "",
+          "input_blob": "https://docstest002.blob.core.windows.net/batch-input/test.jsonl",
+          "output_blob": ""
+        }))
+        .unwrap();
+        assert_eq!(b.status, BatchStatus::Validating);
+        assert_eq!(b.expires_at, Some(1747602881));
+    }
+
+    #[test]
+    fn lenient_with_older_and_odd_shapes() {
+        let b: Batch = serde_json::from_value(json!({
+            "id": "batch_1", "status": "Canceled",
+            "created_at": "2024-07-19T17:13:57.2491382+00:00",
+            "request_counts": { "total": 10, "completed": null, "failed": null },
+            "errors": { "object": "list", "value": [ { "code": "empty_file", "message": "m", "line": "3" } ] },
+            "something_new": { "x": 1 }
+        }))
+        .unwrap();
+        assert_eq!(b.status, BatchStatus::Cancelled);
+        assert!(b.status.is_terminal());
+        assert_eq!(b.created_at, Some(1721409237));
+        assert_eq!(b.request_counts.total, 10);
+        assert_eq!(b.errors.unwrap().data[0].line, Some(3));
+        assert_eq!(BatchStatus::parse("IN_PROGRESS"), BatchStatus::InProgress);
+        assert_eq!(BatchStatus::parse("expired"), BatchStatus::Expired);
+        assert!(!BatchStatus::parse("brand_new").is_terminal());
+        let page: BatchPage =
+            serde_json::from_value(json!({"value": [{"id": "b", "status": "completed"}]})).unwrap();
+        assert_eq!(page.data.len(), 1);
+    }
+
+    #[test]
+    fn retry_after_prefers_milliseconds() {
+        let mut h = HeaderMap::new();
+        h.insert("retry-after", "2".parse().unwrap());
+        assert_eq!(retry_after(&h), Some(Duration::from_secs(2)));
+        h.insert("retry-after-ms", "150".parse().unwrap());
+        assert_eq!(retry_after(&h), Some(Duration::from_millis(150)));
+    }
+
+    #[test]
+    fn blob_urls_compare_by_meaning() {
+        assert!(same_blob_url(
+            "https://ACCT.blob.core.windows.net/batch-input/a%20b.jsonl",
+            "https://acct.blob.core.windows.net/batch-input/a b.jsonl"
+        ));
+        assert!(!same_blob_url(
+            "https://acct.blob.core.windows.net/batch-input/a.jsonl",
+            "https://acct.blob.core.windows.net/batch-input/b.jsonl"
+        ));
+    }
+
+    #[test]
+    fn urls_for_both_styles() {
+        let auth = Auth::ApiKey(crate::config::Secret::new("k"));
+        let c = BatchClient::new(
+            Url::parse("https://r.openai.azure.com/").unwrap(),
+            ApiStyle::Classic {
+                api_version: "2025-04-01-preview".into(),
+            },
+            auth.clone(),
+            RetryConfig::default(),
+        );
+        assert_eq!(
+            c.url("batches", &[]).as_str(),
+            "https://r.openai.azure.com/openai/batches?api-version=2025-04-01-preview"
+        );
+        let c = BatchClient::new(
+            Url::parse("https://r.openai.azure.com").unwrap(),
+            ApiStyle::V1,
+            auth,
+            RetryConfig::default(),
+        );
+        assert_eq!(
+            c.url("batches/b1/cancel", &[]).as_str(),
+            "https://r.openai.azure.com/openai/v1/batches/b1/cancel"
+        );
+    }
+}

@@ -1,0 +1,299 @@
+//! The Functions host's custom-handler payloads, and the storage events inside them.
+//!
+//! Nothing here knows about batches: these types turn the host's JSON into plain values
+//! (`BlobCreated`, a timer tick) so the core could run under another trigger source.
+//! The host's encodings vary by version and binding (an object, a JSON string holding JSON,
+//! base64 of JSON; see shared/reference/functions-research.md §1.4, §2c), so decoding is lenient.
+
+use base64::Engine;
+use serde::{Deserialize, Serialize};
+use serde_json::{Map, Value};
+
+/// What the host POSTs to `/{FunctionName}`.
+#[derive(Debug, Clone, Default, Deserialize, Serialize)]
+pub struct InvocationRequest {
+    #[serde(rename = "Data", default)]
+    pub data: Map<String, Value>,
+    #[serde(rename = "Metadata", default)]
+    pub metadata: Map<String, Value>,
+}
+
+/// What the handler answers. The host treats any non-2xx as a failed invocation and discards
+/// the body, and hangs on an empty 200, so every answer is this object.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct InvocationResponse {
+    #[serde(rename = "Outputs")]
+    pub outputs: Map<String, Value>,
+    #[serde(rename = "Logs")]
+    pub logs: Vec<String>,
+    #[serde(rename = "ReturnValue")]
+    pub return_value: Value,
+}
+
+impl InvocationResponse {
+    pub fn with_logs(logs: Vec<String>) -> Self {
+        Self {
+            logs,
+            ..Default::default()
+        }
+    }
+}
+
+/// The header that carries the host's invocation id, for log correlation.
+pub const INVOCATION_ID_HEADER: &str = "x-azure-functions-invocationid";
+
+/// A storage event, reduced to what the handler acts on.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum StorageEvent {
+    BlobCreated(BlobCreated),
+    /// Any other event type: acknowledged and ignored.
+    Other {
+        event_type: String,
+        id: String,
+    },
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BlobCreated {
+    pub id: String,
+    /// The blob URL as the event gives it. Untrusted: checked against the configured account
+    /// before anything is fetched.
+    pub url: String,
+    pub etag: Option<String>,
+    pub content_length: Option<u64>,
+    pub subject: Option<String>,
+}
+
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum DecodeError {
+    #[error("the invocation has no `{0}` binding in Data")]
+    MissingBinding(String),
+    #[error("the event is not JSON, a JSON string, or base64 of JSON")]
+    Undecodable,
+    #[error("the event has no event type (`eventType` or `type`)")]
+    NoEventType,
+    #[error("the BlobCreated event has no `data.url`")]
+    NoUrl,
+    #[error("the delivery holds no event")]
+    Empty,
+}
+
+const BLOB_CREATED: &str = "Microsoft.Storage.BlobCreated";
+
+/// Decodes the events of an `eventGridTrigger` invocation whose binding is named `binding`.
+/// The host sends one event per invocation, but an array is accepted too.
+pub fn decode_events(
+    request: &InvocationRequest,
+    binding: &str,
+) -> Result<Vec<StorageEvent>, DecodeError> {
+    let raw = request
+        .data
+        .get(binding)
+        .ok_or_else(|| DecodeError::MissingBinding(binding.to_string()))?;
+    let value = unwrap_encodings(raw.clone()).ok_or(DecodeError::Undecodable)?;
+    let events = match value {
+        Value::Array(items) => items,
+        other => vec![other],
+    };
+    if events.is_empty() {
+        return Err(DecodeError::Empty);
+    }
+    events
+        .into_iter()
+        .map(|e| decode_one(unwrap_encodings(e).ok_or(DecodeError::Undecodable)?))
+        .collect()
+}
+
+/// Peels JSON-in-a-string and base64-of-JSON layers until an object or array appears.
+/// Bounded: a few layers are all the host ever adds.
+fn unwrap_encodings(mut value: Value) -> Option<Value> {
+    for _ in 0..4 {
+        match value {
+            Value::Object(_) | Value::Array(_) => return Some(value),
+            Value::String(text) => {
+                let trimmed = text.trim();
+                value = match serde_json::from_str::<Value>(trimmed) {
+                    Ok(v) => v,
+                    Err(_) => {
+                        let bytes = base64::engine::general_purpose::STANDARD
+                            .decode(trimmed)
+                            .ok()?;
+                        serde_json::from_slice::<Value>(&bytes).ok()?
+                    }
+                };
+            }
+            _ => return None,
+        }
+    }
+    None
+}
+
+fn decode_one(event: Value) -> Result<StorageEvent, DecodeError> {
+    let obj = event.as_object().ok_or(DecodeError::Undecodable)?;
+    // Event Grid schema says `eventType`; CloudEvents 1.0 says `type`.
+    let event_type = str_field(obj, "eventType")
+        .or_else(|| str_field(obj, "type"))
+        .ok_or(DecodeError::NoEventType)?;
+    let id = str_field(obj, "id").unwrap_or_default();
+    if event_type != BLOB_CREATED {
+        return Ok(StorageEvent::Other { event_type, id });
+    }
+    let data = obj
+        .get("data")
+        .cloned()
+        .and_then(unwrap_encodings)
+        .unwrap_or(Value::Null);
+    let data = data.as_object().cloned().unwrap_or_default();
+    let url = str_field(&data, "url").ok_or(DecodeError::NoUrl)?;
+    Ok(StorageEvent::BlobCreated(BlobCreated {
+        id,
+        url,
+        etag: str_field(&data, "eTag").or_else(|| str_field(&data, "etag")),
+        content_length: data.get("contentLength").and_then(Value::as_u64),
+        subject: str_field(obj, "subject"),
+    }))
+}
+
+fn str_field(obj: &Map<String, Value>, key: &str) -> Option<String> {
+    obj.get(key)
+        .and_then(Value::as_str)
+        .map(str::to_string)
+        .filter(|s| !s.is_empty())
+}
+
+/// The timer binding's value, for logging (`IsPastDue` tells a missed schedule).
+#[derive(Debug, Clone, Default, Deserialize)]
+pub struct TimerInfo {
+    #[serde(rename = "IsPastDue", default)]
+    pub is_past_due: bool,
+}
+
+pub fn decode_timer(request: &InvocationRequest, binding: &str) -> TimerInfo {
+    request
+        .data
+        .get(binding)
+        .cloned()
+        .and_then(unwrap_encodings)
+        .and_then(|v| serde_json::from_value(v).ok())
+        .unwrap_or_default()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn blob_event() -> Value {
+        // The documented BlobCreated event (Event Grid schema), event-schema-blob-storage.md.
+        json!({
+            "topic": "/subscriptions/s/resourceGroups/Storage/providers/Microsoft.Storage/storageAccounts/my-storage-account",
+            "subject": "/blobServices/default/containers/batch-input/blobs/new-file.jsonl",
+            "eventType": "Microsoft.Storage.BlobCreated",
+            "eventTime": "2017-06-26T18:41:00.9584103Z",
+            "id": "831e1650-001e-001b-66ab-eeb76e069631",
+            "data": {
+                "api": "PutBlockList",
+                "eTag": "\"0x8D4BCC2E4835CD0\"",
+                "contentType": "text/plain",
+                "contentLength": 524288,
+                "blobType": "BlockBlob",
+                "url": "https://my-storage-account.blob.core.windows.net/batch-input/new-file.jsonl",
+                "sequencer": "00000000000004420000000000028963"
+            },
+            "dataVersion": "",
+            "metadataVersion": "1"
+        })
+    }
+
+    fn request_with(event: Value) -> InvocationRequest {
+        InvocationRequest {
+            data: [("event".to_string(), event)].into_iter().collect(),
+            metadata: Map::new(),
+        }
+    }
+
+    fn expected() -> StorageEvent {
+        StorageEvent::BlobCreated(BlobCreated {
+            id: "831e1650-001e-001b-66ab-eeb76e069631".into(),
+            url: "https://my-storage-account.blob.core.windows.net/batch-input/new-file.jsonl"
+                .into(),
+            etag: Some("\"0x8D4BCC2E4835CD0\"".into()),
+            content_length: Some(524288),
+            subject: Some(
+                "/blobServices/default/containers/batch-input/blobs/new-file.jsonl".into(),
+            ),
+        })
+    }
+
+    #[test]
+    fn decodes_every_encoding_the_host_uses() {
+        let object = blob_event();
+        let json_string = Value::String(object.to_string());
+        let double_encoded = Value::String(json_string.to_string());
+        let base64 =
+            Value::String(base64::engine::general_purpose::STANDARD.encode(object.to_string()));
+        let array = json!([object.clone()]);
+        for (name, v) in [
+            ("object", object.clone()),
+            ("json string", json_string),
+            ("double encoded", double_encoded),
+            ("base64", base64),
+            ("array", array),
+        ] {
+            assert_eq!(
+                decode_events(&request_with(v), "event").unwrap(),
+                vec![expected()],
+                "{name}"
+            );
+        }
+    }
+
+    #[test]
+    fn decodes_cloud_events() {
+        let mut e = blob_event();
+        let obj = e.as_object_mut().unwrap();
+        let ty = obj.remove("eventType").unwrap();
+        obj.insert("type".into(), ty);
+        obj.insert("specversion".into(), json!("1.0"));
+        assert_eq!(
+            decode_events(&request_with(e), "event").unwrap(),
+            vec![expected()]
+        );
+    }
+
+    #[test]
+    fn other_event_types_are_reported_as_such() {
+        let mut e = blob_event();
+        e["eventType"] = json!("Microsoft.Storage.BlobDeleted");
+        assert!(matches!(
+            decode_events(&request_with(e), "event").unwrap()[0],
+            StorageEvent::Other { .. }
+        ));
+    }
+
+    #[test]
+    fn garbage_is_an_error_not_a_panic() {
+        for v in [
+            json!(42),
+            json!("not json or base64 !!"),
+            json!({"no": "type"}),
+            json!([]),
+        ] {
+            assert!(decode_events(&request_with(v), "event").is_err());
+        }
+        assert_eq!(
+            decode_events(&InvocationRequest::default(), "event"),
+            Err(DecodeError::MissingBinding("event".into()))
+        );
+    }
+
+    #[test]
+    fn timer_payload_from_the_host() {
+        let req: InvocationRequest = serde_json::from_value(json!({
+            "Data": { "timer": { "Schedule": { "AdjustForDST": true }, "ScheduleStatus": null, "IsPastDue": true } },
+            "Metadata": { "sys": { "MethodName": "function-timer", "UtcNow": "2022-07-05T11:40:07.4850616Z", "RandGuid": "9cd4c06c-fc8f-4b63-af94-56bc75c3f0cb" } }
+        }))
+        .unwrap();
+        assert!(decode_timer(&req, "timer").is_past_due);
+    }
+}
