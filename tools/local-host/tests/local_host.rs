@@ -1,0 +1,517 @@
+//! local-host against real Azurite and a recording fake handler (tests/fake_handler.py): what
+//! goes over the wire, redelivery, the timer singleton, exit conditions, and that the handler
+//! never outlives local-host.
+
+use std::{
+    io::{BufRead, BufReader},
+    path::{Path, PathBuf},
+    process::{Child, Command, ExitStatus, Stdio},
+    sync::{Arc, Mutex, mpsc},
+    time::{Duration, Instant},
+};
+
+use aoai_blob_batch::storage::{BlobStore, RetryPolicy, WriteCondition};
+use serde_json::Value;
+
+const ACCOUNT_KEY: &str =
+    "Eby8vdM02xNOcqFlqUwJPLlmEtlCDXJ1OUzFT50uSRZ6IFsuFq2UVErCz4I6tq/K1SZFPTOtr/KBHBeksoGMGw==";
+
+fn crate_dir() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+}
+
+fn repo_root() -> PathBuf {
+    crate_dir().join("../..").canonicalize().unwrap()
+}
+
+/// A child process with its output collected, killed on drop.
+struct Proc {
+    child: Child,
+    output: Arc<Mutex<Vec<String>>>,
+    lines: mpsc::Receiver<String>,
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Proc {
+    fn spawn(mut cmd: Command) -> Proc {
+        cmd.stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .stdin(Stdio::null());
+        let mut child = cmd.spawn().expect("spawn");
+        let output = Arc::new(Mutex::new(Vec::new()));
+        let (tx, lines) = mpsc::channel();
+        let streams: [Box<dyn std::io::Read + Send>; 2] = [
+            Box::new(child.stdout.take().unwrap()),
+            Box::new(child.stderr.take().unwrap()),
+        ];
+        for stream in streams {
+            let (output, tx) = (output.clone(), tx.clone());
+            std::thread::spawn(move || {
+                for line in BufReader::new(stream).lines().map_while(Result::ok) {
+                    if std::env::var_os("TEST_SHOW_LOGS").is_some() {
+                        eprintln!("{line}");
+                    }
+                    output.lock().unwrap().push(line.clone());
+                    let _ = tx.send(line);
+                }
+            });
+        }
+        Proc {
+            child,
+            output,
+            lines,
+        }
+    }
+
+    fn wait_for_line(&self, marker: &str, timeout: Duration) -> String {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match self.lines.recv_timeout(left) {
+                Ok(line) if line.contains(marker) => return line,
+                Ok(_) => {}
+                Err(_) => panic!("no line with {marker:?}; output:\n{}", self.logs()),
+            }
+        }
+    }
+
+    fn wait_exit(&mut self, timeout: Duration) -> ExitStatus {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                // Let the reader threads take the last lines.
+                std::thread::sleep(Duration::from_millis(200));
+                return status;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "still running; output:\n{}",
+                self.logs()
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    fn logs(&self) -> String {
+        self.output.lock().unwrap().join("\n")
+    }
+}
+
+struct Azurite {
+    _proc: Proc,
+    _dir: tempfile::TempDir,
+    port: u16,
+}
+
+impl Azurite {
+    fn start() -> Azurite {
+        let bin = repo_root().join("node_modules/.bin/azurite-blob");
+        assert!(
+            bin.exists(),
+            "Azurite is not installed: run `npm ci` in the repository root"
+        );
+        let dir = tempfile::tempdir().unwrap();
+        let mut cmd = Command::new(bin);
+        cmd.current_dir(dir.path()).args([
+            "--blobHost",
+            "127.0.0.1",
+            "--blobPort",
+            "0",
+            "--inMemoryPersistence",
+            "--disableTelemetry",
+            "--skipApiVersionCheck",
+            "--loose",
+        ]);
+        let proc = Proc::spawn(cmd);
+        let line = proc.wait_for_line("successfully listens on", Duration::from_secs(60));
+        let port = line
+            .rsplit(':')
+            .next()
+            .unwrap()
+            .trim()
+            .trim_end_matches('/')
+            .parse()
+            .unwrap();
+        Azurite {
+            _proc: proc,
+            _dir: dir,
+            port,
+        }
+    }
+
+    fn connection_string(&self) -> String {
+        format!(
+            "DefaultEndpointsProtocol=http;AccountName=devstoreaccount1;AccountKey={ACCOUNT_KEY};BlobEndpoint=http://127.0.0.1:{}/devstoreaccount1;",
+            self.port
+        )
+    }
+
+    fn store(&self) -> BlobStore {
+        BlobStore::from_connection_string(&self.connection_string(), RetryPolicy::default())
+            .unwrap()
+    }
+}
+
+/// An app root like the repository's, with the fake handler as the executable.
+fn app_root() -> tempfile::TempDir {
+    let dir = tempfile::tempdir().unwrap();
+    let handler = crate_dir().join("tests/fake_handler.py");
+    std::fs::write(
+        dir.path().join("host.json"),
+        serde_json::json!({
+            "version": "2.0",
+            "customHandler": { "description": { "defaultExecutablePath": handler, "workingDirectory": "", "arguments": [] } },
+            "functionTimeout": "00:01:00"
+        })
+        .to_string(),
+    )
+    .unwrap();
+    for f in ["function-trigger", "function-timer"] {
+        std::fs::create_dir(dir.path().join(f)).unwrap();
+        std::fs::copy(
+            repo_root().join(f).join("function.json"),
+            dir.path().join(f).join("function.json"),
+        )
+        .unwrap();
+    }
+    dir
+}
+
+struct Run {
+    proc: Proc,
+    record: PathBuf,
+    pidfile: PathBuf,
+    _app: tempfile::TempDir,
+}
+
+fn local_host(args: &[&str], env: &[(&str, &str)]) -> Run {
+    let app = app_root();
+    let record = app.path().join("record.jsonl");
+    let pidfile = app.path().join("handler.pid");
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_local-host"));
+    cmd.arg("--app-root")
+        .arg(app.path())
+        .args(args)
+        .env_remove("BATCH_STORAGE_CONNECTION_STRING")
+        .env("BATCH_TIMER_SCHEDULE", "0 0 0 1 1 *")
+        .env("FAKE_RECORD", &record)
+        .env("FAKE_PIDFILE", &pidfile)
+        .envs(env.iter().copied());
+    Run {
+        proc: Proc::spawn(cmd),
+        record,
+        pidfile,
+        _app: app,
+    }
+}
+
+impl Run {
+    fn records(&self) -> Vec<Value> {
+        std::fs::read_to_string(&self.record)
+            .unwrap_or_default()
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap())
+            .collect()
+    }
+
+    fn wait_records(&self, what: &str, pred: impl Fn(&[Value]) -> bool) -> Vec<Value> {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            let records = self.records();
+            if pred(&records) {
+                return records;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "timed out waiting for {what}; output:\n{}",
+                self.proc.logs()
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    fn assert_handler_gone(&self) {
+        let pid = std::fs::read_to_string(&self.pidfile).expect("the handler wrote its pid");
+        let proc_dir = Path::new("/proc").join(pid.trim());
+        assert!(
+            !proc_dir.exists(),
+            "the handler (pid {pid}) outlived local-host"
+        );
+    }
+}
+
+fn for_function<'a>(records: &'a [Value], function: &str) -> Vec<&'a Value> {
+    records
+        .iter()
+        .filter(|r| r["path"] == format!("/{function}"))
+        .collect()
+}
+
+fn subject_of(r: &Value) -> &str {
+    r["body"]["Data"]["event"]["subject"].as_str().unwrap()
+}
+
+fn is_uuid(v: &Value) -> bool {
+    v.as_str().is_some_and(|s| uuid::Uuid::parse_str(s).is_ok())
+}
+
+fn upload(rt: &tokio::runtime::Runtime, store: &BlobStore, container: &str, name: &str) -> String {
+    rt.block_on(async {
+        store.ensure_container(container).await.unwrap();
+        store
+            .write(
+                container,
+                name,
+                bytes::Bytes::from_static(b"{}\n"),
+                WriteCondition::Always,
+                "application/jsonl",
+            )
+            .await
+            .unwrap()
+    })
+}
+
+#[test]
+fn delivers_events_and_timer_ticks_then_exits_when_the_blob_exists() {
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let azurite = Azurite::start();
+    let store = azurite.store();
+    let before_etag = upload(&rt, &store, "batch-input", "before.jsonl");
+    upload(&rt, &store, "batch-input", "ignored.txt");
+
+    let cs = azurite.connection_string();
+    let mut run = local_host(
+        &[
+            "--storage-connection-string",
+            &cs,
+            "--poll-ms",
+            "200",
+            "--timer-every-ms",
+            "300",
+            "--retry-delays-ms",
+            "300,300",
+            "--exit-when-exists",
+            "batch-output/done/summary.json",
+            "--timeout-secs",
+            "90",
+        ],
+        &[("FAKE_FAIL_FIRST", "1"), ("FAKE_TIMER_SLEEP", "0.4")],
+    );
+    run.proc
+        .wait_for_line("handler ready", Duration::from_secs(60));
+    let before_subject = "/blobServices/default/containers/batch-input/blobs/before.jsonl";
+    run.wait_records("the redelivered event for before.jsonl", |r| {
+        for_function(r, "function-trigger")
+            .iter()
+            .any(|r| subject_of(r) == before_subject && r["status"] == 200)
+    });
+    let after_etag = upload(&rt, &store, "batch-input", "sub dir/after.jsonl");
+    run.wait_records("the event for after.jsonl and three ticks", |r| {
+        for_function(r, "function-trigger")
+            .iter()
+            .any(|r| subject_of(r).ends_with("after.jsonl"))
+            && for_function(r, "function-timer").len() >= 3
+    });
+    upload(&rt, &store, "batch-output", "done/summary.json");
+    let status = run.proc.wait_exit(Duration::from_secs(20));
+    assert_eq!(status.code(), Some(0), "{}", run.proc.logs());
+    run.assert_handler_gone();
+
+    let records = run.records();
+    let logs = run.proc.logs();
+    assert!(logs.contains("local-host: a stand-in for the Azure Functions host, for local runs only; in Azure the Functions host does this"));
+    assert!(logs.contains("[handler] fake handler listening on"));
+    assert!(logs.contains("[function-trigger] fake saw function-trigger"));
+    assert!(logs.contains("[function-timer] fake saw function-timer"));
+
+    // Every invocation carries the host's headers.
+    for r in &records {
+        let h = &r["headers"];
+        assert!(is_uuid(&h["x-azure-functions-invocationid"]), "{h}");
+        assert!(
+            h["user-agent"]
+                .as_str()
+                .unwrap()
+                .starts_with("Azure-Functions-Host/4.")
+        );
+        assert!(
+            h["x-azure-functions-hostversion"]
+                .as_str()
+                .unwrap()
+                .starts_with("4.")
+        );
+        assert_eq!(h["content-type"], "application/json");
+    }
+
+    // Events: only .jsonl; the failed delivery is retried with the same event, as a new invocation.
+    let triggers = for_function(&records, "function-trigger");
+    assert!(triggers.iter().all(|r| !subject_of(r).contains("ignored")));
+    let before: Vec<_> = triggers
+        .iter()
+        .filter(|r| subject_of(r) == before_subject)
+        .collect();
+    assert_eq!(before.len(), 2, "one failure, one redelivery");
+    assert_eq!(
+        (&before[0]["status"], &before[1]["status"]),
+        (&500.into(), &200.into())
+    );
+    assert_eq!(
+        before[0]["body"]["Data"]["event"],
+        before[1]["body"]["Data"]["event"]
+    );
+    assert_ne!(
+        before[0]["headers"]["x-azure-functions-invocationid"],
+        before[1]["headers"]["x-azure-functions-invocationid"]
+    );
+
+    let after = triggers
+        .iter()
+        .find(|r| subject_of(r).ends_with("after.jsonl"))
+        .unwrap();
+    for (r, name, etag) in [
+        (before[1], "before.jsonl", &before_etag),
+        (after, "sub dir/after.jsonl", &after_etag),
+    ] {
+        let body = &r["body"];
+        assert_eq!(body["Data"].as_object().unwrap().len(), 1);
+        let event = &body["Data"]["event"];
+        assert_eq!(
+            event["subject"],
+            format!("/blobServices/default/containers/batch-input/blobs/{name}")
+        );
+        assert_eq!(event["eventType"], "Microsoft.Storage.BlobCreated");
+        assert!(
+            event["topic"]
+                .as_str()
+                .unwrap()
+                .ends_with("/providers/Microsoft.Storage/storageAccounts/devstoreaccount1")
+        );
+        assert!(is_uuid(&event["id"]));
+        assert_eq!(event["dataVersion"], "");
+        assert_eq!(event["metadataVersion"], "1");
+        let data = &event["data"];
+        assert_eq!(data["url"], store.blob_url("batch-input", name));
+        assert_eq!(data["api"], "PutBlockList");
+        assert_eq!(data["blobType"], "BlockBlob");
+        assert_eq!(data["contentLength"], 3);
+        let sent = data["eTag"].as_str().unwrap();
+        assert!(sent.starts_with('"') && sent.ends_with('"'), "{sent}");
+        assert_eq!(sent.trim_matches('"'), etag.trim_matches('"'));
+        assert_eq!(body["Metadata"]["data"], *data);
+        assert_eq!(body["Metadata"]["sys"]["MethodName"], "function-trigger");
+        assert!(is_uuid(&body["Metadata"]["sys"]["RandGuid"]));
+    }
+    assert_eq!(
+        after["body"]["Data"]["event"]["data"]["url"]
+            .as_str()
+            .unwrap()
+            .rsplit("/batch-input/")
+            .next(),
+        Some("sub%20dir/after.jsonl")
+    );
+
+    // Timer: the host's TimerInfo, monitor on (function.json says so), never two at once.
+    let mut ticks = for_function(&records, "function-timer");
+    ticks.sort_by(|a, b| {
+        a["start"]
+            .as_f64()
+            .partial_cmp(&b["start"].as_f64())
+            .unwrap()
+    });
+    let first = &ticks[0]["body"]["Data"]["timer"];
+    assert_eq!(first["Schedule"]["AdjustForDST"], true);
+    assert_eq!(first["IsPastDue"], false);
+    assert_eq!(first["ScheduleStatus"]["Last"], "0001-01-01T00:00:00");
+    assert_eq!(
+        ticks[1]["body"]["Data"]["timer"]["ScheduleStatus"]["Last"],
+        first["ScheduleStatus"]["Next"]
+    );
+    assert_eq!(
+        ticks[0]["body"]["Metadata"]["sys"]["MethodName"],
+        "function-timer"
+    );
+    for pair in ticks.windows(2) {
+        assert!(
+            pair[1]["start"].as_f64().unwrap() >= pair[0]["end"].as_f64().unwrap(),
+            "two timer invocations overlapped"
+        );
+    }
+}
+
+#[test]
+fn skip_existing_then_timeout_stops_the_handler() {
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let azurite = Azurite::start();
+    let store = azurite.store();
+    upload(&rt, &store, "batch-input", "old.jsonl");
+    let cs = azurite.connection_string();
+    let mut run = local_host(
+        &[
+            "--poll-ms",
+            "200",
+            "--skip-existing",
+            "--exit-when-exists",
+            "batch-output/never/summary.json",
+            "--timeout-secs",
+            "4",
+        ],
+        // The connection string through the environment this time.
+        &[("BATCH_STORAGE_CONNECTION_STRING", cs.as_str())],
+    );
+    let status = run.proc.wait_exit(Duration::from_secs(60));
+    assert_eq!(status.code(), Some(1), "{}", run.proc.logs());
+    assert!(run.proc.logs().contains("timed out after 4 s"));
+    assert!(run.proc.logs().contains("old.jsonl was there before start"));
+    assert!(
+        for_function(&run.records(), "function-trigger").is_empty(),
+        "no event for a blob present before start"
+    );
+    run.assert_handler_gone();
+}
+
+#[test]
+fn sigterm_stops_the_handler() {
+    let mut run = local_host(&[], &[]);
+    run.proc
+        .wait_for_line("handler ready", Duration::from_secs(60));
+    let pid = i32::try_from(run.proc.child.id()).unwrap();
+    // SAFETY: signalling our own child process.
+    unsafe { libc::kill(pid, libc::SIGTERM) };
+    let status = run.proc.wait_exit(Duration::from_secs(20));
+    assert_eq!(status.code(), Some(130), "{}", run.proc.logs());
+    assert!(run.proc.logs().contains("handler stopped"));
+    run.assert_handler_gone();
+}
+
+#[test]
+fn a_handler_that_exits_at_start_fails_the_run() {
+    let mut run = local_host(&["--timeout-secs", "30"], &[("FAKE_EXIT_AT_ONCE", "1")]);
+    let status = run.proc.wait_exit(Duration::from_secs(30));
+    assert_eq!(status.code(), Some(1));
+    let logs = run.proc.logs();
+    assert!(
+        logs.contains("[handler] fake handler: missing setting FAKE_SOMETHING"),
+        "{logs}"
+    );
+    assert!(
+        logs.contains("the handler exited during start-up"),
+        "{logs}"
+    );
+}
+
+#[test]
+fn a_bad_schedule_stops_before_starting_anything() {
+    let mut run = local_host(&[], &[("BATCH_TIMER_SCHEDULE", "*/5 * * * *")]);
+    let status = run.proc.wait_exit(Duration::from_secs(10));
+    assert_eq!(status.code(), Some(1));
+    let logs = run.proc.logs();
+    assert!(logs.contains("function-timer"), "{logs}");
+    assert!(logs.contains("NCRONTAB needs 6"), "{logs}");
+    assert!(!run.pidfile.exists());
+}
