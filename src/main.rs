@@ -1,1 +1,181 @@
-fn main() {}
+//! `handler`: the Azure Functions custom handler, and the validator as a command.
+//!
+//! - `handler` (no arguments, as the Functions host starts it): serves the host on
+//!   `127.0.0.1:$FUNCTIONS_CUSTOMHANDLER_PORT`.
+//! - `handler validate FILE`: checks a batch input file before upload; prints every problem
+//!   (line, code, message) and exits 1 when there is one, 0 when it would be accepted.
+
+use std::{io::Write, net::SocketAddr, path::PathBuf, process::ExitCode, sync::Arc};
+
+use aoai_blob_batch::{
+    app::App,
+    config::{Config, names},
+    server,
+    validate::{self, Limits},
+};
+use clap::{Parser, Subcommand};
+use tracing_subscriber::fmt::writer::MakeWriterExt;
+
+#[derive(Parser)]
+#[command(
+    name = "handler",
+    version,
+    about = "Azure OpenAI Batch from Blob Storage: the Functions custom handler"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Option<Command>,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Serve the Functions host (the default when no command is given).
+    Serve,
+    /// Check a .jsonl batch input file the way the handler will before submitting it.
+    Validate {
+        /// The .jsonl file to check.
+        file: PathBuf,
+    },
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match cli.command.unwrap_or(Command::Serve) {
+        Command::Validate { file } => validate_file(&file),
+        Command::Serve => serve(),
+    }
+}
+
+fn validate_file(path: &PathBuf) -> ExitCode {
+    let file = match std::fs::File::open(path) {
+        Ok(f) => f,
+        Err(e) => {
+            eprintln!("error: cannot read {}: {e}", path.display());
+            return ExitCode::from(2);
+        }
+    };
+    let report = match validate::validate_reader(
+        std::io::BufReader::with_capacity(1 << 20, file),
+        Limits::default(),
+    ) {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("error: cannot read {}: {e}", path.display());
+            return ExitCode::from(2);
+        }
+    };
+    let mut out = std::io::stdout().lock();
+    validate::print_report(&report, &mut out);
+    let _ = out.flush();
+    if report.is_ok() {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::from(1)
+    }
+}
+
+/// Information to stdout; warnings and errors to stderr. The Functions host logs a custom
+/// handler's stderr as Error, or as Warning when the line contains "warn".
+fn init_logging() {
+    let stdout = std::io::stdout.with_max_level(tracing::Level::INFO);
+    let stderr = std::io::stderr.with_max_level(tracing::Level::WARN);
+    let writer = stderr.and(stdout.with_min_level(tracing::Level::INFO));
+    tracing_subscriber::fmt()
+        .with_writer(writer)
+        .with_ansi(false)
+        .with_target(false)
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("HANDLER_LOG")
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .init();
+}
+
+fn serve() -> ExitCode {
+    init_logging();
+    let config = match Config::from_env() {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("error: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    let port = match std::env::var(names::HANDLER_PORT)
+        .ok()
+        .map(|p| p.trim().parse::<u16>())
+    {
+        Some(Ok(p)) => p,
+        Some(Err(_)) => {
+            eprintln!(
+                "error: setting {} is malformed: not a port number",
+                names::HANDLER_PORT
+            );
+            return ExitCode::from(2);
+        }
+        None => {
+            eprintln!(
+                "error: setting {} is required: the Functions host sets it; set it yourself to run the handler alone",
+                names::HANDLER_PORT
+            );
+            return ExitCode::from(2);
+        }
+    };
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .expect("tokio runtime");
+    runtime.block_on(async move {
+        let app = match App::new(config) {
+            Ok(a) => Arc::new(a),
+            Err(e) => {
+                eprintln!("error: {e}");
+                return ExitCode::from(2);
+            }
+        };
+        // Loopback only: the host is the one caller.
+        let addr = SocketAddr::from(([127, 0, 0, 1], port));
+        let listener = match tokio::net::TcpListener::bind(addr).await {
+            Ok(l) => l,
+            Err(e) => {
+                eprintln!("error: cannot listen on {addr}: {e}");
+                return ExitCode::from(2);
+            }
+        };
+        tracing::info!(
+            %addr,
+            storage = %app.store.account_url(),
+            openai = %app.config.openai_endpoint,
+            input = %app.config.input_container,
+            output = %app.config.output_container,
+            state = %app.config.state_container,
+            "handler listening"
+        );
+        // Off the start-up path: the host gives the handler 60 s to answer GET /.
+        let for_containers = app.clone();
+        tokio::spawn(async move {
+            if let Err(e) = for_containers.ensure_containers().await {
+                tracing::warn!("could not make sure the containers exist: {e}");
+            }
+        });
+        let shutdown = async {
+            let _ = tokio::signal::ctrl_c().await;
+        };
+        #[cfg(unix)]
+        let shutdown = async {
+            let mut term =
+                tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+                    .expect("SIGTERM handler");
+            tokio::select! { _ = shutdown => {}, _ = term.recv() => {} }
+        };
+        match axum::serve(listener, server::router(app))
+            .with_graceful_shutdown(shutdown)
+            .await
+        {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("error: server stopped: {e}");
+                ExitCode::from(1)
+            }
+        }
+    })
+}

@@ -428,8 +428,9 @@ impl BlobStore {
     pub fn locate(&self, url: &str) -> Option<(String, String)> {
         let url = Url::parse(url).ok()?;
         if url.scheme() != self.account_url.scheme()
-            || url.host_str()?.to_ascii_lowercase()
-                != self.account_url.host_str()?.to_ascii_lowercase()
+            || !url
+                .host_str()?
+                .eq_ignore_ascii_case(self.account_url.host_str()?)
             || url.port_or_known_default() != self.account_url.port_or_known_default()
             || url.username() != ""
             || url.password().is_some()

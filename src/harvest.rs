@@ -1,0 +1,498 @@
+//! Harvest: a batch that ended has its results moved into `batch-output/{path}/`, a merged,
+//! input-ordered `merged.jsonl` written beside them, and `summary.json` last.
+//!
+//! Every step can be interrupted and run again on a later tick without losing or doubling a
+//! file: progress is kept in the job record (written with `If-Match`), moves are server-side
+//! copy then delete, and the record is finished only after the summary is written.
+
+use std::{
+    collections::HashMap,
+    io::{Seek, SeekFrom, Write},
+    os::unix::fs::FileExt,
+};
+
+use bytes::Bytes;
+use futures::StreamExt;
+use serde::{Deserialize, Serialize};
+use serde_json::{Value, json};
+
+use crate::{
+    app::{App, Journal},
+    jobs::{JobRecord, Outcome},
+    openai::{Batch, BatchStatus},
+    storage::StorageError,
+    submit::IntakeError,
+    summary::{self, Summary},
+};
+
+/// Which harvest steps are done, kept in the job record.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct HarvestProgress {
+    /// Files of an earlier version of the same input were removed from the output folder.
+    pub cleared: bool,
+    pub results_moved: bool,
+    pub errors_moved: bool,
+}
+
+/// Token usage summed over the result lines.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Usage {
+    pub input_tokens: u64,
+    pub output_tokens: u64,
+    pub total_tokens: u64,
+}
+
+impl Usage {
+    fn add(&mut self, usage: &Value) {
+        let get = |a: &str, b: &str| {
+            usage
+                .get(a)
+                .or_else(|| usage.get(b))
+                .and_then(Value::as_u64)
+                .unwrap_or(0)
+        };
+        // Chat completions say prompt/completion; the Responses API says input/output.
+        let input = get("prompt_tokens", "input_tokens");
+        let output = get("completion_tokens", "output_tokens");
+        self.input_tokens += input;
+        self.output_tokens += output;
+        self.total_tokens += usage
+            .get("total_tokens")
+            .and_then(Value::as_u64)
+            .unwrap_or(input + output);
+    }
+}
+
+pub const RESULTS: &str = "results.jsonl";
+pub const ERRORS: &str = "errors.jsonl";
+pub const MERGED: &str = "merged.jsonl";
+
+fn outcome_of(status: &BatchStatus) -> Outcome {
+    match status {
+        BatchStatus::Completed => Outcome::Completed,
+        BatchStatus::Expired => Outcome::Expired,
+        BatchStatus::Cancelled => Outcome::Cancelled,
+        _ => Outcome::Failed,
+    }
+}
+
+impl App {
+    /// Harvests a job found in `harvesting` (an earlier harvest was interrupted).
+    pub(crate) async fn harvest(
+        &self,
+        rec: JobRecord,
+        etag: String,
+        j: &Journal,
+    ) -> Result<(), IntakeError> {
+        self.harvest_batch(rec, etag, None, j).await
+    }
+
+    pub(crate) async fn harvest_batch(
+        &self,
+        mut rec: JobRecord,
+        mut etag: String,
+        batch: Option<Batch>,
+        j: &Journal,
+    ) -> Result<(), IntakeError> {
+        let key = rec.key.clone();
+        let batch_id = rec.batch_id.clone().unwrap_or_default();
+        let batch = match batch {
+            Some(b) => b,
+            None => self.openai.retrieve(&batch_id).await?,
+        };
+        let outcome = outcome_of(&batch.status);
+        let out = self.config.output_container.clone();
+        let path = rec.input.output_path().to_string();
+        let mut progress = rec.harvest.clone().unwrap_or_default();
+
+        // Results of an earlier version of this input must not mix with this one's.
+        if !progress.cleared {
+            for f in [RESULTS, ERRORS, MERGED] {
+                self.store
+                    .delete(&out, &format!("{path}/{f}"), None)
+                    .await?;
+            }
+            progress.cleared = true;
+            etag = self.save_progress(&mut rec, &etag, &progress).await?;
+        }
+        if !progress.results_moved {
+            self.move_output(batch.output_blob.as_deref(), &path, RESULTS, j, &key)
+                .await?;
+            progress.results_moved = true;
+            etag = self.save_progress(&mut rec, &etag, &progress).await?;
+        }
+        if !progress.errors_moved {
+            self.move_output(batch.error_blob.as_deref(), &path, ERRORS, j, &key)
+                .await?;
+            progress.errors_moved = true;
+            etag = self.save_progress(&mut rec, &etag, &progress).await?;
+        }
+
+        let merged = self.write_merged(&rec, &path).await?;
+
+        let mut summary = Summary::for_job(&rec, outcome);
+        summary.request_counts = batch.request_counts.clone();
+        if let Some(errors) = &batch.errors {
+            summary.errors = errors.data.clone();
+        }
+        summary.usage = Some(merged.usage.clone());
+        summary.service_times = Some(summary::ServiceTimes::from_batch(&batch));
+        summary.files = summary::Files {
+            results: merged.results_lines.map(|_| format!("{path}/{RESULTS}")),
+            errors: (merged.error_lines.unwrap_or(0) > 0).then(|| format!("{path}/{ERRORS}")),
+            merged: merged.merged_lines.map(|_| format!("{path}/{MERGED}")),
+        };
+        summary.lines_without_result = merged.without_result;
+        if merged.merged_lines.is_none() {
+            summary.notes.push(
+                "merged.jsonl was not written: the input blob was deleted or replaced before the \
+                 batch ended"
+                    .into(),
+            );
+        }
+        rec.finish(outcome, &format!("batch {} {}", batch.id, batch.status))
+            .map_err(|e| StorageError::Failed {
+                op: "finish",
+                target: key.clone(),
+                message: e.to_string(),
+            })?;
+        summary.history = rec.history.clone();
+        summary::write(&self.store, &out, &path, &summary).await?;
+        self.fault_point("before-finish");
+        self.jobs.finish(&rec, &etag).await?;
+        j.info(format!(
+            "job={key} batch={}: {} — {} ok, {} failed, {} without result; results in {out}/{path}/",
+            batch.id,
+            outcome.as_str(),
+            merged.results_lines.unwrap_or(0),
+            merged.error_lines.unwrap_or(0),
+            merged.without_result
+        ));
+        Ok(())
+    }
+
+    async fn save_progress(
+        &self,
+        rec: &mut JobRecord,
+        etag: &str,
+        progress: &HarvestProgress,
+    ) -> Result<String, IntakeError> {
+        rec.harvest = Some(progress.clone());
+        match self.jobs.update(rec, etag).await? {
+            Some(e) => Ok(e),
+            None => Err(StorageError::ConditionNotMet {
+                container: self.jobs.container().to_string(),
+                name: rec.key.clone(),
+            }
+            .into()),
+        }
+    }
+
+    /// Moves one service output file into the job's folder: server-side copy, then delete.
+    /// A missing source (the service names both files even when it wrote one) is no error.
+    async fn move_output(
+        &self,
+        source_url: Option<&str>,
+        path: &str,
+        file: &str,
+        j: &Journal,
+        key: &str,
+    ) -> Result<(), IntakeError> {
+        let Some(url) = source_url.filter(|u| !u.is_empty()) else {
+            return Ok(());
+        };
+        let Some((container, name)) = self.store.locate(url) else {
+            j.error(format!(
+                "job={key}: the service wrote {file} outside the configured storage account; left where it is"
+            ));
+            return Ok(());
+        };
+        let Some(info) = self.store.properties(&container, &name).await? else {
+            return Ok(());
+        };
+        let out = &self.config.output_container;
+        if info.size > 0 {
+            self.store
+                .copy(&container, &name, out, &format!("{path}/{file}"))
+                .await?;
+        }
+        self.store.delete(&container, &name, None).await?;
+        Ok(())
+    }
+
+    /// Builds `merged.jsonl`: one line per input line, in input order.
+    ///
+    /// The service writes results in its own order, so the result lines are first spooled to a
+    /// local temporary file with an index `custom_id → (offset, length)`; then the input is
+    /// streamed in order and each line's result read back from the spool. Memory holds the
+    /// index and one line at a time, whatever the sizes.
+    async fn write_merged(&self, rec: &JobRecord, path: &str) -> Result<MergeStats, IntakeError> {
+        let out = &self.config.output_container;
+        let mut spool = tempfile::tempfile().map_err(io_error)?;
+        let mut index: HashMap<String, (u64, u32)> = HashMap::new();
+        let mut stats = MergeStats::default();
+
+        // Errors first, then results: where the service wrote both for one id, success wins.
+        for (file, counter) in [
+            (ERRORS, &mut stats.error_lines),
+            (RESULTS, &mut stats.results_lines),
+        ] {
+            let name = format!("{path}/{file}");
+            let (_, mut body) = match self.store.download(out, &name, None).await {
+                Ok(x) => x,
+                Err(StorageError::NotFound { .. }) => continue,
+                Err(e) => return Err(e.into()),
+            };
+            let mut count = 0u64;
+            let mut lines = LineSplitter::default();
+            while let Some(chunk) = body.next().await {
+                let chunk = chunk?;
+                for line in lines.push(&chunk) {
+                    spool_line(
+                        &line,
+                        &mut spool,
+                        &mut index,
+                        &mut stats.usage,
+                        file == RESULTS,
+                    )?;
+                    count += 1;
+                }
+            }
+            if let Some(line) = lines.finish() {
+                spool_line(
+                    &line,
+                    &mut spool,
+                    &mut index,
+                    &mut stats.usage,
+                    file == RESULTS,
+                )?;
+                count += 1;
+            }
+            *counter = Some(count);
+        }
+        spool.flush().map_err(io_error)?;
+
+        let mut input = match self
+            .store
+            .download(&rec.input.container, &rec.input.name, Some(&rec.input.etag))
+            .await
+        {
+            Ok((_, body)) => body,
+            Err(StorageError::NotFound { .. }) | Err(StorageError::ConditionNotMet { .. }) => {
+                return Ok(stats);
+            }
+            Err(e) => return Err(e.into()),
+        };
+        let mut writer = self
+            .store
+            .writer(out, &format!("{path}/{MERGED}"), "application/jsonl");
+        let mut lines = LineSplitter::default();
+        let mut line_no = 0u64;
+        let mut merged = 0u64;
+        let mut buf = Vec::new();
+        loop {
+            let (batch, done) = match input.next().await {
+                Some(chunk) => (lines.push(&chunk?), false),
+                None => (lines.finish().into_iter().collect(), true),
+            };
+            for line in batch {
+                line_no += 1;
+                if line.iter().all(u8::is_ascii_whitespace) {
+                    continue;
+                }
+                let custom_id = serde_json::from_slice::<IdOnly>(&line)
+                    .ok()
+                    .and_then(|l| l.custom_id)
+                    .unwrap_or_default();
+                let result = match index.get(&custom_id) {
+                    Some(&(offset, len)) => {
+                        buf.resize(len as usize, 0);
+                        spool.read_exact_at(&mut buf, offset).map_err(io_error)?;
+                        serde_json::from_slice::<Value>(&buf).ok()
+                    }
+                    None => None,
+                };
+                if result.is_none() {
+                    stats.without_result += 1;
+                }
+                let mut text = serde_json::to_vec(&merged_line(line_no, &custom_id, result))
+                    .expect("values serialize");
+                text.push(b'\n');
+                writer.write(&text).await?;
+                merged += 1;
+            }
+            if done {
+                break;
+            }
+        }
+        writer.finish().await?;
+        stats.merged_lines = Some(merged);
+        Ok(stats)
+    }
+}
+
+#[derive(Debug, Default)]
+struct MergeStats {
+    results_lines: Option<u64>,
+    error_lines: Option<u64>,
+    merged_lines: Option<u64>,
+    without_result: u64,
+    usage: Usage,
+}
+
+#[derive(Deserialize)]
+struct IdOnly {
+    #[serde(default)]
+    custom_id: Option<String>,
+}
+
+fn io_error(e: std::io::Error) -> IntakeError {
+    StorageError::Failed {
+        op: "spool",
+        target: "local temporary file".into(),
+        message: e.to_string(),
+    }
+    .into()
+}
+
+fn spool_line(
+    line: &[u8],
+    spool: &mut std::fs::File,
+    index: &mut HashMap<String, (u64, u32)>,
+    usage: &mut Usage,
+    is_result: bool,
+) -> Result<(), IntakeError> {
+    if line.iter().all(u8::is_ascii_whitespace) {
+        return Ok(());
+    }
+    let Ok(value) = serde_json::from_slice::<Value>(line) else {
+        return Ok(());
+    };
+    let Some(id) = value.get("custom_id").and_then(Value::as_str) else {
+        return Ok(());
+    };
+    if is_result && let Some(u) = value.pointer("/response/body/usage") {
+        usage.add(u);
+    }
+    let offset = spool.seek(SeekFrom::End(0)).map_err(io_error)?;
+    spool.write_all(line).map_err(io_error)?;
+    index.insert(id.to_string(), (offset, line.len() as u32));
+    Ok(())
+}
+
+/// One line of `merged.jsonl`: the input line number and id, then the answer or the error.
+fn merged_line(line: u64, custom_id: &str, result: Option<Value>) -> Value {
+    let Some(result) = result else {
+        return json!({
+            "line": line,
+            "custom_id": custom_id,
+            "status_code": null,
+            "response": null,
+            "error": {
+                "code": "no_result",
+                "message": "the batch ended without a result for this request"
+            }
+        });
+    };
+    let status = result
+        .pointer("/response/status_code")
+        .cloned()
+        .unwrap_or(Value::Null);
+    let body = result
+        .pointer("/response/body")
+        .cloned()
+        .unwrap_or(Value::Null);
+    let ok = status.as_u64().is_some_and(|s| (200..300).contains(&s));
+    let error = match result.get("error") {
+        Some(e) if !e.is_null() => e.clone(),
+        _ if !ok => body.get("error").cloned().unwrap_or_else(
+            || json!({"code": "request_failed", "message": format!("status {status}")}),
+        ),
+        _ => Value::Null,
+    };
+    json!({
+        "line": line,
+        "custom_id": custom_id,
+        "status_code": status,
+        "response": if ok { body } else { Value::Null },
+        "error": error,
+    })
+}
+
+/// Splits a byte stream into lines across chunk boundaries.
+#[derive(Default)]
+struct LineSplitter {
+    partial: Vec<u8>,
+}
+
+impl LineSplitter {
+    fn push(&mut self, chunk: &Bytes) -> Vec<Vec<u8>> {
+        let mut lines = Vec::new();
+        let mut rest: &[u8] = chunk;
+        while let Some(pos) = memchr::memchr(b'\n', rest) {
+            let mut line = std::mem::take(&mut self.partial);
+            line.extend_from_slice(&rest[..pos]);
+            if line.last() == Some(&b'\r') {
+                line.pop();
+            }
+            lines.push(line);
+            rest = &rest[pos + 1..];
+        }
+        self.partial.extend_from_slice(rest);
+        lines
+    }
+
+    fn finish(&mut self) -> Option<Vec<u8>> {
+        let line = std::mem::take(&mut self.partial);
+        (!line.is_empty()).then_some(line)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn lines_split_across_chunks() {
+        let mut s = LineSplitter::default();
+        let mut all = s.push(&Bytes::from_static(b"ab\ncd"));
+        all.extend(s.push(&Bytes::from_static(b"e\r\n\nf")));
+        all.extend(s.finish());
+        assert_eq!(
+            all,
+            vec![b"ab".to_vec(), b"cde".to_vec(), b"".to_vec(), b"f".to_vec()]
+        );
+    }
+
+    #[test]
+    fn merged_lines_carry_answer_or_error() {
+        let ok = json!({"custom_id": "a", "response": {"status_code": 200, "body": {"x": 1}}, "error": null});
+        let m = merged_line(1, "a", Some(ok));
+        assert_eq!(m["status_code"], 200);
+        assert_eq!(m["response"]["x"], 1);
+        assert!(m["error"].is_null());
+
+        let bad = json!({"custom_id": "b", "response": {"status_code": 400, "body": {"error": {"code": "content_filter"}}}, "error": null});
+        let m = merged_line(2, "b", Some(bad));
+        assert_eq!(m["error"]["code"], "content_filter");
+        assert!(m["response"].is_null());
+
+        let m = merged_line(3, "c", None);
+        assert_eq!(m["error"]["code"], "no_result");
+    }
+
+    #[test]
+    fn usage_sums_both_api_styles() {
+        let mut u = Usage::default();
+        u.add(&json!({"prompt_tokens": 3, "completion_tokens": 4, "total_tokens": 7}));
+        u.add(&json!({"input_tokens": 1, "output_tokens": 2}));
+        assert_eq!(
+            u,
+            Usage {
+                input_tokens: 4,
+                output_tokens: 6,
+                total_tokens: 10
+            }
+        );
+    }
+}

@@ -1,0 +1,602 @@
+//! Job records and their state machine: the one place that says which step may follow which.
+//!
+//! A job is one input blob version: the key is (blob name, ETag), so the same event delivered
+//! twice, two instances racing, or a crash and retry all meet the same record, while a
+//! re-upload (new ETag) is a new job. Records are JSON blobs in the state container, written
+//! with ETag conditions: `If-None-Match: *` to claim, `If-Match` to update. Active jobs live
+//! under `active/`, finished ones under `done/`, so a timer tick lists only what is active.
+//!
+//! ```text
+//!   claim ──▶ submitting ──create──▶ running ──terminal status──▶ harvesting ──▶ finished
+//!                 │  ▲                                                          (done/)
+//!    token limit  ▼  │ retry after backoff
+//!               queued
+//!   submitting ──invalid input / hopeless create──▶ finished (rejected / failed)
+//! ```
+
+use std::sync::Arc;
+
+use bytes::Bytes;
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+
+use crate::{
+    openai::{Batch, RequestCounts},
+    storage::{BlobStore, StorageError, WriteCondition},
+};
+
+pub fn now() -> i64 {
+    time::OffsetDateTime::now_utc().unix_timestamp()
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum JobState {
+    /// Claimed by an invocation (see `lease_until`): validating, then creating the batch.
+    Submitting,
+    /// Waiting for quota (`token_limit_exceeded`) until `next_attempt_at`.
+    Queued,
+    /// A batch exists (`batch_id`) and has not ended.
+    Running,
+    /// The batch ended; results are being moved into place.
+    Harvesting,
+    /// Nothing more will happen; `outcome` says how it ended.
+    Finished,
+}
+
+/// How a job ended, as `summary.json` reports it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Outcome {
+    Completed,
+    Failed,
+    Expired,
+    Cancelled,
+    Rejected,
+}
+
+impl Outcome {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Outcome::Completed => "completed",
+            Outcome::Failed => "failed",
+            Outcome::Expired => "expired",
+            Outcome::Cancelled => "cancelled",
+            Outcome::Rejected => "rejected",
+        }
+    }
+}
+
+/// The input blob version a job is for.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct InputRef {
+    pub container: String,
+    pub name: String,
+    pub etag: String,
+    pub size: u64,
+    /// The URL the batch service reads (no credentials).
+    pub url: String,
+}
+
+impl InputRef {
+    /// `{path}` of the Contract: the blob name without `.jsonl`.
+    pub fn output_path(&self) -> &str {
+        self.name.strip_suffix(".jsonl").unwrap_or(&self.name)
+    }
+}
+
+/// What validation learnt about the input, kept so a retry need not read it again.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct InputFacts {
+    pub lines: u64,
+    pub endpoint: String,
+    pub model: String,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct HistoryEntry {
+    pub at: i64,
+    pub state: JobState,
+    pub note: String,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct JobRecord {
+    pub key: String,
+    pub input: InputRef,
+    pub state: JobState,
+    #[serde(default)]
+    pub outcome: Option<Outcome>,
+    #[serde(default)]
+    pub facts: Option<InputFacts>,
+    #[serde(default)]
+    pub batch_id: Option<String>,
+    #[serde(default)]
+    pub batch_status: Option<String>,
+    #[serde(default)]
+    pub request_counts: Option<RequestCounts>,
+    /// Who holds the `submitting` claim, and until when.
+    #[serde(default)]
+    pub owner: Option<String>,
+    #[serde(default)]
+    pub lease_until: Option<i64>,
+    /// Set just before calling create and cleared once the answer is recorded: when found set
+    /// by a later invocation, the batch may exist, so it is looked up before creating again.
+    #[serde(default)]
+    pub create_started_at: Option<i64>,
+    /// Create attempts refused for quota.
+    #[serde(default)]
+    pub quota_attempts: u32,
+    #[serde(default)]
+    pub next_attempt_at: Option<i64>,
+    #[serde(default)]
+    pub last_error: Option<String>,
+    /// Which harvest steps are done, so an interrupted harvest resumes where it stopped.
+    #[serde(default)]
+    pub harvest: Option<crate::harvest::HarvestProgress>,
+    pub created_at: i64,
+    pub updated_at: i64,
+    #[serde(default)]
+    pub history: Vec<HistoryEntry>,
+}
+
+/// A transition that the state machine does not allow from the record's state.
+#[derive(Debug, thiserror::Error)]
+#[error("job {key}: cannot {action} while {state:?}")]
+pub struct InvalidTransition {
+    pub key: String,
+    pub action: &'static str,
+    pub state: JobState,
+}
+
+impl JobRecord {
+    pub fn claim(input: InputRef, owner: &str, lease_secs: u64) -> Self {
+        let t = now();
+        let mut rec = JobRecord {
+            key: job_key(&input.name, &input.etag),
+            input,
+            state: JobState::Submitting,
+            outcome: None,
+            facts: None,
+            batch_id: None,
+            batch_status: None,
+            request_counts: None,
+            owner: Some(owner.to_string()),
+            lease_until: Some(t + lease_secs as i64),
+            create_started_at: None,
+            quota_attempts: 0,
+            next_attempt_at: None,
+            last_error: None,
+            harvest: None,
+            created_at: t,
+            updated_at: t,
+            history: Vec::new(),
+        };
+        rec.note("claimed");
+        rec
+    }
+
+    fn note(&mut self, note: impl Into<String>) {
+        self.updated_at = now();
+        self.history.push(HistoryEntry {
+            at: self.updated_at,
+            state: self.state,
+            note: note.into(),
+        });
+    }
+
+    fn expect(&self, action: &'static str, allowed: &[JobState]) -> Result<(), InvalidTransition> {
+        if allowed.contains(&self.state) {
+            Ok(())
+        } else {
+            Err(InvalidTransition {
+                key: self.key.clone(),
+                action,
+                state: self.state,
+            })
+        }
+    }
+
+    /// True while another invocation's claim on a `submitting` job is still live.
+    pub fn is_leased(&self, at: i64) -> bool {
+        self.state == JobState::Submitting && self.lease_until.is_some_and(|l| l > at)
+    }
+
+    /// Takes over a `submitting` job whose claim lapsed, or a `queued` job whose wait is over.
+    pub fn take_over(&mut self, owner: &str, lease_secs: u64) -> Result<(), InvalidTransition> {
+        self.expect("take over", &[JobState::Submitting, JobState::Queued])?;
+        let previous = self.owner.clone().unwrap_or_default();
+        self.state = JobState::Submitting;
+        self.owner = Some(owner.to_string());
+        self.lease_until = Some(now() + lease_secs as i64);
+        self.note(format!("taken over (previous owner {previous})"));
+        Ok(())
+    }
+
+    pub fn validated(&mut self, facts: InputFacts) -> Result<(), InvalidTransition> {
+        self.expect("record validation", &[JobState::Submitting])?;
+        self.note(format!(
+            "validated: {} requests, endpoint {}, model {}",
+            facts.lines, facts.endpoint, facts.model
+        ));
+        self.facts = Some(facts);
+        Ok(())
+    }
+
+    pub fn begin_create(&mut self) -> Result<(), InvalidTransition> {
+        self.expect("create a batch", &[JobState::Submitting])?;
+        self.create_started_at = Some(now());
+        self.note("creating batch");
+        Ok(())
+    }
+
+    pub fn submitted(&mut self, batch: &Batch, adopted: bool) -> Result<(), InvalidTransition> {
+        self.expect("record the batch", &[JobState::Submitting])?;
+        self.state = JobState::Running;
+        self.batch_id = Some(batch.id.clone());
+        self.batch_status = Some(batch.status.to_string());
+        self.request_counts = Some(batch.request_counts.clone());
+        self.owner = None;
+        self.lease_until = None;
+        self.create_started_at = None;
+        self.next_attempt_at = None;
+        self.last_error = None;
+        self.note(if adopted {
+            format!("adopted existing batch {}", batch.id)
+        } else {
+            format!("batch {} created", batch.id)
+        });
+        Ok(())
+    }
+
+    /// The quota was full: wait `delay_secs`, then the timer tries again.
+    pub fn queue(&mut self, reason: &str, delay_secs: u64) -> Result<(), InvalidTransition> {
+        self.expect("queue", &[JobState::Submitting, JobState::Running])?;
+        self.state = JobState::Queued;
+        self.quota_attempts += 1;
+        self.next_attempt_at = Some(now() + delay_secs as i64);
+        self.owner = None;
+        self.lease_until = None;
+        self.create_started_at = None;
+        self.batch_id = None;
+        self.last_error = Some(reason.to_string());
+        self.note(format!(
+            "queued for quota (attempt {}), next try in {delay_secs} s",
+            self.quota_attempts
+        ));
+        Ok(())
+    }
+
+    /// A transient fault: keep the job as it is but let the next invocation take it at once.
+    pub fn release(&mut self, error: &str) -> Result<(), InvalidTransition> {
+        self.expect("release", &[JobState::Submitting])?;
+        self.lease_until = Some(now());
+        self.last_error = Some(error.to_string());
+        self.note(format!("released after a transient fault: {error}"));
+        Ok(())
+    }
+
+    pub fn observe(&mut self, batch: &Batch) -> Result<(), InvalidTransition> {
+        self.expect("record batch status", &[JobState::Running])?;
+        let changed = self.batch_status.as_deref() != Some(batch.status.as_str());
+        self.batch_status = Some(batch.status.to_string());
+        self.request_counts = Some(batch.request_counts.clone());
+        if batch.status.is_terminal() {
+            self.state = JobState::Harvesting;
+            self.note(format!("batch ended: {}", batch.status));
+        } else if changed {
+            self.note(format!("batch status {}", batch.status));
+        }
+        Ok(())
+    }
+
+    pub fn finish(&mut self, outcome: Outcome, note: &str) -> Result<(), InvalidTransition> {
+        self.expect(
+            "finish",
+            &[
+                JobState::Submitting,
+                JobState::Queued,
+                JobState::Running,
+                JobState::Harvesting,
+            ],
+        )?;
+        self.state = JobState::Finished;
+        self.outcome = Some(outcome);
+        self.owner = None;
+        self.lease_until = None;
+        self.next_attempt_at = None;
+        self.note(format!("finished {}: {note}", outcome.as_str()));
+        Ok(())
+    }
+}
+
+/// A readable key, `{blob name}@{etag}`, so an operator can find a job by its input; hashed
+/// only when a very long blob name would push the record's name past Azure's 1,024 characters.
+pub fn job_key(name: &str, etag: &str) -> String {
+    let etag = etag.trim_matches('"');
+    let key = format!("{name}@{etag}");
+    if key.len() <= 900 {
+        return key;
+    }
+    let digest = Sha256::digest(key.as_bytes());
+    let hex: String = digest.iter().map(|b| format!("{b:02x}")).collect();
+    format!("{}…@{hex}", &name[..name.floor_char_boundary(200)])
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum JobStoreError {
+    #[error(transparent)]
+    Storage(#[from] StorageError),
+    #[error("job record {name} is not valid JSON: {source}")]
+    Corrupt {
+        name: String,
+        source: serde_json::Error,
+    },
+}
+
+impl JobStoreError {
+    pub fn is_transient(&self) -> bool {
+        matches!(self, JobStoreError::Storage(e) if e.is_transient())
+    }
+}
+
+/// Where a claim attempt stands.
+pub enum Claim {
+    Claimed { etag: String },
+    Exists,
+}
+
+/// The job records in the state container.
+#[derive(Clone)]
+pub struct JobStore {
+    store: Arc<BlobStore>,
+    container: String,
+}
+
+const ACTIVE: &str = "active/";
+const DONE: &str = "done/";
+
+impl JobStore {
+    pub fn new(store: Arc<BlobStore>, container: String) -> Self {
+        Self { store, container }
+    }
+
+    pub fn container(&self) -> &str {
+        &self.container
+    }
+
+    fn active(key: &str) -> String {
+        format!("{ACTIVE}{key}.json")
+    }
+
+    fn done(key: &str) -> String {
+        format!("{DONE}{key}.json")
+    }
+
+    fn encode(rec: &JobRecord) -> Bytes {
+        Bytes::from(serde_json::to_vec_pretty(rec).expect("records always serialize"))
+    }
+
+    /// Creates the active record; `Exists` when some invocation already did.
+    pub async fn claim(&self, rec: &JobRecord) -> Result<Claim, JobStoreError> {
+        match self
+            .store
+            .write(
+                &self.container,
+                &Self::active(&rec.key),
+                Self::encode(rec),
+                WriteCondition::IfNotExists,
+                "application/json",
+            )
+            .await
+        {
+            Ok(etag) => Ok(Claim::Claimed { etag }),
+            Err(StorageError::AlreadyExists { .. }) | Err(StorageError::ConditionNotMet { .. }) => {
+                Ok(Claim::Exists)
+            }
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    async fn load(&self, name: &str) -> Result<Option<(JobRecord, String)>, JobStoreError> {
+        match self.store.read(&self.container, name).await? {
+            None => Ok(None),
+            Some((bytes, etag)) => {
+                let rec =
+                    serde_json::from_slice(&bytes).map_err(|source| JobStoreError::Corrupt {
+                        name: name.to_string(),
+                        source,
+                    })?;
+                Ok(Some((rec, etag)))
+            }
+        }
+    }
+
+    pub async fn load_active(
+        &self,
+        key: &str,
+    ) -> Result<Option<(JobRecord, String)>, JobStoreError> {
+        self.load(&Self::active(key)).await
+    }
+
+    pub async fn load_done(&self, key: &str) -> Result<Option<JobRecord>, JobStoreError> {
+        Ok(self.load(&Self::done(key)).await?.map(|(r, _)| r))
+    }
+
+    /// Replaces the active record if it is still the version read (`etag`). Returns
+    /// `Ok(None)` when someone else changed it first: the caller has lost the race and stops.
+    pub async fn update(
+        &self,
+        rec: &JobRecord,
+        etag: &str,
+    ) -> Result<Option<String>, JobStoreError> {
+        match self
+            .store
+            .write(
+                &self.container,
+                &Self::active(&rec.key),
+                Self::encode(rec),
+                WriteCondition::IfMatch(etag.to_string()),
+                "application/json",
+            )
+            .await
+        {
+            Ok(etag) => Ok(Some(etag)),
+            Err(StorageError::ConditionNotMet { .. }) | Err(StorageError::NotFound { .. }) => {
+                Ok(None)
+            }
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    /// Moves a finished record to `done/`: written there first, then removed from `active/`,
+    /// so at every instant one of the two exists and a late event cannot start the job again.
+    pub async fn finish(&self, rec: &JobRecord, etag: &str) -> Result<(), JobStoreError> {
+        debug_assert_eq!(rec.state, JobState::Finished);
+        self.store
+            .write(
+                &self.container,
+                &Self::done(&rec.key),
+                Self::encode(rec),
+                WriteCondition::Always,
+                "application/json",
+            )
+            .await?;
+        self.store
+            .delete(&self.container, &Self::active(&rec.key), Some(etag))
+            .await
+            .or_else(|e| match e {
+                // Someone updated it after we read it; our finished copy stands in done/.
+                StorageError::ConditionNotMet { .. } => Ok(false),
+                e => Err(e),
+            })?;
+        Ok(())
+    }
+
+    /// Drops a claim that turned out to be for nothing (input gone or replaced).
+    pub async fn abandon(&self, key: &str, etag: &str) -> Result<(), JobStoreError> {
+        self.store
+            .delete(&self.container, &Self::active(key), Some(etag))
+            .await
+            .or_else(|e| match e {
+                StorageError::ConditionNotMet { .. } => Ok(false),
+                e => Err(e),
+            })?;
+        Ok(())
+    }
+
+    /// The keys of every active job.
+    pub async fn active_keys(&self) -> Result<Vec<String>, JobStoreError> {
+        self.keys_under(ACTIVE).await
+    }
+
+    /// The keys of every finished job.
+    pub async fn done_keys(&self) -> Result<std::collections::HashSet<String>, JobStoreError> {
+        self.keys_under(DONE).await
+    }
+
+    async fn keys_under<C: FromIterator<String>>(&self, prefix: &str) -> Result<C, JobStoreError> {
+        use futures::TryStreamExt;
+        let items: Vec<_> = self
+            .store
+            .list(&self.container, prefix)
+            .try_collect()
+            .await?;
+        Ok(items
+            .into_iter()
+            .filter_map(|b| {
+                b.name
+                    .strip_prefix(prefix)
+                    .and_then(|n| n.strip_suffix(".json"))
+                    .map(str::to_string)
+            })
+            .collect())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::openai::BatchStatus;
+
+    fn input() -> InputRef {
+        InputRef {
+            container: "batch-input".into(),
+            name: "dir/test.jsonl".into(),
+            etag: "\"0x8D4\"".into(),
+            size: 10,
+            url: "https://a.blob.core.windows.net/batch-input/dir/test.jsonl".into(),
+        }
+    }
+
+    fn batch(status: &str) -> Batch {
+        serde_json::from_value(serde_json::json!({"id": "batch_1", "status": status})).unwrap()
+    }
+
+    #[test]
+    fn keys_are_readable_and_bounded() {
+        assert_eq!(
+            job_key("dir/test.jsonl", "\"0x8D4\""),
+            "dir/test.jsonl@0x8D4"
+        );
+        let long = "x".repeat(1000) + ".jsonl";
+        let k = job_key(&long, "\"0x1\"");
+        assert!(k.len() < 300, "{}", k.len());
+        assert_ne!(k, job_key(&("y".repeat(1000) + ".jsonl"), "\"0x1\""));
+        assert_eq!(input().output_path(), "dir/test");
+    }
+
+    #[test]
+    fn the_happy_path_is_allowed_in_order() {
+        let mut r = JobRecord::claim(input(), "me", 60);
+        assert!(r.is_leased(now()));
+        r.validated(InputFacts {
+            lines: 3,
+            endpoint: "/chat/completions".into(),
+            model: "m".into(),
+        })
+        .unwrap();
+        r.begin_create().unwrap();
+        r.submitted(&batch("validating"), false).unwrap();
+        assert_eq!(r.state, JobState::Running);
+        assert!(r.create_started_at.is_none());
+        r.observe(&batch("in_progress")).unwrap();
+        assert_eq!(r.state, JobState::Running);
+        r.observe(&batch("completed")).unwrap();
+        assert_eq!(r.state, JobState::Harvesting);
+        r.finish(Outcome::Completed, "results in place").unwrap();
+        assert_eq!(r.state, JobState::Finished);
+        assert_eq!(
+            r.batch_status.as_deref(),
+            Some(BatchStatus::Completed.as_str())
+        );
+    }
+
+    #[test]
+    fn out_of_order_steps_are_refused() {
+        let mut r = JobRecord::claim(input(), "me", 60);
+        assert!(r.observe(&batch("completed")).is_err());
+        r.finish(Outcome::Rejected, "bad input").unwrap();
+        assert!(r.begin_create().is_err());
+        assert!(r.take_over("other", 60).is_err());
+        assert!(r.finish(Outcome::Completed, "again").is_err());
+    }
+
+    #[test]
+    fn queue_then_take_over_counts_attempts() {
+        let mut r = JobRecord::claim(input(), "me", 60);
+        r.begin_create().unwrap();
+        r.queue("token_limit_exceeded", 30).unwrap();
+        assert_eq!(r.state, JobState::Queued);
+        assert_eq!(r.quota_attempts, 1);
+        assert!(
+            r.create_started_at.is_none(),
+            "a refused create made no batch"
+        );
+        r.take_over("timer", 60).unwrap();
+        assert_eq!(r.state, JobState::Submitting);
+        assert!(r.is_leased(now()));
+        r.release("HTTP 503").unwrap();
+        assert!(!r.is_leased(now() + 1));
+    }
+}

@@ -1,0 +1,164 @@
+//! The custom handler's HTTP face: the routes the Functions host calls.
+//!
+//! Handlers stay small: decode the host payload (`protocol`), call the core (`submit`,
+//! `poll`), answer the host's JSON. Non-2xx only where a retry can help.
+
+use std::sync::Arc;
+
+use axum::{
+    Json, Router,
+    body::Bytes,
+    extract::State,
+    http::{HeaderMap, StatusCode},
+    routing::{get, post},
+};
+
+use crate::{
+    app::{App, Journal},
+    protocol::{self, INVOCATION_ID_HEADER, InvocationRequest, InvocationResponse, StorageEvent},
+    submit::Intake,
+};
+
+/// Binding names from the function folders (the Contract).
+pub const EVENT_BINDING: &str = "event";
+pub const TIMER_BINDING: &str = "timer";
+
+pub fn router(app: Arc<App>) -> Router {
+    Router::new()
+        .route("/", get(ready))
+        .route("/function-trigger", post(function_trigger))
+        .route("/function-timer", post(function_timer))
+        .with_state(app)
+}
+
+/// The host's readiness probe.
+async fn ready() -> &'static str {
+    "ready"
+}
+
+type Answer = (StatusCode, Json<InvocationResponse>);
+
+fn answer(status: StatusCode, journal: &Journal) -> Answer {
+    (status, Json(InvocationResponse::with_logs(journal.lines())))
+}
+
+fn journal_for(headers: &HeaderMap) -> Journal {
+    let id = headers
+        .get(INVOCATION_ID_HEADER)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("-");
+    Journal::new(id)
+}
+
+fn parse_request(body: &[u8], journal: &Journal) -> Option<InvocationRequest> {
+    match serde_json::from_slice(body) {
+        Ok(r) => Some(r),
+        Err(e) => {
+            // Redelivering the same bytes cannot help: report and answer 2xx.
+            journal.error(format!(
+                "the host payload is not the expected JSON object: {e}"
+            ));
+            None
+        }
+    }
+}
+
+async fn function_trigger(State(app): State<Arc<App>>, headers: HeaderMap, body: Bytes) -> Answer {
+    let journal = journal_for(&headers);
+    let Some(request) = parse_request(&body, &journal) else {
+        return answer(StatusCode::OK, &journal);
+    };
+    let events = match protocol::decode_events(&request, EVENT_BINDING) {
+        Ok(e) => e,
+        Err(e) => {
+            journal.error(format!("cannot decode the event: {e}"));
+            return answer(StatusCode::OK, &journal);
+        }
+    };
+    let mut status = StatusCode::OK;
+    for event in events {
+        let created = match event {
+            StorageEvent::BlobCreated(c) => c,
+            StorageEvent::Other { event_type, id } => {
+                journal.info(format!(
+                    "ignored event {id}: type {event_type} is not BlobCreated"
+                ));
+                continue;
+            }
+        };
+        // Only blobs in the configured account and input container: the handler's identity
+        // must not be usable to read whatever an event names.
+        let Some((container, name)) = app.store.locate(&created.url) else {
+            journal.warn(format!(
+                "ignored event {}: {} is not in the configured storage account",
+                created.id,
+                display_url(&created.url)
+            ));
+            continue;
+        };
+        if container != app.config.input_container {
+            journal.info(format!(
+                "ignored event {}: container {container} is not the input container {}",
+                created.id, app.config.input_container
+            ));
+            continue;
+        }
+        match app.intake(&name, &journal).await {
+            Ok(outcome) => log_outcome(&journal, &container, &name, &outcome),
+            Err(e) => {
+                journal.error(format!("blob={container}/{name}: will be retried: {e}"));
+                status = StatusCode::INTERNAL_SERVER_ERROR;
+            }
+        }
+    }
+    answer(status, &journal)
+}
+
+fn log_outcome(journal: &Journal, container: &str, name: &str, outcome: &Intake) {
+    let blob = format!("blob={container}/{name}");
+    match outcome {
+        Intake::Ignored(why) => journal.info(format!("{blob}: ignored: {why}")),
+        Intake::Gone => {}
+        Intake::AlreadyKnown { state, batch_id } => journal.info(format!(
+            "{blob}: already has a job ({state:?}, batch={}); nothing to do",
+            batch_id.as_deref().unwrap_or("-")
+        )),
+        Intake::InProgressElsewhere => {}
+        Intake::Rejected { problems } => {
+            journal.info(format!("{blob}: rejected with {problems} problem(s)"))
+        }
+        Intake::Submitted { batch_id, adopted } => journal.info(format!(
+            "{blob}: batch={batch_id} {}",
+            if *adopted { "adopted" } else { "submitted" }
+        )),
+        Intake::Queued => journal.info(format!("{blob}: queued until quota frees up")),
+        Intake::Refused => {
+            journal.info(format!("{blob}: refused by the service; see summary.json"))
+        }
+    }
+}
+
+/// A URL from outside, shortened for a log line and stripped of any query (it could be a SAS).
+fn display_url(url: &str) -> String {
+    let without_query = url.split(['?', '#']).next().unwrap_or_default();
+    without_query.chars().take(200).collect()
+}
+
+async fn function_timer(State(app): State<Arc<App>>, headers: HeaderMap, body: Bytes) -> Answer {
+    let journal = journal_for(&headers);
+    let Some(request) = parse_request(&body, &journal) else {
+        return answer(StatusCode::OK, &journal);
+    };
+    let timer = protocol::decode_timer(&request, TIMER_BINDING);
+    if timer.is_past_due {
+        journal.warn("timer is past due (a scheduled tick was missed)");
+    }
+    match app.tick(&journal).await {
+        Ok(_) => answer(StatusCode::OK, &journal),
+        // The timer does not redeliver; the next tick simply tries again.
+        Err(e) => {
+            journal.error(format!("tick stopped early: {e}"));
+            answer(StatusCode::OK, &journal)
+        }
+    }
+}

@@ -1,0 +1,393 @@
+//! Intake: an input blob becomes exactly one batch job, or a `rejected` summary.
+//!
+//! The same steps serve the Event Grid trigger, the timer's sweep for missed inputs, and the
+//! timer's retry of queued jobs. What keeps it to one batch per (blob name, ETag):
+//! 1. a job record is claimed with `If-None-Match: *` before anything else; whoever loses
+//!    the race stops;
+//! 2. just before calling create, the record notes that a create is under way; an invocation
+//!    that later finds that note (the first crashed or timed out) looks for the batch by its
+//!    `input_blob` and adopts it before it would create another;
+//! 3. create is retried only where the service cannot have taken it (429, connect errors).
+
+use futures::StreamExt;
+
+use crate::{
+    app::{App, Journal},
+    jobs::{Claim, InputFacts, InputRef, JobRecord, JobState, JobStoreError, Outcome, now},
+    openai::{BatchError, CreateBatch, OpenAiError},
+    storage::StorageError,
+    summary::{self, Summary},
+    validate::{Limits, Report, Validator},
+};
+
+/// How an intake ended, for the caller's log and answer.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Intake {
+    /// Not ours to act on (wrong container, not `.jsonl`).
+    Ignored(String),
+    /// The blob is gone, or was replaced by a newer version (which is its own job).
+    Gone,
+    /// This version already has a job that is running or finished.
+    AlreadyKnown {
+        state: JobState,
+        batch_id: Option<String>,
+    },
+    /// Another invocation holds the claim right now; if it dies, the lease lapses and the
+    /// timer or a redelivery takes over.
+    InProgressElsewhere,
+    /// The input can never succeed; `summary.json` says why.
+    Rejected {
+        problems: usize,
+    },
+    Submitted {
+        batch_id: String,
+        adopted: bool,
+    },
+    /// The quota is full; the timer resubmits it later.
+    Queued,
+    /// The service refused the batch for good; `summary.json` says why.
+    Refused,
+}
+
+/// Faults worth retrying (storage or service unavailable): answered with a 5xx so the
+/// trigger redelivers, while the job record stays claimable.
+#[derive(Debug, thiserror::Error)]
+pub enum IntakeError {
+    #[error(transparent)]
+    Jobs(#[from] JobStoreError),
+    #[error(transparent)]
+    Storage(#[from] StorageError),
+    #[error(transparent)]
+    OpenAi(#[from] OpenAiError),
+}
+
+/// How long to tolerate clock skew between us and the service when matching `created_at`.
+const CLOCK_SKEW_SECS: i64 = 300;
+
+impl App {
+    /// Takes the blob `name` in the input container through intake.
+    pub async fn intake(&self, name: &str, j: &Journal) -> Result<Intake, IntakeError> {
+        if !name.ends_with(".jsonl") {
+            return Ok(Intake::Ignored(format!("{name} is not a .jsonl file")));
+        }
+        let container = self.config.input_container.clone();
+        let Some(info) = self.store.properties(&container, name).await? else {
+            j.info(format!(
+                "blob={container}/{name}: gone before it could be read; nothing to do"
+            ));
+            return Ok(Intake::Gone);
+        };
+        let input = InputRef {
+            url: self.store.blob_url(&container, name),
+            container,
+            name: name.to_string(),
+            etag: info.etag,
+            size: info.size,
+        };
+        let fresh = JobRecord::claim(input, &self.instance, self.config.submit_lease.as_secs());
+        let key = fresh.key.clone();
+
+        if let Some(done) = self.jobs.load_done(&key).await? {
+            return Ok(Intake::AlreadyKnown {
+                state: done.state,
+                batch_id: done.batch_id,
+            });
+        }
+        match self.jobs.claim(&fresh).await? {
+            Claim::Claimed { etag } => {
+                // A job finishing between our look into done/ and the claim leaves done/
+                // written before active/ was freed; look again so it is not started twice.
+                if let Some(done) = self.jobs.load_done(&key).await? {
+                    self.jobs.abandon(&key, &etag).await?;
+                    return Ok(Intake::AlreadyKnown {
+                        state: done.state,
+                        batch_id: done.batch_id,
+                    });
+                }
+                j.info(format!(
+                    "job={key}: claimed; validating blob={}/{name} ({} bytes)",
+                    fresh.input.container, fresh.input.size
+                ));
+                self.run_claimed(fresh, etag, j).await
+            }
+            Claim::Exists => {
+                let Some((mut rec, etag)) = self.jobs.load_active(&key).await? else {
+                    // Finished in the meantime.
+                    return Ok(match self.jobs.load_done(&key).await? {
+                        Some(done) => Intake::AlreadyKnown {
+                            state: done.state,
+                            batch_id: done.batch_id,
+                        },
+                        None => Intake::InProgressElsewhere,
+                    });
+                };
+                match rec.state {
+                    JobState::Submitting if rec.is_leased(now()) => {
+                        j.info(format!("job={key}: another invocation is submitting it"));
+                        Ok(Intake::InProgressElsewhere)
+                    }
+                    JobState::Submitting => {
+                        rec.take_over(&self.instance, self.config.submit_lease.as_secs())
+                            .expect("submitting jobs can be taken over");
+                        match self.jobs.update(&rec, &etag).await? {
+                            None => Ok(Intake::InProgressElsewhere),
+                            Some(etag) => {
+                                j.warn(format!("job={key}: took over a lapsed claim"));
+                                self.run_claimed(rec, etag, j).await
+                            }
+                        }
+                    }
+                    state => Ok(Intake::AlreadyKnown {
+                        state,
+                        batch_id: rec.batch_id,
+                    }),
+                }
+            }
+        }
+    }
+
+    /// Carries a claimed (`submitting`) job to a batch, a queue slot or a final answer.
+    pub(crate) async fn run_claimed(
+        &self,
+        mut rec: JobRecord,
+        mut etag: String,
+        j: &Journal,
+    ) -> Result<Intake, IntakeError> {
+        let key = rec.key.clone();
+
+        // A create may have gone through before the last holder died: adopt, never duplicate.
+        if let Some(started) = rec.create_started_at
+            && let Some(batch) = self
+                .openai
+                .find_by_input_blob(&rec.input.url, started - CLOCK_SKEW_SECS)
+                .await?
+        {
+            rec.submitted(&batch, true).expect("submitting");
+            return match self.jobs.update(&rec, &etag).await? {
+                Some(_) => {
+                    j.info(format!(
+                        "job={key} batch={}: adopted the batch an earlier attempt created",
+                        batch.id
+                    ));
+                    Ok(Intake::Submitted {
+                        batch_id: batch.id,
+                        adopted: true,
+                    })
+                }
+                None => Ok(Intake::InProgressElsewhere),
+            };
+        }
+
+        if rec.facts.is_none() {
+            let report = match self.validate_input(&rec.input).await {
+                Ok(r) => r,
+                Err(StorageError::NotFound { .. }) | Err(StorageError::ConditionNotMet { .. }) => {
+                    j.info(format!(
+                        "job={key}: blob={}/{} was deleted or replaced while being read; the new version is its own job",
+                        rec.input.container, rec.input.name
+                    ));
+                    self.jobs.abandon(&key, &etag).await?;
+                    return Ok(Intake::Gone);
+                }
+                Err(e) => return Err(self.release(rec, &etag, e.into(), j).await),
+            };
+            if !report.is_ok() {
+                return self.reject(rec, &etag, report, j).await;
+            }
+            rec.validated(InputFacts {
+                lines: report.lines,
+                endpoint: report.url.clone().unwrap_or_default(),
+                model: report.model.clone().unwrap_or_default(),
+            })
+            .expect("submitting");
+        }
+
+        rec.begin_create().expect("submitting");
+        etag = match self.jobs.update(&rec, &etag).await? {
+            Some(e) => e,
+            None => return Ok(Intake::InProgressElsewhere),
+        };
+        self.fault_point("before-create");
+        let facts = rec.facts.clone().expect("validated above");
+        let request = CreateBatch {
+            endpoint: facts.endpoint.clone(),
+            input_blob: rec.input.url.clone(),
+            output_folder_url: self.store.container_url(&self.config.output_container),
+        };
+        match self.openai.create(&request).await {
+            Ok(batch) => {
+                self.fault_point("after-create");
+                rec.submitted(&batch, false).expect("submitting");
+                if self.jobs.update(&rec, &etag).await?.is_none() {
+                    // Someone took the claim over meanwhile; it will adopt this batch.
+                    j.warn(format!(
+                        "job={key} batch={}: claim lost after create; the new holder adopts it",
+                        batch.id
+                    ));
+                }
+                j.info(format!(
+                    "job={key} batch={}: created for blob={}/{} ({} requests, model {})",
+                    batch.id, rec.input.container, rec.input.name, facts.lines, facts.model
+                ));
+                Ok(Intake::Submitted {
+                    batch_id: batch.id,
+                    adopted: false,
+                })
+            }
+            Err(OpenAiError::TokenLimitExceeded { message }) => {
+                self.queue_for_quota(rec, &etag, &message, j).await
+            }
+            Err(e @ OpenAiError::Rejected { .. }) => {
+                let (code, message) = match &e {
+                    OpenAiError::Rejected { code, message, .. } => (code.clone(), message.clone()),
+                    _ => unreachable!(),
+                };
+                j.error(format!("job={key}: the service refused the batch: {e}"));
+                let mut summary = Summary::for_job(&rec, Outcome::Failed);
+                summary.errors.push(BatchError {
+                    code: Some(code),
+                    message: Some(message),
+                    ..Default::default()
+                });
+                rec.create_started_at = None;
+                rec.finish(Outcome::Failed, &e.to_string())
+                    .expect("submitting");
+                summary.history = rec.history.clone();
+                summary::write(
+                    &self.store,
+                    &self.config.output_container,
+                    rec.input.output_path(),
+                    &summary,
+                )
+                .await?;
+                self.jobs.finish(&rec, &etag).await?;
+                Ok(Intake::Refused)
+            }
+            Err(e) => Err(self.release(rec, &etag, e.into(), j).await),
+        }
+    }
+
+    /// Quota is full: wait with exponential backoff, or give up after the configured tries.
+    pub(crate) async fn queue_for_quota(
+        &self,
+        mut rec: JobRecord,
+        etag: &str,
+        message: &str,
+        j: &Journal,
+    ) -> Result<Intake, IntakeError> {
+        let key = rec.key.clone();
+        if rec.quota_attempts + 1 >= self.config.queue_max_attempts {
+            j.error(format!(
+                "job={key}: still over the enqueued-token quota after {} tries; giving up",
+                rec.quota_attempts + 1
+            ));
+            let mut summary = Summary::for_job(&rec, Outcome::Failed);
+            summary.errors.push(BatchError {
+                code: Some("token_limit_exceeded".into()),
+                message: Some(format!(
+                    "{message} (gave up after {} tries; raise the deployment's quota or {} and upload again)",
+                    rec.quota_attempts + 1,
+                    crate::config::names::QUEUE_MAX_ATTEMPTS
+                )),
+                ..Default::default()
+            });
+            rec.create_started_at = None;
+            rec.finish(Outcome::Failed, "quota never freed")
+                .expect("active");
+            summary.history = rec.history.clone();
+            summary::write(
+                &self.store,
+                &self.config.output_container,
+                rec.input.output_path(),
+                &summary,
+            )
+            .await?;
+            self.jobs.finish(&rec, etag).await?;
+            return Ok(Intake::Refused);
+        }
+        let base = self.config.queue_initial_delay.as_secs().max(1);
+        let delay = base
+            .saturating_mul(1 << rec.quota_attempts.min(16))
+            .min(6 * 3600);
+        rec.queue(&format!("token_limit_exceeded: {message}"), delay)
+            .expect("submitting or running");
+        if self.jobs.update(&rec, etag).await?.is_some() {
+            j.warn(format!(
+                "job={key}: enqueued-token quota is full; queued, next try in {delay} s (attempt {})",
+                rec.quota_attempts
+            ));
+        }
+        Ok(Intake::Queued)
+    }
+
+    /// A transient fault: free the claim so the redelivery can go on at once, and report it.
+    async fn release(
+        &self,
+        mut rec: JobRecord,
+        etag: &str,
+        err: IntakeError,
+        j: &Journal,
+    ) -> IntakeError {
+        j.error(format!(
+            "job={}: transient fault, will be retried: {err}",
+            rec.key
+        ));
+        if rec.release(&err.to_string()).is_ok() {
+            // Best effort: if this write fails too, the lease simply lapses later.
+            let _ = self.jobs.update(&rec, etag).await;
+        }
+        err
+    }
+
+    async fn validate_input(&self, input: &InputRef) -> Result<Report, StorageError> {
+        let (_, mut body) = self
+            .store
+            .download(&input.container, &input.name, Some(&input.etag))
+            .await?;
+        let mut validator = Validator::new(Limits::default());
+        while let Some(chunk) = body.next().await {
+            validator.feed(&chunk?);
+        }
+        Ok(validator.finish())
+    }
+
+    async fn reject(
+        &self,
+        mut rec: JobRecord,
+        etag: &str,
+        report: Report,
+        j: &Journal,
+    ) -> Result<Intake, IntakeError> {
+        let key = rec.key.clone();
+        let count = report.problems.len() + report.more_problems as usize;
+        if let Some(first) = report.problems.first() {
+            let at = first
+                .line
+                .map_or("file".to_string(), |l| format!("line {l}"));
+            j.warn(format!(
+                "job={key}: rejected blob={}/{}: {count} problem(s), first at {at}: {}: {}",
+                rec.input.container, rec.input.name, first.code, first.message
+            ));
+        }
+        rec.finish(Outcome::Rejected, &format!("{count} problem(s)"))
+            .expect("submitting");
+        let mut summary = Summary::for_job(&rec, Outcome::Rejected);
+        summary.request_counts.total = report.lines;
+        summary.problems = report.problems;
+        summary.more_problems = report.more_problems;
+        summary::write(
+            &self.store,
+            &self.config.output_container,
+            rec.input.output_path(),
+            &summary,
+        )
+        .await?;
+        self.jobs.finish(&rec, etag).await?;
+        j.info(format!(
+            "job={key}: summary at {}/{}",
+            self.config.output_container,
+            summary::summary_name(rec.input.output_path())
+        ));
+        Ok(Intake::Rejected { problems: count })
+    }
+}

@@ -1,0 +1,340 @@
+//! `function-timer` end to end: inputs submitted, batches polled, results moved into
+//! `batch-output/{path}/` with `merged.jsonl` and `summary.json`, for every terminal status.
+//! Real Azurite, the batch emulator and the real handler; the test plays the host.
+
+mod support;
+
+use std::time::Duration;
+
+use futures::TryStreamExt;
+use serde_json::Value;
+use support::*;
+
+struct Stack {
+    azurite: Azurite,
+    emulator: Emulator,
+    handler: Handler,
+}
+
+fn stack(emulator_args: &[&str]) -> Stack {
+    let azurite = Azurite::start();
+    let emulator = Emulator::start(&azurite, emulator_args);
+    let handler = Handler::start(Handler::env(&azurite, &emulator));
+    Stack {
+        azurite,
+        emulator,
+        handler,
+    }
+}
+
+fn lines(n: usize, prefix: &str) -> Vec<u8> {
+    let mut out = String::new();
+    for i in 0..n {
+        out.push_str(&chat_line(
+            &format!("{prefix}-{i}"),
+            &format!("question number {i}"),
+        ));
+        out.push('\n');
+    }
+    out.into_bytes()
+}
+
+impl Stack {
+    async fn submit(&self, name: &str, body: &[u8]) -> String {
+        let store = self.azurite.store();
+        let (url, etag) = upload_input(&store, name, body).await;
+        let (status, answer) = self
+            .handler
+            .invoke(
+                "function-trigger",
+                &trigger_payload(blob_created_event(&url, &etag, body.len() as u64)),
+            )
+            .await;
+        assert_eq!(status, 200, "{:?}", answer.logs);
+        etag
+    }
+
+    /// Ticks until `batch-output/{path}/summary.json` appears; returns it.
+    async fn harvest(&self, path: &str, timeout: Duration) -> Value {
+        let store = self.azurite.store();
+        let summary = format!("{path}/summary.json");
+        eventually(timeout, &summary, || async {
+            let (status, answer) = self.handler.tick().await;
+            assert_eq!(status, 200, "{:?}", answer.logs);
+            read_json(&store, "batch-output", &summary).await
+        })
+        .await
+    }
+
+    async fn merged(&self, path: &str) -> Vec<Value> {
+        read_text(
+            &self.azurite.store(),
+            "batch-output",
+            &format!("{path}/merged.jsonl"),
+        )
+        .await
+        .expect("merged.jsonl")
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect()
+    }
+
+    async fn output_names(&self) -> Vec<String> {
+        let items: Vec<_> = self
+            .azurite
+            .store()
+            .list("batch-output", "")
+            .try_collect()
+            .await
+            .unwrap();
+        items.into_iter().map(|b| b.name).collect()
+    }
+}
+
+#[tokio::test]
+async fn a_completed_batch_lands_in_place_with_merged_and_summary() {
+    let s = stack(&["--step-ms", "50"]);
+    let seed = std::fs::read(root().join("samples/test.jsonl")).unwrap();
+    let etag = s.submit("test.jsonl", &seed).await;
+    let summary = s.harvest("test", Duration::from_secs(30)).await;
+
+    assert_eq!(summary["status"], "completed", "{summary}");
+    let batch_id = summary["batch_id"].as_str().unwrap();
+    assert!(batch_id.starts_with("batch_"));
+    assert_eq!(summary["request_counts"]["total"], 3);
+    assert_eq!(summary["request_counts"]["completed"], 3);
+    assert_eq!(summary["request_counts"]["failed"], 0);
+    assert!(
+        summary["input_blob"]
+            .as_str()
+            .unwrap()
+            .ends_with("/batch-input/test.jsonl")
+    );
+    assert!(
+        summary["usage"]["total_tokens"].as_u64().unwrap() > 0,
+        "{summary}"
+    );
+    assert!(summary["problems"].as_array().unwrap().is_empty());
+
+    // Exactly the Contract's files, and the service's GUID folder is gone.
+    let mut names = s.output_names().await;
+    names.sort();
+    assert_eq!(
+        names,
+        vec![
+            "test/merged.jsonl",
+            "test/results.jsonl",
+            "test/summary.json"
+        ]
+    );
+
+    let merged = s.merged("test").await;
+    let ids: Vec<_> = merged
+        .iter()
+        .map(|m| m["custom_id"].as_str().unwrap().to_string())
+        .collect();
+    assert_eq!(ids, ["task-0", "task-1", "task-2"], "input order");
+    for (i, m) in merged.iter().enumerate() {
+        assert_eq!(m["line"], i as u64 + 1);
+        assert_eq!(m["status_code"], 200);
+        assert_eq!(m["response"]["object"], "chat.completion");
+        assert!(m["error"].is_null());
+    }
+    // results.jsonl is the service's file, moved as is.
+    let results = read_text(&s.azurite.store(), "batch-output", "test/results.jsonl")
+        .await
+        .unwrap();
+    assert_eq!(results.lines().count(), 3);
+
+    // The job is finished and filed under done/.
+    let key = format!("test.jsonl@{}", etag.trim_matches('"'));
+    let store = s.azurite.store();
+    assert!(
+        read_json(&store, "batch-jobs", &format!("active/{key}.json"))
+            .await
+            .is_none()
+    );
+    let done = read_json(&store, "batch-jobs", &format!("done/{key}.json"))
+        .await
+        .unwrap();
+    assert_eq!(done["outcome"], "completed");
+
+    // A later tick or a redelivered event changes nothing.
+    s.handler.tick().await;
+    assert_eq!(s.emulator.batches().await.len(), 1);
+}
+
+#[tokio::test]
+async fn failed_lines_go_to_errors_and_merged_keeps_order() {
+    let s = stack(&[
+        "--step-ms",
+        "50",
+        "--line-failure-rate",
+        "0.3",
+        "--seed",
+        "7",
+    ]);
+    s.submit("mixed.jsonl", &lines(40, "m")).await;
+    let summary = s.harvest("mixed", Duration::from_secs(30)).await;
+    assert_eq!(summary["status"], "completed");
+    let failed = summary["request_counts"]["failed"].as_u64().unwrap();
+    assert!(failed > 0 && failed < 40, "{summary}");
+    let errors = read_text(&s.azurite.store(), "batch-output", "mixed/errors.jsonl")
+        .await
+        .unwrap();
+    assert_eq!(errors.lines().count() as u64, failed);
+    let merged = s.merged("mixed").await;
+    assert_eq!(merged.len(), 40);
+    let mut errs = 0;
+    for (i, m) in merged.iter().enumerate() {
+        assert_eq!(m["custom_id"], format!("m-{i}"));
+        if m["error"].is_null() {
+            assert_eq!(m["status_code"], 200);
+        } else {
+            errs += 1;
+            assert!(m["response"].is_null());
+        }
+    }
+    assert_eq!(errs, failed);
+}
+
+#[tokio::test]
+async fn a_failed_batch_reports_the_service_errors() {
+    // The deployment is not in the emulator's list: the service fails the job.
+    let s = stack(&["--step-ms", "50"]);
+    let body = lines(3, "f");
+    let body = String::from_utf8(body)
+        .unwrap()
+        .replace(DEPLOYMENT, "not-deployed");
+    s.submit("failing.jsonl", body.as_bytes()).await;
+    let summary = s.harvest("failing", Duration::from_secs(30)).await;
+    assert_eq!(summary["status"], "failed", "{summary}");
+    let codes: Vec<_> = summary["errors"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| e["code"].clone())
+        .collect();
+    assert!(codes.contains(&Value::from("model_not_found")), "{summary}");
+    assert!(summary["batch_id"].is_string());
+}
+
+#[tokio::test]
+async fn a_cancelled_batch_keeps_its_partial_results() {
+    let s = stack(&["--step-ms", "400", "--lines-per-step", "2"]);
+    s.submit("cancel.jsonl", &lines(30, "c")).await;
+    let client = s.emulator.client();
+    let id = s.emulator.batches().await[0].id.clone();
+    // Wait until some lines are done, then cancel.
+    eventually(Duration::from_secs(30), "progress", || async {
+        let b = client.retrieve(&id).await.ok()?;
+        (b.request_counts.completed > 0).then_some(())
+    })
+    .await;
+    client.cancel(&id).await.unwrap();
+    let summary = s.harvest("cancel", Duration::from_secs(30)).await;
+    assert_eq!(summary["status"], "cancelled", "{summary}");
+    let merged = s.merged("cancel").await;
+    assert_eq!(merged.len(), 30);
+    let answered = merged.iter().filter(|m| m["status_code"] == 200).count();
+    assert!(
+        answered > 0 && answered < 30,
+        "partial results kept: {answered}"
+    );
+    assert_eq!(
+        summary["lines_without_result"].as_u64().unwrap() as usize,
+        30 - answered
+    );
+}
+
+#[tokio::test]
+async fn an_expired_batch_keeps_its_partial_results() {
+    let s = stack(&[
+        "--step-ms",
+        "300",
+        "--lines-per-step",
+        "2",
+        "--expire-after-ms",
+        "1500",
+    ]);
+    s.submit("slow.jsonl", &lines(30, "e")).await;
+    let summary = s.harvest("slow", Duration::from_secs(30)).await;
+    assert_eq!(summary["status"], "expired", "{summary}");
+    let merged = s.merged("slow").await;
+    assert_eq!(merged.len(), 30);
+    let answered = merged.iter().filter(|m| m["status_code"] == 200).count();
+    assert!(
+        answered > 0 && answered < 30,
+        "partial results kept: {answered}"
+    );
+}
+
+#[tokio::test]
+async fn a_file_nobody_announced_is_found_by_the_sweep() {
+    let s = stack(&["--step-ms", "50"]);
+    let store = s.azurite.store();
+    upload_input(&store, "quiet/file.jsonl", &lines(2, "q")).await;
+    upload_input(&store, "quiet/notes.txt", b"not a batch").await;
+    let summary = s.harvest("quiet/file", Duration::from_secs(30)).await;
+    assert_eq!(summary["status"], "completed");
+    assert_eq!(s.emulator.batches().await.len(), 1);
+}
+
+#[tokio::test]
+async fn over_quota_inputs_wait_and_then_complete() {
+    // Room for one of these files at a time in the emulator's enqueued-token quota.
+    let s = stack(&["--step-ms", "200", "--enqueued-token-limit", "3000"]);
+    let a = lines(20, "a");
+    let b = lines(20, "b");
+    s.submit("quota-a.jsonl", &a).await;
+    s.submit("quota-b.jsonl", &b).await;
+    let store = s.azurite.store();
+    let queued = read_json(
+        &store,
+        "batch-jobs",
+        &format!(
+            "active/quota-b.jsonl@{}.json",
+            store
+                .properties("batch-input", "quota-b.jsonl")
+                .await
+                .unwrap()
+                .unwrap()
+                .etag
+                .trim_matches('"')
+        ),
+    )
+    .await
+    .expect("second job waits in the queue");
+    assert_eq!(queued["state"], "queued", "{queued}");
+    let sa = s.harvest("quota-a", Duration::from_secs(30)).await;
+    assert_eq!(sa["status"], "completed");
+    let sb = s.harvest("quota-b", Duration::from_secs(60)).await;
+    assert_eq!(sb["status"], "completed", "{sb}");
+    assert_eq!(s.emulator.batches().await.len(), 2);
+}
+
+#[tokio::test]
+async fn merged_has_one_line_per_input_line_for_100k_lines() {
+    let s = stack(&["--step-ms", "20"]);
+    let mut body = String::with_capacity(100_000 * 120);
+    for i in 0..100_000 {
+        body.push_str(&format!(
+            "{{\"custom_id\":\"r{i}\",\"method\":\"POST\",\"url\":\"/chat/completions\",\"body\":{{\"model\":\"{DEPLOYMENT}\",\"messages\":[{{\"role\":\"user\",\"content\":\"q{i}\"}}]}}}}\n"
+        ));
+    }
+    s.submit("big.jsonl", body.as_bytes()).await;
+    let summary = s.harvest("big", Duration::from_secs(300)).await;
+    assert_eq!(summary["status"], "completed", "{summary}");
+    assert_eq!(summary["request_counts"]["total"], 100_000);
+    let text = read_text(&s.azurite.store(), "batch-output", "big/merged.jsonl")
+        .await
+        .unwrap();
+    let mut n = 0;
+    for (i, line) in text.lines().enumerate() {
+        let v: Value = serde_json::from_str(line).unwrap();
+        assert_eq!(v["custom_id"], format!("r{i}"));
+        assert_eq!(v["status_code"], 200);
+        n += 1;
+    }
+    assert_eq!(n, 100_000);
+}
