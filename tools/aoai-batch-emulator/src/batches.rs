@@ -1,0 +1,339 @@
+//! The batch objects and the registry that holds them.
+//!
+//! State lives in memory only: restarting the emulator forgets every batch (the files already
+//! written stay in storage). That is enough for tests and local runs, and keeps the emulator
+//! free of any store of its own.
+
+use std::{
+    collections::HashMap,
+    sync::{Arc, Mutex, MutexGuard},
+    time::{Duration, Instant, SystemTime, UNIX_EPOCH},
+};
+
+use aoai_blob_batch::storage::{BlobStore, StorageError};
+use serde::Serialize;
+
+use crate::{
+    input::{self, Api, BatchError, InputSummary},
+    lifecycle,
+    output::OutputFolder,
+};
+
+/// The service's completion window: `expires_at` is this long after `created_at`.
+const COMPLETION_WINDOW: Duration = Duration::from_secs(24 * 3600);
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Status {
+    Validating,
+    Failed,
+    InProgress,
+    Finalizing,
+    Completed,
+    Expired,
+    Cancelling,
+    Cancelled,
+}
+
+impl Status {
+    pub fn is_terminal(self) -> bool {
+        matches!(
+            self,
+            Status::Completed | Status::Failed | Status::Expired | Status::Cancelled
+        )
+    }
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Status::Validating => "validating",
+            Status::Failed => "failed",
+            Status::InProgress => "in_progress",
+            Status::Finalizing => "finalizing",
+            Status::Completed => "completed",
+            Status::Expired => "expired",
+            Status::Cancelling => "cancelling",
+            Status::Cancelled => "cancelled",
+        }
+    }
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
+pub struct RequestCounts {
+    pub completed: u64,
+    pub failed: u64,
+    pub total: u64,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct ErrorList {
+    pub object: &'static str,
+    pub data: Vec<BatchError>,
+}
+
+/// The batch object, field for field as the blob-storage documentation shows it
+/// (batch-api-research.md §1.2), in the same order.
+#[derive(Debug, Clone, Serialize)]
+pub struct Batch {
+    pub id: String,
+    pub completion_window: String,
+    pub created_at: i64,
+    pub endpoint: String,
+    pub input_file_id: Option<String>,
+    pub object: &'static str,
+    pub status: Status,
+    pub cancelled_at: Option<i64>,
+    pub cancelling_at: Option<i64>,
+    pub completed_at: Option<i64>,
+    pub error_file_id: Option<String>,
+    pub errors: Option<ErrorList>,
+    pub expired_at: Option<i64>,
+    pub expires_at: i64,
+    pub failed_at: Option<i64>,
+    pub finalizing_at: Option<i64>,
+    pub in_progress_at: Option<i64>,
+    pub metadata: Option<serde_json::Value>,
+    pub output_file_id: Option<String>,
+    pub request_counts: RequestCounts,
+    pub error_blob: String,
+    pub input_blob: String,
+    pub output_blob: String,
+}
+
+pub fn now() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs() as i64)
+}
+
+/// The emulator's knobs, from the command line.
+#[derive(Debug, Clone)]
+pub struct Settings {
+    /// Deployment names that exist; empty means any model name does.
+    pub deployments: Vec<String>,
+    pub step: Duration,
+    pub expire_after: Option<Duration>,
+    pub enqueued_token_limit: Option<u64>,
+    pub line_failure_rate: f64,
+    pub lines_per_step: Option<u64>,
+    pub seed: u64,
+}
+
+/// A create request that passed the synchronous checks.
+#[derive(Debug, Clone)]
+pub struct NewBatch {
+    pub endpoint: String,
+    pub api: Api,
+    pub completion_window: String,
+    pub input_blob: String,
+    pub output: OutputFolder,
+}
+
+#[derive(Debug)]
+pub enum CreateError {
+    /// Fail-fast quota check: the input's tokens do not fit next to the active jobs'.
+    TokenLimit { model: String, limit: u64 },
+    /// Storage could not be read right now; the client may retry.
+    Unavailable(StorageError),
+}
+
+pub struct Created {
+    pub batch: Batch,
+    pub enqueued_tokens: u64,
+    pub token_limit: Option<u64>,
+}
+
+#[derive(Debug)]
+pub enum CancelError {
+    NotFound,
+    Finished(Status),
+}
+
+struct Entry {
+    batch: Batch,
+    /// The deployment and estimated tokens the job holds against the quota while active.
+    model: Option<String>,
+    tokens: u64,
+}
+
+#[derive(Default)]
+struct Inner {
+    batches: HashMap<String, Entry>,
+    /// Ids in creation order: `created_at` has one-second resolution, too coarse to sort by.
+    order: Vec<String>,
+}
+
+pub struct Registry {
+    pub store: Arc<BlobStore>,
+    pub settings: Settings,
+    inner: Mutex<Inner>,
+}
+
+impl Registry {
+    pub fn new(store: Arc<BlobStore>, settings: Settings) -> Arc<Self> {
+        Arc::new(Self {
+            store,
+            settings,
+            inner: Mutex::new(Inner::default()),
+        })
+    }
+
+    fn lock(&self) -> MutexGuard<'_, Inner> {
+        // A panic while holding the lock leaves plain data behind; keep serving it.
+        self.inner.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Reads and validates the input now (the quota check needs its token count), registers
+    /// the batch in `validating`, and starts its lifecycle.
+    pub async fn create(self: &Arc<Self>, new: NewBatch) -> Result<Created, CreateError> {
+        let location = self.store.locate(&new.input_blob);
+        let scan: Result<InputSummary, BatchError> = match &location {
+            // Another account, or not a blob URL: the service's identity cannot read it.
+            None => Err(BatchError::no_permissions()),
+            Some((container, name)) => input::scan(
+                &self.store,
+                container,
+                name,
+                &new.endpoint,
+                &self.settings.deployments,
+            )
+            .await
+            .map_err(CreateError::Unavailable)?,
+        };
+        let (model, tokens) = match &scan {
+            Ok(s) => (Some(s.model.clone()), s.tokens),
+            Err(_) => (None, 0),
+        };
+        let created_at = now();
+        let expires_in = self.settings.expire_after.unwrap_or(COMPLETION_WINDOW);
+        let batch = Batch {
+            id: format!("batch_{}", uuid::Uuid::new_v4()),
+            completion_window: new.completion_window.clone(),
+            created_at,
+            endpoint: new.endpoint.clone(),
+            input_file_id: None,
+            object: "batch",
+            status: Status::Validating,
+            cancelled_at: None,
+            cancelling_at: None,
+            completed_at: None,
+            error_file_id: None,
+            errors: None,
+            expired_at: None,
+            expires_at: created_at + expires_in.as_secs_f64().ceil() as i64,
+            failed_at: None,
+            finalizing_at: None,
+            in_progress_at: None,
+            metadata: None,
+            output_file_id: None,
+            request_counts: RequestCounts::default(),
+            error_blob: String::new(),
+            input_blob: new.input_blob.clone(),
+            output_blob: String::new(),
+        };
+        let enqueued_tokens = {
+            let mut inner = self.lock();
+            let enqueued: u64 = match &model {
+                Some(m) => inner
+                    .batches
+                    .values()
+                    .filter(|e| !e.batch.status.is_terminal() && e.model.as_ref() == Some(m))
+                    .map(|e| e.tokens)
+                    .sum(),
+                None => 0,
+            };
+            if let (Some(limit), Some(m)) = (self.settings.enqueued_token_limit, &model)
+                && enqueued + tokens > limit
+            {
+                return Err(CreateError::TokenLimit {
+                    model: m.clone(),
+                    limit,
+                });
+            }
+            inner.order.push(batch.id.clone());
+            inner.batches.insert(
+                batch.id.clone(),
+                Entry {
+                    batch: batch.clone(),
+                    model,
+                    tokens,
+                },
+            );
+            enqueued + tokens
+        };
+        tracing::info!(batch = %batch.id, input_blob = %batch.input_blob, tokens, "batch created");
+        let job = lifecycle::Job {
+            id: batch.id.clone(),
+            input: location,
+            scan,
+            api: new.api,
+            output: new.output,
+            started: Instant::now(),
+        };
+        tokio::spawn(lifecycle::run(self.clone(), job));
+        Ok(Created {
+            batch,
+            enqueued_tokens,
+            token_limit: self.settings.enqueued_token_limit,
+        })
+    }
+
+    pub fn get(&self, id: &str) -> Option<Batch> {
+        self.lock().batches.get(id).map(|e| e.batch.clone())
+    }
+
+    pub fn status(&self, id: &str) -> Option<Status> {
+        self.lock().batches.get(id).map(|e| e.batch.status)
+    }
+
+    /// Applies `f` to the batch; returns the result.
+    pub fn update(&self, id: &str, f: impl FnOnce(&mut Batch)) -> Option<Batch> {
+        let mut inner = self.lock();
+        let entry = inner.batches.get_mut(id)?;
+        f(&mut entry.batch);
+        Some(entry.batch.clone())
+    }
+
+    /// One page, newest first (or oldest first when `ascending`), starting after `after`.
+    pub fn list(&self, after: Option<&str>, limit: usize, ascending: bool) -> (Vec<Batch>, bool) {
+        let inner = self.lock();
+        let ids: Box<dyn Iterator<Item = &String>> = if ascending {
+            Box::new(inner.order.iter())
+        } else {
+            Box::new(inner.order.iter().rev())
+        };
+        let mut ids = ids.peekable();
+        if let Some(after) = after {
+            // An unknown cursor yields an empty page rather than restarting from the top,
+            // which would make a pager loop forever.
+            for id in ids.by_ref() {
+                if id == after {
+                    break;
+                }
+            }
+        }
+        let page: Vec<Batch> = ids
+            .by_ref()
+            .take(limit)
+            .filter_map(|id| inner.batches.get(id).map(|e| e.batch.clone()))
+            .collect();
+        let has_more = ids.peek().is_some();
+        (page, has_more)
+    }
+
+    /// Moves an active batch to `cancelling`; its lifecycle finishes the cancel on its next
+    /// step. Cancelling twice is harmless.
+    pub fn cancel(&self, id: &str) -> Result<Batch, CancelError> {
+        let mut inner = self.lock();
+        let entry = inner.batches.get_mut(id).ok_or(CancelError::NotFound)?;
+        let b = &mut entry.batch;
+        if b.status.is_terminal() {
+            return Err(CancelError::Finished(b.status));
+        }
+        if b.status != Status::Cancelling {
+            b.status = Status::Cancelling;
+            b.cancelling_at = Some(now());
+            tracing::info!(batch = %b.id, "cancel requested");
+        }
+        Ok(b.clone())
+    }
+}
