@@ -1,0 +1,225 @@
+// aoai-blob-batch: everything in one resource-group deployment.
+//
+//   storage account (Entra-only) ── batch-input ──BlobCreated──▶ Event Grid ──▶ function-trigger
+//        │                          batch-output ◀── Azure OpenAI Batch (its own identity)
+//        │                          batch-jobs (job records), batch-deadletter, app-package
+//   Flex Consumption Function App (runtime custom, the Rust `handler`) ── timer ── function-timer
+//   Azure OpenAI account (system-assigned identity) + a GlobalBatch / DataZoneBatch deployment
+//   Log Analytics + Application Insights (Entra ID auth)
+//   role assignments (modules/roles.bicep)
+//
+// Deploy in two steps (infra/README.md):
+//   1. az deployment group create -g <rg> -f infra/main.bicep
+//      scripts/package && cd dist/publish && func azure functionapp publish <functionAppName>
+//   2. az deployment group create -g <rg> -f infra/main.bicep -p deployEventSubscription=true
+// The Event Grid subscription targets the function `function-trigger`, which exists only once the
+// code is published. Without it, function-timer's sweep still submits new inputs every 5 minutes.
+
+@description('Region of every resource except, optionally, Azure OpenAI.')
+param location string = resourceGroup().location
+
+@description('Region of the Azure OpenAI account (must offer the model as a batch deployment).')
+param openAiLocation string = location
+
+@description('Suffix that makes default names unique.')
+param nameSuffix string = uniqueString(resourceGroup().id)
+
+@description('Storage account name (3-24 lowercase letters and digits, globally unique).')
+@minLength(3)
+@maxLength(24)
+param storageAccountName string = 'st${nameSuffix}'
+
+@description('Function App name (becomes <name>.azurewebsites.net).')
+param functionAppName string = 'func-aoaibatch-${nameSuffix}'
+
+@description('Azure OpenAI account name and custom subdomain (globally unique).')
+param openAiAccountName string = 'oai-aoaibatch-${nameSuffix}'
+
+@description('Model deployment name: the value every input line must carry in `body.model`.')
+param modelDeploymentName string = 'gpt-4o-mini-batch'
+
+@description('Model to deploy.')
+param modelName string = 'gpt-4o-mini'
+
+@description('Model version.')
+param modelVersion string = '2024-07-18'
+
+@description('Batch deployment type.')
+@allowed([
+  'GlobalBatch'
+  'DataZoneBatch'
+])
+param modelSku string = 'GlobalBatch'
+
+@description('Deployment capacity (sku.capacity); stay within your enqueued-token quota for this model.')
+@minValue(1)
+param modelCapacity int = 50
+
+@description('Azure OpenAI data-plane API version the handler uses (`v1` selects /openai/v1/).')
+param openAiApiVersion string = '2025-04-01-preview'
+
+@description('NCRONTAB schedule of function-timer: poll jobs, harvest results, sweep missed inputs.')
+param timerSchedule string = '0 */5 * * * *'
+
+@description('Step 2: create the Event Grid subscription. Only after the code is published.')
+param deployEventSubscription bool = false
+
+@description('Event Grid delivery attempts before an event is dead-lettered.')
+@minValue(1)
+@maxValue(30)
+param eventMaxDeliveryAttempts int = 30
+
+@description('Minutes Event Grid keeps retrying an event.')
+@minValue(1)
+@maxValue(1440)
+param eventTimeToLiveInMinutes int = 1440
+
+@description('Flex Consumption: maximum instances (40-1000).')
+@minValue(40)
+@maxValue(1000)
+param maximumInstanceCount int = 40
+
+@description('Flex Consumption: memory per instance in MB.')
+@allowed([
+  512
+  2048
+  4096
+])
+param instanceMemoryMB int = 2048
+
+@description('Optional object id of a user/group/service principal allowed to upload inputs and read results (e.g. `az ad signed-in-user show --query id -o tsv`).')
+param userPrincipalId string = ''
+
+@allowed([
+  'User'
+  'Group'
+  'ServicePrincipal'
+])
+param userPrincipalType string = 'User'
+
+param tags object = {
+  app: 'aoai-blob-batch'
+}
+
+// Container names are part of the handler's Contract (DESIGN.md); keep them fixed.
+var inputContainerName = 'batch-input'
+var outputContainerName = 'batch-output'
+var stateContainerName = 'batch-jobs'
+var deadLetterContainerName = 'batch-deadletter'
+var deploymentContainerName = 'app-package'
+
+// The function that receives BlobCreated events (folder function-trigger/ of the package).
+var triggerFunctionName = 'function-trigger'
+
+module storage 'modules/storage.bicep' = {
+  name: 'storage'
+  params: {
+    name: storageAccountName
+    location: location
+    tags: tags
+    containerNames: [
+      inputContainerName
+      outputContainerName
+      stateContainerName
+      deadLetterContainerName
+      deploymentContainerName
+    ]
+  }
+}
+
+module monitoring 'modules/monitoring.bicep' = {
+  name: 'monitoring'
+  params: {
+    workspaceName: 'log-${functionAppName}'
+    appInsightsName: 'appi-${functionAppName}'
+    location: location
+    tags: tags
+  }
+}
+
+module openAi 'modules/openai.bicep' = {
+  name: 'openai'
+  params: {
+    name: openAiAccountName
+    location: openAiLocation
+    tags: tags
+    deploymentName: modelDeploymentName
+    modelName: modelName
+    modelVersion: modelVersion
+    skuName: modelSku
+    capacity: modelCapacity
+  }
+}
+
+// The handler wants endpoints without a trailing slash.
+var openAiEndpointRaw = openAi.outputs.endpoint
+var openAiEndpoint = endsWith(openAiEndpointRaw, '/') ? substring(openAiEndpointRaw, 0, length(openAiEndpointRaw) - 1) : openAiEndpointRaw
+var blobEndpointRaw = storage.outputs.blobEndpoint
+var blobEndpoint = endsWith(blobEndpointRaw, '/') ? substring(blobEndpointRaw, 0, length(blobEndpointRaw) - 1) : blobEndpointRaw
+
+module functionApp 'modules/functionapp.bicep' = {
+  name: 'functionapp'
+  params: {
+    name: functionAppName
+    planName: 'plan-${functionAppName}'
+    location: location
+    tags: tags
+    storageAccountName: storage.outputs.name
+    deploymentContainerName: deploymentContainerName
+    appInsightsName: monitoring.outputs.appInsightsName
+    openAiEndpoint: openAiEndpoint
+    openAiApiVersion: openAiApiVersion
+    inputContainerName: inputContainerName
+    outputContainerName: outputContainerName
+    stateContainerName: stateContainerName
+    timerSchedule: timerSchedule
+    maximumInstanceCount: maximumInstanceCount
+    instanceMemoryMB: instanceMemoryMB
+  }
+}
+
+module eventGrid 'modules/eventgrid.bicep' = {
+  name: 'eventgrid'
+  params: {
+    systemTopicName: 'evgt-${storageAccountName}'
+    location: location
+    tags: tags
+    storageAccountName: storage.outputs.name
+    deployEventSubscription: deployEventSubscription
+    functionAppId: functionApp.outputs.id
+    functionName: triggerFunctionName
+    inputContainerName: inputContainerName
+    deadLetterContainerName: deadLetterContainerName
+    maxDeliveryAttempts: eventMaxDeliveryAttempts
+    eventTimeToLiveInMinutes: eventTimeToLiveInMinutes
+  }
+}
+
+module roles 'modules/roles.bicep' = {
+  name: 'roles'
+  params: {
+    storageAccountName: storage.outputs.name
+    openAiAccountName: openAi.outputs.name
+    appInsightsName: monitoring.outputs.appInsightsName
+    inputContainerName: inputContainerName
+    outputContainerName: outputContainerName
+    deadLetterContainerName: deadLetterContainerName
+    functionAppPrincipalId: functionApp.outputs.principalId
+    openAiPrincipalId: openAi.outputs.principalId
+    eventGridPrincipalId: eventGrid.outputs.principalId
+    userPrincipalId: userPrincipalId
+    userPrincipalType: userPrincipalType
+  }
+}
+
+output functionAppName string = functionApp.outputs.name
+output storageAccountName string = storage.outputs.name
+output blobEndpoint string = blobEndpoint
+output inputContainerUrl string = '${blobEndpoint}/${inputContainerName}'
+output outputContainerUrl string = '${blobEndpoint}/${outputContainerName}'
+output stateContainerUrl string = '${blobEndpoint}/${stateContainerName}'
+output deadLetterContainerUrl string = '${blobEndpoint}/${deadLetterContainerName}'
+output openAiEndpoint string = openAiEndpoint
+@description('Put this in `body.model` on every input line.')
+output modelDeploymentName string = openAi.outputs.deploymentName
+output eventSubscriptionDeployed bool = deployEventSubscription

@@ -1,0 +1,10 @@
+from __future__ import annotations
+
+import pytest
+
+from bicep_model import Deployment
+
+
+@pytest.fixture(scope="session")
+def deployment() -> Deployment:
+    return Deployment.load()
