@@ -19,6 +19,9 @@ pub mod names {
     pub const SUBMIT_LEASE_SECONDS: &str = "BATCH_SUBMIT_LEASE_SECONDS";
     pub const QUEUE_MAX_ATTEMPTS: &str = "BATCH_QUEUE_MAX_ATTEMPTS";
     pub const QUEUE_INITIAL_DELAY_SECONDS: &str = "BATCH_QUEUE_INITIAL_DELAY_SECONDS";
+    pub const RESUBMIT_EXPIRED: &str = "BATCH_RESUBMIT_EXPIRED";
+    pub const RESUBMIT_CANCELLED: &str = "BATCH_RESUBMIT_CANCELLED";
+    pub const MAX_FOLLOWUPS: &str = "BATCH_MAX_FOLLOWUPS";
     pub const MANAGED_IDENTITY_CLIENT_ID: &str = "AZURE_CLIENT_ID";
     pub const HANDLER_PORT: &str = "FUNCTIONS_CUSTOMHANDLER_PORT";
     /// Test-only: makes the process abort at a named step, to prove crash recovery.
@@ -90,6 +93,11 @@ pub struct Config {
     /// `token_limit_exceeded` resubmissions before the job is given up as failed.
     pub queue_max_attempts: u32,
     pub queue_initial_delay: Duration,
+    /// Resubmit the requests an expired (or cancelled) batch left without an answer.
+    pub resubmit_expired: bool,
+    pub resubmit_cancelled: bool,
+    /// Follow-up batches per input at most, so requests that never finish end the job.
+    pub max_followups: u32,
     pub test_fault: Option<String>,
 }
 
@@ -220,6 +228,18 @@ impl Config {
             }
         };
 
+        let flag = |name: &'static str, default: bool| -> Result<bool, ConfigError> {
+            match get(name).map(|v| v.to_ascii_lowercase()) {
+                None => Ok(default),
+                Some(v) if ["true", "1", "yes", "on"].contains(&v.as_str()) => Ok(true),
+                Some(v) if ["false", "0", "no", "off"].contains(&v.as_str()) => Ok(false),
+                Some(v) => Err(ConfigError::Malformed {
+                    name,
+                    reason: format!("`{v}` is not true or false"),
+                }),
+            }
+        };
+
         Ok(Config {
             openai_endpoint,
             api_style,
@@ -235,6 +255,9 @@ impl Config {
                 names::QUEUE_INITIAL_DELAY_SECONDS,
                 300,
             )?),
+            resubmit_expired: flag(names::RESUBMIT_EXPIRED, true)?,
+            resubmit_cancelled: flag(names::RESUBMIT_CANCELLED, false)?,
+            max_followups: number(names::MAX_FOLLOWUPS, 3)? as u32,
             test_fault: get(names::TEST_FAULT),
         })
     }

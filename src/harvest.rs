@@ -6,7 +6,7 @@
 //! copy then delete, and the record is finished only after the summary is written.
 
 use std::{
-    collections::HashMap,
+    collections::{HashMap, HashSet},
     io::{Seek, SeekFrom, Write},
     os::unix::fs::FileExt,
 };
@@ -19,7 +19,7 @@ use serde_json::{Value, json};
 use crate::{
     app::{App, Journal},
     jobs::{JobRecord, Outcome},
-    openai::{Batch, BatchStatus},
+    openai::{Batch, BatchStatus, RequestCounts},
     storage::StorageError,
     submit::IntakeError,
     summary::{self, Summary},
@@ -107,36 +107,97 @@ impl App {
 
         // Results of an earlier version of this input must not mix with this one's.
         if !progress.cleared {
-            for f in [RESULTS, ERRORS, MERGED] {
-                self.store
-                    .delete(&out, &format!("{path}/{f}"), None)
-                    .await?;
+            if rec.round == 0 {
+                for f in [RESULTS, ERRORS, MERGED] {
+                    self.store
+                        .delete(&out, &format!("{path}/{f}"), None)
+                        .await?;
+                }
             }
             progress.cleared = true;
             etag = self.save_progress(&mut rec, &etag, &progress).await?;
         }
-        if !progress.results_moved {
-            self.move_output(batch.output_blob.as_deref(), &path, RESULTS, j, &key)
-                .await?;
-            progress.results_moved = true;
-            etag = self.save_progress(&mut rec, &etag, &progress).await?;
-        }
-        if !progress.errors_moved {
-            self.move_output(batch.error_blob.as_deref(), &path, ERRORS, j, &key)
-                .await?;
-            progress.errors_moved = true;
-            etag = self.save_progress(&mut rec, &etag, &progress).await?;
+        if rec.round == 0 {
+            // The first batch's files are moved as they are, server-side.
+            if !progress.results_moved {
+                self.move_output(batch.output_blob.as_deref(), &path, RESULTS, j, &key)
+                    .await?;
+                progress.results_moved = true;
+                etag = self.save_progress(&mut rec, &etag, &progress).await?;
+            }
+            if !progress.errors_moved {
+                self.move_output(batch.error_blob.as_deref(), &path, ERRORS, j, &key)
+                    .await?;
+                progress.errors_moved = true;
+                etag = self.save_progress(&mut rec, &etag, &progress).await?;
+            }
+        } else {
+            // A follow-up's lines are folded into the files already in place.
+            let results = self.locate_output(batch.output_blob.as_deref(), j, &key);
+            let errors = self.locate_output(batch.error_blob.as_deref(), j, &key);
+            if !progress.results_moved {
+                self.fold(results.as_ref(), &path, RESULTS, None).await?;
+                progress.results_moved = true;
+                etag = self.save_progress(&mut rec, &etag, &progress).await?;
+            }
+            if !progress.errors_moved {
+                self.fold(errors.as_ref(), &path, ERRORS, results.as_ref())
+                    .await?;
+                for (c, n) in results.iter().chain(errors.iter()) {
+                    self.store.delete(c, n, None).await?;
+                }
+                progress.errors_moved = true;
+                etag = self.save_progress(&mut rec, &etag, &progress).await?;
+            }
         }
 
-        let merged = self.write_merged(&rec, &path).await?;
+        let follow_up = match outcome {
+            Outcome::Expired => self.config.resubmit_expired,
+            Outcome::Cancelled => self.config.resubmit_cancelled,
+            _ => false,
+        } && rec.round < self.config.max_followups;
+        let staged =
+            follow_up.then(|| format!("staging/{}/followup-{}.jsonl", rec.key, rec.round + 1));
+        let merged = self.write_merged(&rec, &path, staged.as_deref()).await?;
+
+        if let Some(staged) = staged.filter(|_| merged.followup_lines > 0) {
+            let url = self.store.blob_url(self.jobs.container(), &staged);
+            let lines = merged.followup_lines;
+            rec.follow_up(
+                url,
+                lines,
+                &self.instance,
+                self.config.submit_lease.as_secs(),
+            )
+            .map_err(|e| transition_error(&key, e))?;
+            let Some(etag) = self.jobs.update(&rec, &etag).await? else {
+                return Ok(());
+            };
+            j.info(format!(
+                "job={key} batch={}: {} with {lines} request(s) unanswered; resubmitting them (round {})",
+                batch.id,
+                batch.status,
+                rec.round
+            ));
+            self.run_claimed(rec, etag, j).await?;
+            return Ok(());
+        }
 
         let mut summary = Summary::for_job(&rec, outcome);
-        summary.request_counts = batch.request_counts.clone();
+        summary.request_counts = match merged.merged_lines {
+            Some(total) => RequestCounts {
+                total,
+                completed: merged.answered,
+                failed: total - merged.answered - merged.without_result,
+            },
+            None => batch.request_counts.clone(),
+        };
         if let Some(errors) = &batch.errors {
             summary.errors = errors.data.clone();
         }
         summary.usage = Some(merged.usage.clone());
         summary.service_times = Some(summary::ServiceTimes::from_batch(&batch));
+        summary.rounds = rec.rounds.clone();
         summary.files = summary::Files {
             results: merged.results_lines.map(|_| format!("{path}/{RESULTS}")),
             errors: (merged.error_lines.unwrap_or(0) > 0).then(|| format!("{path}/{ERRORS}")),
@@ -151,21 +212,24 @@ impl App {
             );
         }
         rec.finish(outcome, &format!("batch {} {}", batch.id, batch.status))
-            .map_err(|e| StorageError::Failed {
-                op: "finish",
-                target: key.clone(),
-                message: e.to_string(),
-            })?;
+            .map_err(|e| transition_error(&key, e))?;
         summary.history = rec.history.clone();
         summary::write(&self.store, &out, &path, &summary).await?;
         self.fault_point("before-finish");
+        // Staged follow-up inputs served their purpose; the job's record says what they were.
+        for round in 1..=rec.round {
+            let staged = format!("staging/{}/followup-{round}.jsonl", rec.key);
+            self.store
+                .delete(self.jobs.container(), &staged, None)
+                .await?;
+        }
         self.jobs.finish(&rec, &etag).await?;
         j.info(format!(
-            "job={key} batch={}: {} — {} ok, {} failed, {} without result; results in {out}/{path}/",
+            "job={key} batch={}: {} — {} answered, {} failed, {} without result; results in {out}/{path}/",
             batch.id,
             outcome.as_str(),
-            merged.results_lines.unwrap_or(0),
-            merged.error_lines.unwrap_or(0),
+            summary.request_counts.completed,
+            summary.request_counts.failed,
             merged.without_result
         ));
         Ok(())
@@ -220,13 +284,161 @@ impl App {
         Ok(())
     }
 
+    /// Where the service put an output file, when it is in this account.
+    fn locate_output(&self, url: Option<&str>, j: &Journal, key: &str) -> Option<(String, String)> {
+        let url = url.filter(|u| !u.is_empty())?;
+        let located = self.store.locate(url);
+        if located.is_none() {
+            j.error(format!(
+                "job={key}: the service wrote output outside the configured storage account; left where it is"
+            ));
+        }
+        located
+    }
+
+    /// Folds a follow-up round's output file into the job's file of the same name: the lines
+    /// already there, then the new ones. Ids already present are skipped, so running it twice
+    /// (a crash after the write) changes nothing. For `errors.jsonl`, lines of requests the
+    /// follow-up answered (`answered_in`, its results file) are dropped. Unlike the first
+    /// round's server-side move, this streams both files once through the handler (memory
+    /// holds the ids only): block blobs cannot be appended to server-side from Azurite.
+    async fn fold(
+        &self,
+        source: Option<&(String, String)>,
+        path: &str,
+        file: &str,
+        answered_in: Option<&(String, String)>,
+    ) -> Result<(), IntakeError> {
+        let out = &self.config.output_container;
+        let target = format!("{path}/{file}");
+        let mut drop: HashSet<String> = HashSet::new();
+        for (c, n) in answered_in.into_iter().chain(source) {
+            self.for_each_line(c, n, |line| {
+                if let Some(id) = custom_id_of(line) {
+                    drop.insert(id);
+                }
+            })
+            .await?;
+        }
+        if source.is_none() && drop.is_empty() {
+            return Ok(());
+        }
+        let mut writer = self.store.writer(out, &target, "application/jsonl");
+        let mut kept: HashSet<String> = HashSet::new();
+        let mut pending: Vec<Vec<u8>> = Vec::new();
+        // The old file: kept unless a newer line replaces it (errors) or repeats it (results).
+        let mut old = self
+            .store
+            .download(out, &target, None)
+            .await
+            .map(Some)
+            .or_else(|e| match e {
+                StorageError::NotFound { .. } => Ok(None),
+                e => Err(e),
+            })?;
+        if let Some((_, body)) = old.as_mut() {
+            let mut lines = LineSplitter::default();
+            loop {
+                let (batch, done) = match body.next().await {
+                    Some(chunk) => (lines.push(&chunk?), false),
+                    None => (lines.finish().into_iter().collect(), true),
+                };
+                for line in batch {
+                    let id = custom_id_of(&line);
+                    let replaced = id.as_ref().is_some_and(|i| drop.contains(i));
+                    if file == RESULTS || !replaced {
+                        if let Some(i) = id {
+                            kept.insert(i);
+                        }
+                        pending.push(line);
+                    }
+                }
+                for mut line in pending.drain(..) {
+                    line.push(b'\n');
+                    writer.write(&line).await?;
+                }
+                if done {
+                    break;
+                }
+            }
+        }
+        let source = match source {
+            Some((c, n)) => match self.store.download(c, n, None).await {
+                Ok((_, body)) => Some(body),
+                // The service names errors.jsonl even when it wrote none.
+                Err(StorageError::NotFound { .. }) => None,
+                Err(e) => return Err(e.into()),
+            },
+            None => None,
+        };
+        if let Some(mut body) = source {
+            let mut lines = LineSplitter::default();
+            loop {
+                let (batch, done) = match body.next().await {
+                    Some(chunk) => (lines.push(&chunk?), false),
+                    None => (lines.finish().into_iter().collect(), true),
+                };
+                for mut line in batch {
+                    let id = custom_id_of(&line);
+                    if line.iter().all(u8::is_ascii_whitespace)
+                        || id.as_ref().is_some_and(|i| kept.contains(i))
+                    {
+                        continue;
+                    }
+                    line.push(b'\n');
+                    writer.write(&line).await?;
+                }
+                if done {
+                    break;
+                }
+            }
+        }
+        if writer.bytes_written() > 0 {
+            writer.finish().await?;
+        } else {
+            self.store.delete(out, &target, None).await?;
+        }
+        Ok(())
+    }
+
+    async fn for_each_line(
+        &self,
+        container: &str,
+        name: &str,
+        mut f: impl FnMut(&[u8]),
+    ) -> Result<(), IntakeError> {
+        let (_, mut body) = match self.store.download(container, name, None).await {
+            Ok(x) => x,
+            Err(StorageError::NotFound { .. }) => return Ok(()),
+            Err(e) => return Err(e.into()),
+        };
+        let mut lines = LineSplitter::default();
+        while let Some(chunk) = body.next().await {
+            for line in lines.push(&chunk?) {
+                f(&line);
+            }
+        }
+        if let Some(line) = lines.finish() {
+            f(&line);
+        }
+        Ok(())
+    }
+
     /// Builds `merged.jsonl`: one line per input line, in input order.
     ///
     /// The service writes results in its own order, so the result lines are first spooled to a
     /// local temporary file with an index `custom_id → (offset, length)`; then the input is
     /// streamed in order and each line's result read back from the spool. Memory holds the
     /// index and one line at a time, whatever the sizes.
-    async fn write_merged(&self, rec: &JobRecord, path: &str) -> Result<MergeStats, IntakeError> {
+    ///
+    /// With `staged`, the input lines left without an answer are also written there, as the
+    /// input of a follow-up batch.
+    async fn write_merged(
+        &self,
+        rec: &JobRecord,
+        path: &str,
+        staged: Option<&str>,
+    ) -> Result<MergeStats, IntakeError> {
         let out = &self.config.output_container;
         let mut spool = tempfile::tempfile().map_err(io_error)?;
         let mut index: HashMap<String, (u64, u32)> = HashMap::new();
@@ -286,6 +498,10 @@ impl App {
         let mut writer = self
             .store
             .writer(out, &format!("{path}/{MERGED}"), "application/jsonl");
+        let mut followup = staged.map(|name| {
+            self.store
+                .writer(self.jobs.container(), name, "application/jsonl")
+        });
         let mut lines = LineSplitter::default();
         let mut line_no = 0u64;
         let mut merged = 0u64;
@@ -312,8 +528,21 @@ impl App {
                     }
                     None => None,
                 };
-                if result.is_none() {
+                let unanswered = result.as_ref().is_none_or(never_ran);
+                if unanswered {
                     stats.without_result += 1;
+                    if let Some(f) = followup.as_mut() {
+                        f.write(&line).await?;
+                        f.write(b"\n").await?;
+                        stats.followup_lines += 1;
+                    }
+                } else if result
+                    .as_ref()
+                    .and_then(|r| r.pointer("/response/status_code"))
+                    .and_then(Value::as_u64)
+                    .is_some_and(|s| (200..300).contains(&s))
+                {
+                    stats.answered += 1;
                 }
                 let mut text = serde_json::to_vec(&merged_line(line_no, &custom_id, result))
                     .expect("values serialize");
@@ -326,6 +555,9 @@ impl App {
             }
         }
         writer.finish().await?;
+        if let Some(f) = followup.filter(|f| f.bytes_written() > 0) {
+            f.finish().await?;
+        }
         stats.merged_lines = Some(merged);
         Ok(stats)
     }
@@ -336,8 +568,34 @@ struct MergeStats {
     results_lines: Option<u64>,
     error_lines: Option<u64>,
     merged_lines: Option<u64>,
+    /// Input lines answered with a 2xx.
+    answered: u64,
+    /// Input lines with no answer at all (or only the service's note that they never ran).
     without_result: u64,
+    followup_lines: u64,
     usage: Usage,
+}
+
+/// A result line that only says the request never ran (the batch expired or was cancelled
+/// first): for the user, and for a follow-up, that request is still unanswered.
+fn never_ran(result: &Value) -> bool {
+    matches!(
+        result.pointer("/error/code").and_then(Value::as_str),
+        Some("batch_expired" | "batch_cancelled")
+    )
+}
+
+fn custom_id_of(line: &[u8]) -> Option<String> {
+    serde_json::from_slice::<IdOnly>(line).ok()?.custom_id
+}
+
+fn transition_error(key: &str, e: crate::jobs::InvalidTransition) -> IntakeError {
+    StorageError::Failed {
+        op: "job transition",
+        target: key.to_string(),
+        message: e.to_string(),
+    }
+    .into()
 }
 
 #[derive(Deserialize)]

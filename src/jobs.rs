@@ -93,6 +93,14 @@ pub struct InputFacts {
     pub model: String,
 }
 
+/// One batch of a job that has had follow-ups.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RoundRecord {
+    pub batch_id: String,
+    pub status: String,
+    pub request_counts: RequestCounts,
+}
+
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct HistoryEntry {
     pub at: i64,
@@ -131,6 +139,15 @@ pub struct JobRecord {
     pub next_attempt_at: Option<i64>,
     #[serde(default)]
     pub last_error: Option<String>,
+    /// 0 for the first batch; n for the n-th follow-up batch of requests left unanswered.
+    #[serde(default)]
+    pub round: u32,
+    /// The batches of earlier rounds, for the summary.
+    #[serde(default)]
+    pub rounds: Vec<RoundRecord>,
+    /// The staged input of the current follow-up round (a blob in the state container).
+    #[serde(default)]
+    pub followup_url: Option<String>,
     /// Which harvest steps are done, so an interrupted harvest resumes where it stopped.
     #[serde(default)]
     pub harvest: Option<crate::harvest::HarvestProgress>,
@@ -167,6 +184,9 @@ impl JobRecord {
             quota_attempts: 0,
             next_attempt_at: None,
             last_error: None,
+            round: 0,
+            rounds: Vec::new(),
+            followup_url: None,
             harvest: None,
             created_at: t,
             updated_at: t,
@@ -287,6 +307,42 @@ impl JobRecord {
         } else if changed {
             self.note(format!("batch status {}", batch.status));
         }
+        Ok(())
+    }
+
+    /// The blob the current round's batch reads: the input, or a follow-up's staged lines.
+    pub fn batch_input_url(&self) -> &str {
+        self.followup_url.as_deref().unwrap_or(&self.input.url)
+    }
+
+    /// The batch ended with requests unanswered: a follow-up batch takes them, under a fresh
+    /// claim, reading `staged_url`.
+    pub fn follow_up(
+        &mut self,
+        staged_url: String,
+        lines: u64,
+        owner: &str,
+        lease_secs: u64,
+    ) -> Result<(), InvalidTransition> {
+        self.expect("start a follow-up", &[JobState::Harvesting])?;
+        self.rounds.push(RoundRecord {
+            batch_id: self.batch_id.clone().unwrap_or_default(),
+            status: self.batch_status.clone().unwrap_or_default(),
+            request_counts: self.request_counts.clone().unwrap_or_default(),
+        });
+        self.round += 1;
+        self.state = JobState::Submitting;
+        self.batch_id = None;
+        self.batch_status = None;
+        self.request_counts = None;
+        self.followup_url = Some(staged_url);
+        self.harvest = None;
+        self.owner = Some(owner.to_string());
+        self.lease_until = Some(now() + lease_secs as i64);
+        self.note(format!(
+            "follow-up round {}: resubmitting {lines} unanswered request(s)",
+            self.round
+        ));
         Ok(())
     }
 

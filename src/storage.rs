@@ -275,6 +275,9 @@ fn pct(s: &str) -> String {
     out
 }
 
+/// The query parameters an account SAS consists of.
+const SAS_PARAMS: [&str; 8] = ["sv", "ss", "srt", "sp", "st", "se", "spr", "sig"];
+
 /// Adds a freshly signed account SAS to every request, so no long-lived SAS sits in a URL.
 #[derive(Debug)]
 struct AccountSasPolicy {
@@ -294,10 +297,19 @@ impl Policy for AccountSasPolicy {
             .account_sas(StdDuration::from_secs(3600))
             .map_err(|e| azure_core::Error::with_message(ErrorKind::Credential, e.to_string()))?;
         let url = request.url_mut();
-        let query = match url.query() {
-            Some(q) if !q.is_empty() => format!("{q}&{sas}"),
-            _ => sas,
-        };
+        // A retry sends the same request again: replace the SAS of the last try, do not stack.
+        // Raw pairs, so the SDK's own percent-encoding of the other parameters stays as it was.
+        let mut query: String = url
+            .query()
+            .unwrap_or_default()
+            .split('&')
+            .filter(|pair| {
+                let key = pair.split('=').next().unwrap_or_default();
+                !pair.is_empty() && !SAS_PARAMS.contains(&key)
+            })
+            .flat_map(|pair| [pair, "&"])
+            .collect();
+        query.push_str(&sas);
         url.set_query(Some(&query));
         next[0].send(ctx, request, &next[1..]).await
     }
@@ -864,6 +876,46 @@ mod tests {
             .find("Eby8")
             .is_none()
         );
+    }
+
+    /// Stands for the rest of the pipeline: records the URL each try would send.
+    #[derive(Debug, Default)]
+    struct Capture(std::sync::Mutex<Vec<String>>);
+
+    #[async_trait]
+    impl Policy for Capture {
+        async fn send(
+            &self,
+            _: &Context,
+            request: &mut Request,
+            _: &[Arc<dyn Policy>],
+        ) -> PolicyResult {
+            self.0.lock().unwrap().push(request.url().to_string());
+            Err(azure_core::Error::with_message(ErrorKind::Io, "not sent"))
+        }
+    }
+
+    #[tokio::test]
+    async fn a_retried_request_carries_one_fresh_sas() {
+        let conn = ConnectionString::parse("UseDevelopmentStorage=true").unwrap();
+        let policy = AccountSasPolicy { conn };
+        let capture = Arc::new(Capture::default());
+        let next: Vec<Arc<dyn Policy>> = vec![capture.clone()];
+        let url = Url::parse(
+            "http://127.0.0.1:10000/devstoreaccount1/c?restype=container&comp=list&prefix=a%20b%2F",
+        )
+        .unwrap();
+        let mut request = Request::new(url, azure_core::http::Method::Get);
+        for _ in 0..3 {
+            let _ = policy.send(&Context::default(), &mut request, &next).await;
+        }
+        for sent in capture.0.lock().unwrap().iter() {
+            assert_eq!(sent.matches("sig=").count(), 1, "{sent}");
+            assert!(
+                sent.contains("restype=container&comp=list&prefix=a%20b%2F&sv="),
+                "{sent}"
+            );
+        }
     }
 
     #[test]

@@ -159,7 +159,7 @@ impl App {
         if let Some(started) = rec.create_started_at
             && let Some(batch) = self
                 .openai
-                .find_by_input_blob(&rec.input.url, started - CLOCK_SKEW_SECS)
+                .find_by_input_blob(rec.batch_input_url(), started - CLOCK_SKEW_SECS)
                 .await?
         {
             rec.submitted(&batch, true).expect("submitting");
@@ -211,7 +211,7 @@ impl App {
         let facts = rec.facts.clone().expect("validated above");
         let request = CreateBatch {
             endpoint: facts.endpoint.clone(),
-            input_blob: rec.input.url.clone(),
+            input_blob: rec.batch_input_url().to_string(),
             output_folder_url: self.store.container_url(&self.config.output_container),
         };
         match self.openai.create(&request).await {
@@ -225,8 +225,12 @@ impl App {
                         batch.id
                     ));
                 }
+                let round = match rec.round {
+                    0 => String::new(),
+                    n => format!(", follow-up round {n}"),
+                };
                 j.info(format!(
-                    "job={key} batch={}: created for blob={}/{} ({} requests, model {})",
+                    "job={key} batch={}: created for blob={}/{} ({} requests, model {}{round})",
                     batch.id, rec.input.container, rec.input.name, facts.lines, facts.model
                 ));
                 Ok(Intake::Submitted {

@@ -8,7 +8,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::{
     harvest::Usage,
-    jobs::{HistoryEntry, JobRecord, Outcome},
+    jobs::{HistoryEntry, JobRecord, Outcome, RoundRecord},
     openai::{Batch, BatchError, RequestCounts},
     storage::{BlobStore, StorageError, WriteCondition},
     validate::Problem,
@@ -41,6 +41,9 @@ pub struct Summary {
     pub lines_without_result: u64,
     #[serde(default)]
     pub notes: Vec<String>,
+    /// Earlier batches of this job, when requests were resubmitted in follow-up batches.
+    #[serde(default)]
+    pub rounds: Vec<RoundRecord>,
     pub history: Vec<HistoryEntry>,
     pub written_at: i64,
 }
@@ -95,6 +98,7 @@ impl Summary {
             files: Files::default(),
             lines_without_result: 0,
             notes: Vec::new(),
+            rounds: rec.rounds.clone(),
             history: rec.history.clone(),
             written_at: crate::jobs::now(),
         }

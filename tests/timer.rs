@@ -17,9 +17,19 @@ struct Stack {
 }
 
 fn stack(emulator_args: &[&str]) -> Stack {
+    stack_env(emulator_args, &[])
+}
+
+fn stack_env(emulator_args: &[&str], handler_env: &[(&str, &str)]) -> Stack {
     let azurite = Azurite::start();
     let emulator = Emulator::start(&azurite, emulator_args);
-    let handler = Handler::start(Handler::env(&azurite, &emulator));
+    let mut env = Handler::env(&azurite, &emulator);
+    env.extend(
+        handler_env
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string())),
+    );
+    let handler = Handler::start(env);
     Stack {
         azurite,
         emulator,
@@ -249,14 +259,17 @@ async fn a_cancelled_batch_keeps_its_partial_results() {
 
 #[tokio::test]
 async fn an_expired_batch_keeps_its_partial_results() {
-    let s = stack(&[
-        "--step-ms",
-        "300",
-        "--lines-per-step",
-        "2",
-        "--expire-after-ms",
-        "1500",
-    ]);
+    let s = stack_env(
+        &[
+            "--step-ms",
+            "300",
+            "--lines-per-step",
+            "2",
+            "--expire-after-ms",
+            "1500",
+        ],
+        &[("BATCH_RESUBMIT_EXPIRED", "false")],
+    );
     s.submit("slow.jsonl", &lines(30, "e")).await;
     let summary = s.harvest("slow", Duration::from_secs(30)).await;
     assert_eq!(summary["status"], "expired", "{summary}");
@@ -266,6 +279,90 @@ async fn an_expired_batch_keeps_its_partial_results() {
     assert!(
         answered > 0 && answered < 30,
         "partial results kept: {answered}"
+    );
+    assert_eq!(
+        summary["request_counts"]["completed"].as_u64().unwrap() as usize,
+        answered
+    );
+    assert_eq!(
+        summary["lines_without_result"].as_u64().unwrap() as usize,
+        30 - answered
+    );
+    assert_eq!(
+        s.emulator.batches().await.len(),
+        1,
+        "no follow-up when switched off"
+    );
+}
+
+#[tokio::test]
+async fn requests_an_expired_batch_left_are_resubmitted_and_folded_in() {
+    // Each batch expires after about five steps of five lines: 30 lines need a follow-up.
+    let s = stack(&[
+        "--step-ms",
+        "300",
+        "--lines-per-step",
+        "5",
+        "--expire-after-ms",
+        "1600",
+    ]);
+    s.submit("followup.jsonl", &lines(30, "u")).await;
+    let summary = s.harvest("followup", Duration::from_secs(60)).await;
+    let batches = s.emulator.batches().await;
+    assert!(
+        batches.len() >= 2,
+        "a follow-up batch was created: {batches:?}"
+    );
+    assert_eq!(
+        summary["rounds"].as_array().unwrap().len(),
+        batches.len() - 1,
+        "{summary}"
+    );
+    let merged = s.merged("followup").await;
+    assert_eq!(merged.len(), 30);
+    for (i, m) in merged.iter().enumerate() {
+        assert_eq!(m["custom_id"], format!("u-{i}"), "input order");
+    }
+    let answered = merged.iter().filter(|m| m["status_code"] == 200).count();
+    let without = summary["lines_without_result"].as_u64().unwrap() as usize;
+    assert_eq!(answered + without, 30, "{summary}");
+    assert!(
+        answered > 20,
+        "the follow-up answered what the first batch left: {answered}"
+    );
+    if summary["status"] == "completed" {
+        assert_eq!(answered, 30);
+    }
+    // results.jsonl holds each answered request once, across rounds.
+    let results = read_text(&s.azurite.store(), "batch-output", "followup/results.jsonl")
+        .await
+        .unwrap();
+    let mut ids: Vec<String> = results
+        .lines()
+        .map(|l| {
+            serde_json::from_str::<Value>(l).unwrap()["custom_id"]
+                .as_str()
+                .unwrap()
+                .to_string()
+        })
+        .collect();
+    ids.sort();
+    ids.dedup();
+    assert_eq!(ids.len(), results.lines().count(), "no duplicates");
+    assert_eq!(ids.len(), answered);
+    // The staged follow-up inputs are gone, and nothing else is left in the output container.
+    let staged: Vec<_> = s
+        .azurite
+        .store()
+        .list("batch-jobs", "staging/")
+        .try_collect()
+        .await
+        .unwrap();
+    assert!(staged.is_empty(), "{staged:?}");
+    let names = s.output_names().await;
+    assert!(
+        names.iter().all(|n| n.starts_with("followup/")),
+        "{names:?}"
     );
 }
 
