@@ -29,9 +29,10 @@ use azure_storage_blob::{
     models::{
         BlobClientDeleteOptions, BlobClientDownloadOptions, BlobClientGetPropertiesResultHeaders,
         BlobContainerClientListBlobsOptions, BlockBlobClientCommitBlockListOptions,
-        BlockBlobClientUploadOptions, BlockLookupList, CopyStatus,
+        BlockBlobClientUploadOptions, BlockLookupList, CopyStatus, KeyInfo,
     },
 };
+use azure_storage_common::models::UserDelegationKey;
 use bytes::Bytes;
 use futures::{Stream, StreamExt, TryStreamExt};
 
@@ -350,6 +351,14 @@ pub struct BlobStore {
     account_url: Url,
     /// Only with a connection string: copy sources need their own SAS to be readable.
     conn: Option<ConnectionString>,
+    /// With Entra ID: the account name and a cached user delegation key, which signs the
+    /// short-lived read SAS a copy source needs.
+    delegation: Option<Delegation>,
+}
+
+struct Delegation {
+    account: String,
+    key: tokio::sync::Mutex<Option<UserDelegationKey>>,
 }
 
 impl std::fmt::Debug for BlobStore {
@@ -378,6 +387,7 @@ impl BlobStore {
             service,
             account_url: conn.blob_endpoint.clone(),
             conn: Some(conn),
+            delegation: None,
         })
     }
 
@@ -401,10 +411,23 @@ impl BlobStore {
             Url::parse(&trimmed).map_err(|e| StorageError::Config(format!("account URL: {e}")))?;
         let service = BlobServiceClient::new(account_url.clone(), Some(credential), Some(options))
             .map_err(|e| StorageError::Config(format!("account URL: {e}")))?;
+        // `https://{account}.blob.core.windows.net`; Azurite-style URLs put it in the path.
+        let account = match account_url.path().trim_matches('/') {
+            "" => account_url
+                .host_str()
+                .and_then(|h| h.split('.').next())
+                .unwrap_or_default()
+                .to_string(),
+            path => path.split('/').next().unwrap_or_default().to_string(),
+        };
         Ok(Self {
             service,
             account_url,
             conn: None,
+            delegation: Some(Delegation {
+                account,
+                key: tokio::sync::Mutex::new(None),
+            }),
         })
     }
 
@@ -670,9 +693,16 @@ impl BlobStore {
     ) -> Result<()> {
         let mut source = Url::parse(&self.blob_url(src_container, src_name))
             .map_err(|e| StorageError::Config(format!("copy source URL: {e}")))?;
+        // The copy source is read by the service on our behalf, so it must carry its own
+        // authorization: Copy Blob takes the source "authorized via a shared access signature"
+        // (https://learn.microsoft.com/rest/api/storageservices/copy-blob, x-ms-copy-source).
         if let Some(conn) = &self.conn {
-            // With a key, the destination request's SAS does not authorize reading the source.
             source.set_query(Some(&conn.account_sas(StdDuration::from_secs(3600))?));
+        } else if let Some(delegation) = &self.delegation {
+            let sas = self
+                .user_delegation_sas(delegation, src_container, src_name)
+                .await?;
+            source.set_query(Some(&sas));
         }
         let dst = self.service.blob_client(dst_container, dst_name);
         let res = dst
@@ -709,6 +739,56 @@ impl BlobStore {
                 message: format!("copy ended as {other:?}"),
             }),
         }
+    }
+}
+
+impl BlobStore {
+    /// A read-only SAS for one blob, valid 30 minutes, signed with a user delegation key
+    /// (Entra ID; no account key exists in production). The key is fetched once and reused
+    /// until it has less than an hour left; the identity needs
+    /// `generateUserDelegationKey`, which Storage Blob Data Contributor/Owner include.
+    async fn user_delegation_sas(
+        &self,
+        delegation: &Delegation,
+        container: &str,
+        name: &str,
+    ) -> Result<String> {
+        let now = OffsetDateTime::now_utc();
+        let mut cached = delegation.key.lock().await;
+        let fresh = cached
+            .as_ref()
+            .and_then(|k| k.signed_expiry)
+            .is_some_and(|exp| exp > now + Duration::hours(1));
+        if !fresh {
+            let info = KeyInfo {
+                start: Some(now - Duration::minutes(5)),
+                expiry: Some(now + Duration::hours(6)),
+                ..Default::default()
+            };
+            let content = info
+                .try_into()
+                .map_err(|e: azure_core::Error| StorageError::Config(e.to_string()))?;
+            let key = self
+                .service
+                .get_user_delegation_key(content, None)
+                .await
+                .map_err(|e| StorageError::from_sdk("get user delegation key", "", "", e))?
+                .into_model()
+                .map_err(|e| StorageError::from_sdk("get user delegation key", "", "", e))?;
+            *cached = Some(key);
+        }
+        let key = cached.as_ref().expect("set above");
+        let sas = azure_storage_sas::SasBuilder::new(
+            delegation.account.clone(),
+            key,
+            now + Duration::minutes(30),
+        )
+        .map_err(|e| StorageError::Config(format!("user delegation key: {e}")))?
+        .start(now - Duration::minutes(5))
+        .blob(container, name)
+        .read()
+        .build();
+        Ok(sas)
     }
 }
 

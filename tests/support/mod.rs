@@ -152,6 +152,66 @@ impl Azurite {
         }
     }
 
+    /// Azurite over HTTPS with OAuth (`--oauth basic`): the production code path, bearer
+    /// tokens, works against it. The self-signed certificate goes into `dir`; the caller
+    /// trusts it (SSL_CERT_FILE) before any TLS client is built.
+    pub fn start_https_oauth(dir: &std::path::Path) -> (Azurite, PathBuf) {
+        let cert = dir.join("cert.pem");
+        let key = dir.join("key.pem");
+        let status = Command::new("openssl")
+            .args([
+                "req",
+                "-x509",
+                "-newkey",
+                "rsa:2048",
+                "-nodes",
+                "-days",
+                "2",
+                "-subj",
+                "/CN=127.0.0.1",
+            ])
+            .args(["-addext", "subjectAltName=IP:127.0.0.1,DNS:localhost"])
+            .args(["-addext", "basicConstraints=critical,CA:FALSE"])
+            .arg("-keyout")
+            .arg(&key)
+            .arg("-out")
+            .arg(&cert)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status()
+            .expect("openssl makes the test certificate");
+        assert!(status.success(), "openssl failed");
+        let mut cmd = Command::new(root().join("node_modules/.bin/azurite-blob"));
+        cmd.args([
+            "--blobHost",
+            "127.0.0.1",
+            "--blobPort",
+            "0",
+            "--inMemoryPersistence",
+        ])
+        .args([
+            "--disableTelemetry",
+            "--skipApiVersionCheck",
+            "--loose",
+            "--oauth",
+            "basic",
+        ])
+        .arg("--cert")
+        .arg(&cert)
+        .arg("--key")
+        .arg(&key)
+        // Azurite checks a copy source's SAS by calling itself over HTTPS.
+        .env("NODE_EXTRA_CA_CERTS", &cert);
+        let (proc, line) = Proc::spawn(cmd, "successfully listens on", "Azurite (HTTPS, OAuth)");
+        (
+            Azurite {
+                port: port_from(&line),
+                proc,
+            },
+            cert,
+        )
+    }
+
     pub fn connection_string(&self) -> String {
         format!(
             "DefaultEndpointsProtocol=http;AccountName=devstoreaccount1;AccountKey={ACCOUNT_KEY};BlobEndpoint=http://127.0.0.1:{}/devstoreaccount1;",
