@@ -12,6 +12,21 @@ use crate::{
     storage::{BlobStore, RetryPolicy},
 };
 
+/// Every step after which `BATCH_TEST_FAULT` can kill the process, in the order they run.
+pub const FAULT_POINTS: &[&str] = &[
+    "submit:after-claim",
+    "submit:after-validate",
+    "submit:before-create",
+    "submit:after-create",
+    "submit:after-record",
+    "harvest:after-clear",
+    "harvest:after-copy",
+    "harvest:after-results",
+    "harvest:after-errors",
+    "harvest:after-merged",
+    "harvest:after-summary",
+];
+
 /// Everything an invocation needs, shared by all of them.
 pub struct App {
     pub config: Config,
@@ -102,6 +117,7 @@ impl App {
     /// Aborts the process at a named step when the test-only `BATCH_TEST_FAULT` names it:
     /// the crash-recovery tests kill the handler exactly between two writes.
     pub fn fault_point(&self, step: &str) {
+        debug_assert!(FAULT_POINTS.contains(&step), "unlisted fault point {step}");
         if self.config.test_fault.as_deref() == Some(step) {
             tracing::error!(step, "test fault point reached: aborting");
             std::process::abort();

@@ -116,6 +116,7 @@ impl App {
             }
             progress.cleared = true;
             etag = self.save_progress(&mut rec, &etag, &progress).await?;
+            self.fault_point("harvest:after-clear");
         }
         if rec.round == 0 {
             // The first batch's files are moved as they are, server-side.
@@ -124,12 +125,14 @@ impl App {
                     .await?;
                 progress.results_moved = true;
                 etag = self.save_progress(&mut rec, &etag, &progress).await?;
+                self.fault_point("harvest:after-results");
             }
             if !progress.errors_moved {
                 self.move_output(batch.error_blob.as_deref(), &path, ERRORS, j, &key)
                     .await?;
                 progress.errors_moved = true;
                 etag = self.save_progress(&mut rec, &etag, &progress).await?;
+                self.fault_point("harvest:after-errors");
             }
         } else {
             // A follow-up's lines are folded into the files already in place.
@@ -159,6 +162,7 @@ impl App {
         let staged =
             follow_up.then(|| format!("staging/{}/followup-{}.jsonl", rec.key, rec.round + 1));
         let merged = self.write_merged(&rec, &path, staged.as_deref()).await?;
+        self.fault_point("harvest:after-merged");
 
         if let Some(staged) = staged.filter(|_| merged.followup_lines > 0) {
             let url = self.store.blob_url(self.jobs.container(), &staged);
@@ -215,7 +219,7 @@ impl App {
             .map_err(|e| transition_error(&key, e))?;
         summary.history = rec.history.clone();
         summary::write(&self.store, &out, &path, &summary).await?;
-        self.fault_point("before-finish");
+        self.fault_point("harvest:after-summary");
         // Staged follow-up inputs served their purpose; the job's record says what they were.
         for round in 1..=rec.round {
             let staged = format!("staging/{}/followup-{round}.jsonl", rec.key);
@@ -279,6 +283,7 @@ impl App {
             self.store
                 .copy(&container, &name, out, &format!("{path}/{file}"))
                 .await?;
+            self.fault_point("harvest:after-copy");
         }
         self.store.delete(&container, &name, None).await?;
         Ok(())

@@ -104,6 +104,7 @@ impl App {
                         batch_id: done.batch_id,
                     });
                 }
+                self.fault_point("submit:after-claim");
                 j.info(format!(
                     "job={key}: claimed; validating blob={}/{name} ({} bytes)",
                     fresh.input.container, fresh.input.size
@@ -202,12 +203,13 @@ impl App {
             .expect("submitting");
         }
 
+        self.fault_point("submit:after-validate");
         rec.begin_create().expect("submitting");
         etag = match self.jobs.update(&rec, &etag).await? {
             Some(e) => e,
             None => return Ok(Intake::InProgressElsewhere),
         };
-        self.fault_point("before-create");
+        self.fault_point("submit:before-create");
         let facts = rec.facts.clone().expect("validated above");
         let request = CreateBatch {
             endpoint: facts.endpoint.clone(),
@@ -216,9 +218,11 @@ impl App {
         };
         match self.openai.create(&request).await {
             Ok(batch) => {
-                self.fault_point("after-create");
+                self.fault_point("submit:after-create");
                 rec.submitted(&batch, false).expect("submitting");
-                if self.jobs.update(&rec, &etag).await?.is_none() {
+                let recorded = self.jobs.update(&rec, &etag).await?;
+                self.fault_point("submit:after-record");
+                if recorded.is_none() {
                     // Someone took the claim over meanwhile; it will adopt this batch.
                     j.warn(format!(
                         "job={key} batch={}: claim lost after create; the new holder adopts it",

@@ -173,7 +173,7 @@ async fn a_crash_between_create_and_record_still_makes_one_batch() {
     let payload = trigger_payload(blob_created_event(&url, &etag, 10));
 
     let mut env = Handler::env(&azurite, &emulator);
-    env.push(("BATCH_TEST_FAULT".into(), "after-create".into()));
+    env.push(("BATCH_TEST_FAULT".into(), "submit:after-create".into()));
     let mut crashing = Handler::start(env);
     // The process dies mid-invocation: the host sees no answer and Event Grid redelivers.
     let _ = reqwest::Client::new()
