@@ -12,7 +12,7 @@ use std::{
 };
 
 use bytes::Bytes;
-use futures::StreamExt;
+use futures::{Stream, StreamExt};
 use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
 
@@ -318,84 +318,44 @@ impl App {
         let target = format!("{path}/{file}");
         let mut drop: HashSet<String> = HashSet::new();
         for (c, n) in answered_in.into_iter().chain(source) {
-            self.for_each_line(c, n, |line| {
-                if let Some(id) = custom_id_of(line) {
-                    drop.insert(id);
+            if let Some(mut lines) = self.open_lines(c, n, None).await? {
+                while let Some(line) = lines.next().await? {
+                    drop.extend(custom_id_of(&line));
                 }
-            })
-            .await?;
+            }
         }
         if source.is_none() && drop.is_empty() {
             return Ok(());
         }
         let mut writer = self.store.writer(out, &target, "application/jsonl");
         let mut kept: HashSet<String> = HashSet::new();
-        let mut pending: Vec<Vec<u8>> = Vec::new();
         // The old file: kept unless a newer line replaces it (errors) or repeats it (results).
-        let mut old = self
-            .store
-            .download(out, &target, None)
-            .await
-            .map(Some)
-            .or_else(|e| match e {
-                StorageError::NotFound { .. } => Ok(None),
-                e => Err(e),
-            })?;
-        if let Some((_, body)) = old.as_mut() {
-            let mut lines = LineSplitter::default();
-            loop {
-                let (batch, done) = match body.next().await {
-                    Some(chunk) => (lines.push(&chunk?), false),
-                    None => (lines.finish().into_iter().collect(), true),
-                };
-                for line in batch {
-                    let id = custom_id_of(&line);
-                    let replaced = id.as_ref().is_some_and(|i| drop.contains(i));
-                    if file == RESULTS || !replaced {
-                        if let Some(i) = id {
-                            kept.insert(i);
-                        }
-                        pending.push(line);
-                    }
-                }
-                for mut line in pending.drain(..) {
+        if let Some(mut lines) = self.open_lines(out, &target, None).await? {
+            while let Some(mut line) = lines.next().await? {
+                let id = custom_id_of(&line);
+                let replaced = id.as_ref().is_some_and(|i| drop.contains(i));
+                if file == RESULTS || !replaced {
+                    kept.extend(id);
                     line.push(b'\n');
                     writer.write(&line).await?;
-                }
-                if done {
-                    break;
                 }
             }
         }
+        // The service names errors.jsonl even when it wrote none: a missing source is empty.
         let source = match source {
-            Some((c, n)) => match self.store.download(c, n, None).await {
-                Ok((_, body)) => Some(body),
-                // The service names errors.jsonl even when it wrote none.
-                Err(StorageError::NotFound { .. }) => None,
-                Err(e) => return Err(e.into()),
-            },
+            Some((c, n)) => self.open_lines(c, n, None).await?,
             None => None,
         };
-        if let Some(mut body) = source {
-            let mut lines = LineSplitter::default();
-            loop {
-                let (batch, done) = match body.next().await {
-                    Some(chunk) => (lines.push(&chunk?), false),
-                    None => (lines.finish().into_iter().collect(), true),
-                };
-                for mut line in batch {
-                    let id = custom_id_of(&line);
-                    if line.iter().all(u8::is_ascii_whitespace)
-                        || id.as_ref().is_some_and(|i| kept.contains(i))
-                    {
-                        continue;
-                    }
-                    line.push(b'\n');
-                    writer.write(&line).await?;
+        if let Some(mut lines) = source {
+            while let Some(mut line) = lines.next().await? {
+                let id = custom_id_of(&line);
+                if line.iter().all(u8::is_ascii_whitespace)
+                    || id.as_ref().is_some_and(|i| kept.contains(i))
+                {
+                    continue;
                 }
-                if done {
-                    break;
-                }
+                line.push(b'\n');
+                writer.write(&line).await?;
             }
         }
         if writer.bytes_written() > 0 {
@@ -406,27 +366,21 @@ impl App {
         Ok(())
     }
 
-    async fn for_each_line(
+    /// The lines of a blob, streamed; `None` when it does not exist.
+    async fn open_lines(
         &self,
         container: &str,
         name: &str,
-        mut f: impl FnMut(&[u8]),
-    ) -> Result<(), IntakeError> {
-        let (_, mut body) = match self.store.download(container, name, None).await {
-            Ok(x) => x,
-            Err(StorageError::NotFound { .. }) => return Ok(()),
-            Err(e) => return Err(e.into()),
-        };
-        let mut lines = LineSplitter::default();
-        while let Some(chunk) = body.next().await {
-            for line in lines.push(&chunk?) {
-                f(&line);
-            }
+        if_match: Option<&str>,
+    ) -> Result<
+        Option<Lines<impl Stream<Item = Result<Bytes, StorageError>> + Unpin + use<>>>,
+        StorageError,
+    > {
+        match self.store.download(container, name, if_match).await {
+            Ok((_, body)) => Ok(Some(Lines::new(body))),
+            Err(StorageError::NotFound { .. }) => Ok(None),
+            Err(e) => Err(e),
         }
-        if let Some(line) = lines.finish() {
-            f(&line);
-        }
-        Ok(())
     }
 
     /// Builds `merged.jsonl`: one line per input line, in input order.
@@ -454,28 +408,14 @@ impl App {
             (ERRORS, &mut stats.error_lines),
             (RESULTS, &mut stats.results_lines),
         ] {
-            let name = format!("{path}/{file}");
-            let (_, mut body) = match self.store.download(out, &name, None).await {
-                Ok(x) => x,
-                Err(StorageError::NotFound { .. }) => continue,
-                Err(e) => return Err(e.into()),
+            let Some(mut lines) = self
+                .open_lines(out, &format!("{path}/{file}"), None)
+                .await?
+            else {
+                continue;
             };
             let mut count = 0u64;
-            let mut lines = LineSplitter::default();
-            while let Some(chunk) = body.next().await {
-                let chunk = chunk?;
-                for line in lines.push(&chunk) {
-                    spool_line(
-                        &line,
-                        &mut spool,
-                        &mut index,
-                        &mut stats.usage,
-                        file == RESULTS,
-                    )?;
-                    count += 1;
-                }
-            }
-            if let Some(line) = lines.finish() {
+            while let Some(line) = lines.next().await? {
                 spool_line(
                     &line,
                     &mut spool,
@@ -489,15 +429,13 @@ impl App {
         }
         spool.flush().map_err(io_error)?;
 
+        // The input as it was submitted; gone or replaced since, no merged file can be built.
         let mut input = match self
-            .store
-            .download(&rec.input.container, &rec.input.name, Some(&rec.input.etag))
+            .open_lines(&rec.input.container, &rec.input.name, Some(&rec.input.etag))
             .await
         {
-            Ok((_, body)) => body,
-            Err(StorageError::NotFound { .. }) | Err(StorageError::ConditionNotMet { .. }) => {
-                return Ok(stats);
-            }
+            Ok(Some(lines)) => lines,
+            Ok(None) | Err(StorageError::ConditionNotMet { .. }) => return Ok(stats),
             Err(e) => return Err(e.into()),
         };
         let mut writer = self
@@ -507,57 +445,47 @@ impl App {
             self.store
                 .writer(self.jobs.container(), name, "application/jsonl")
         });
-        let mut lines = LineSplitter::default();
         let mut line_no = 0u64;
         let mut merged = 0u64;
         let mut buf = Vec::new();
-        loop {
-            let (batch, done) = match input.next().await {
-                Some(chunk) => (lines.push(&chunk?), false),
-                None => (lines.finish().into_iter().collect(), true),
+        while let Some(line) = input.next().await? {
+            line_no += 1;
+            if line.iter().all(u8::is_ascii_whitespace) {
+                continue;
+            }
+            let custom_id = serde_json::from_slice::<IdOnly>(&line)
+                .ok()
+                .and_then(|l| l.custom_id)
+                .unwrap_or_default();
+            let result = match index.get(&custom_id) {
+                Some(&(offset, len)) => {
+                    buf.resize(len as usize, 0);
+                    spool.read_exact_at(&mut buf, offset).map_err(io_error)?;
+                    serde_json::from_slice::<Value>(&buf).ok()
+                }
+                None => None,
             };
-            for line in batch {
-                line_no += 1;
-                if line.iter().all(u8::is_ascii_whitespace) {
-                    continue;
+            let unanswered = result.as_ref().is_none_or(never_ran);
+            if unanswered {
+                stats.without_result += 1;
+                if let Some(f) = followup.as_mut() {
+                    f.write(&line).await?;
+                    f.write(b"\n").await?;
+                    stats.followup_lines += 1;
                 }
-                let custom_id = serde_json::from_slice::<IdOnly>(&line)
-                    .ok()
-                    .and_then(|l| l.custom_id)
-                    .unwrap_or_default();
-                let result = match index.get(&custom_id) {
-                    Some(&(offset, len)) => {
-                        buf.resize(len as usize, 0);
-                        spool.read_exact_at(&mut buf, offset).map_err(io_error)?;
-                        serde_json::from_slice::<Value>(&buf).ok()
-                    }
-                    None => None,
-                };
-                let unanswered = result.as_ref().is_none_or(never_ran);
-                if unanswered {
-                    stats.without_result += 1;
-                    if let Some(f) = followup.as_mut() {
-                        f.write(&line).await?;
-                        f.write(b"\n").await?;
-                        stats.followup_lines += 1;
-                    }
-                } else if result
-                    .as_ref()
-                    .and_then(|r| r.pointer("/response/status_code"))
-                    .and_then(Value::as_u64)
-                    .is_some_and(|s| (200..300).contains(&s))
-                {
-                    stats.answered += 1;
-                }
-                let mut text = serde_json::to_vec(&merged_line(line_no, &custom_id, result))
-                    .expect("values serialize");
-                text.push(b'\n');
-                writer.write(&text).await?;
-                merged += 1;
+            } else if result
+                .as_ref()
+                .and_then(|r| r.pointer("/response/status_code"))
+                .and_then(Value::as_u64)
+                .is_some_and(|s| (200..300).contains(&s))
+            {
+                stats.answered += 1;
             }
-            if done {
-                break;
-            }
+            let mut text = serde_json::to_vec(&merged_line(line_no, &custom_id, result))
+                .expect("values serialize");
+            text.push(b'\n');
+            writer.write(&text).await?;
+            merged += 1;
         }
         writer.finish().await?;
         if let Some(f) = followup.filter(|f| f.bytes_written() > 0) {
@@ -708,6 +636,43 @@ impl LineSplitter {
     fn finish(&mut self) -> Option<Vec<u8>> {
         let line = std::mem::take(&mut self.partial);
         (!line.is_empty()).then_some(line)
+    }
+}
+
+/// The lines of a streamed blob, one at a time; memory holds one chunk's worth.
+struct Lines<S> {
+    body: S,
+    splitter: LineSplitter,
+    ready: std::collections::VecDeque<Vec<u8>>,
+    done: bool,
+}
+
+impl<S: Stream<Item = Result<Bytes, StorageError>> + Unpin> Lines<S> {
+    fn new(body: S) -> Self {
+        Lines {
+            body,
+            splitter: LineSplitter::default(),
+            ready: Default::default(),
+            done: false,
+        }
+    }
+
+    async fn next(&mut self) -> Result<Option<Vec<u8>>, StorageError> {
+        loop {
+            if let Some(line) = self.ready.pop_front() {
+                return Ok(Some(line));
+            }
+            if self.done {
+                return Ok(None);
+            }
+            match self.body.next().await {
+                Some(chunk) => self.ready.extend(self.splitter.push(&chunk?)),
+                None => {
+                    self.done = true;
+                    self.ready.extend(self.splitter.finish());
+                }
+            }
+        }
     }
 }
 

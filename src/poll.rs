@@ -174,26 +174,9 @@ impl App {
                     "job={key} batch={batch_id}: the service no longer knows this batch; \
                      finishing the job as failed"
                 ));
-                rec.finish(
-                    crate::jobs::Outcome::Failed,
-                    "batch not found at the service",
-                )
-                .expect("running");
-                let mut summary =
-                    crate::summary::Summary::for_job(&rec, crate::jobs::Outcome::Failed);
-                summary.errors.push(crate::openai::BatchError {
-                    code: Some("batch_not_found".into()),
-                    message: Some(format!("batch {batch_id} is unknown to the service")),
-                    ..Default::default()
-                });
-                crate::summary::write(
-                    &self.store,
-                    &self.config.output_container,
-                    rec.input.output_path(),
-                    &summary,
-                )
-                .await?;
-                self.jobs.finish(&rec, &etag).await?;
+                let message = format!("batch {batch_id} is unknown to the service");
+                self.fail_job(rec, &etag, "batch_not_found", message)
+                    .await?;
                 return Ok(true);
             }
             Err(e) => return Err(e.into()),

@@ -245,30 +245,15 @@ impl App {
             Err(OpenAiError::TokenLimitExceeded { message }) => {
                 self.queue_for_quota(rec, &etag, &message, j).await
             }
-            Err(e @ OpenAiError::Rejected { .. }) => {
-                let (code, message) = match &e {
-                    OpenAiError::Rejected { code, message, .. } => (code.clone(), message.clone()),
-                    _ => unreachable!(),
-                };
-                j.error(format!("job={key}: the service refused the batch: {e}"));
-                let mut summary = Summary::for_job(&rec, Outcome::Failed);
-                summary.errors.push(BatchError {
-                    code: Some(code),
-                    message: Some(message),
-                    ..Default::default()
-                });
-                rec.create_started_at = None;
-                rec.finish(Outcome::Failed, &e.to_string())
-                    .expect("submitting");
-                summary.history = rec.history.clone();
-                summary::write(
-                    &self.store,
-                    &self.config.output_container,
-                    rec.input.output_path(),
-                    &summary,
-                )
-                .await?;
-                self.jobs.finish(&rec, &etag).await?;
+            Err(OpenAiError::Rejected {
+                status,
+                code,
+                message,
+            }) => {
+                j.error(format!(
+                    "job={key}: the service refused the batch (HTTP {status}, {code}): {message}"
+                ));
+                self.fail_job(rec, &etag, &code, message).await?;
                 Ok(Intake::Refused)
             }
             Err(e) => Err(self.release(rec, &etag, e.into(), j).await),
@@ -289,28 +274,13 @@ impl App {
                 "job={key}: still over the enqueued-token quota after {} tries; giving up",
                 rec.quota_attempts + 1
             ));
-            let mut summary = Summary::for_job(&rec, Outcome::Failed);
-            summary.errors.push(BatchError {
-                code: Some("token_limit_exceeded".into()),
-                message: Some(format!(
-                    "{message} (gave up after {} tries; raise the deployment's quota or {} and upload again)",
-                    rec.quota_attempts + 1,
-                    crate::config::names::QUEUE_MAX_ATTEMPTS
-                )),
-                ..Default::default()
-            });
-            rec.create_started_at = None;
-            rec.finish(Outcome::Failed, "quota never freed")
-                .expect("active");
-            summary.history = rec.history.clone();
-            summary::write(
-                &self.store,
-                &self.config.output_container,
-                rec.input.output_path(),
-                &summary,
-            )
-            .await?;
-            self.jobs.finish(&rec, etag).await?;
+            let message = format!(
+                "{message} (gave up after {} tries; raise the deployment's quota or {} and upload again)",
+                rec.quota_attempts + 1,
+                crate::config::names::QUEUE_MAX_ATTEMPTS
+            );
+            self.fail_job(rec, etag, "token_limit_exceeded", message)
+                .await?;
             return Ok(Intake::Refused);
         }
         let base = self.config.queue_initial_delay.as_secs().max(1);
@@ -326,6 +296,40 @@ impl App {
             ));
         }
         Ok(Intake::Queued)
+    }
+
+    /// Ends a job as `failed` for a reason of ours (not a batch's own failure): its summary
+    /// carries that one error, then the record is filed under done/.
+    pub(crate) async fn fail_job(
+        &self,
+        mut rec: JobRecord,
+        etag: &str,
+        code: &str,
+        message: String,
+    ) -> Result<(), IntakeError> {
+        let mut summary = Summary::for_job(&rec, Outcome::Failed);
+        summary.errors.push(BatchError {
+            code: Some(code.to_string()),
+            message: Some(message.clone()),
+            ..Default::default()
+        });
+        rec.create_started_at = None;
+        rec.finish(Outcome::Failed, &message)
+            .map_err(|e| StorageError::Failed {
+                op: "finish",
+                target: rec.key.clone(),
+                message: e.to_string(),
+            })?;
+        summary.history = rec.history.clone();
+        summary::write(
+            &self.store,
+            &self.config.output_container,
+            rec.input.output_path(),
+            &summary,
+        )
+        .await?;
+        self.jobs.finish(&rec, etag).await?;
+        Ok(())
     }
 
     /// A transient fault: free the claim so the redelivery can go on at once, and report it.
