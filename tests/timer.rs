@@ -10,31 +10,12 @@ use futures::TryStreamExt;
 use serde_json::Value;
 use support::*;
 
-struct Stack {
-    azurite: Azurite,
-    emulator: Emulator,
-    handler: Handler,
-}
-
 fn stack(emulator_args: &[&str]) -> Stack {
-    stack_env(emulator_args, &[])
+    Stack::start(emulator_args, &[])
 }
 
 fn stack_env(emulator_args: &[&str], handler_env: &[(&str, &str)]) -> Stack {
-    let azurite = Azurite::start();
-    let emulator = Emulator::start(&azurite, emulator_args);
-    let mut env = Handler::env(&azurite, &emulator);
-    env.extend(
-        handler_env
-            .iter()
-            .map(|(k, v)| (k.to_string(), v.to_string())),
-    );
-    let handler = Handler::start(env);
-    Stack {
-        azurite,
-        emulator,
-        handler,
-    }
+    Stack::start(emulator_args, handler_env)
 }
 
 fn lines(n: usize, prefix: &str) -> Vec<u8> {

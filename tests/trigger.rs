@@ -9,27 +9,8 @@ use base64::Engine;
 use serde_json::{Value, json};
 use support::*;
 
-struct Stack {
-    azurite: Azurite,
-    emulator: Emulator,
-    handler: Handler,
-}
-
 fn stack_with(emulator_args: &[&str], extra_env: &[(&str, &str)]) -> Stack {
-    let azurite = Azurite::start();
-    let emulator = Emulator::start(&azurite, emulator_args);
-    let mut env = Handler::env(&azurite, &emulator);
-    env.extend(
-        extra_env
-            .iter()
-            .map(|(k, v)| (k.to_string(), v.to_string())),
-    );
-    let handler = Handler::start(env);
-    Stack {
-        azurite,
-        emulator,
-        handler,
-    }
+    Stack::start(emulator_args, extra_env)
 }
 
 fn stack() -> Stack {

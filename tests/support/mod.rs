@@ -99,6 +99,15 @@ impl Proc {
         let _ = self.child.wait();
     }
 
+    /// Asks the process to stop (SIGTERM) and waits up to `timeout` for it to exit, so a
+    /// service that persists to disk (Azurite with `--location`) can save its state first.
+    pub fn terminate(&mut self, timeout: Duration) -> Option<std::process::ExitStatus> {
+        let _ = Command::new("kill")
+            .args(["-TERM", &self.child.id().to_string()])
+            .status();
+        self.wait_exit(timeout)
+    }
+
     /// Waits for the process to exit by itself (a test fault point aborts it).
     pub fn wait_exit(&mut self, timeout: Duration) -> Option<std::process::ExitStatus> {
         let deadline = Instant::now() + timeout;
@@ -146,6 +155,22 @@ impl Azurite {
             "--loose",
         ]);
         let (proc, line) = Proc::spawn(cmd, "successfully listens on", "Azurite");
+        Azurite {
+            port: port_from(&line),
+            proc,
+        }
+    }
+
+    /// Azurite keeping its data on disk in `dir` (`--location`), on `port` (0: a free one).
+    /// Stopped with `proc.terminate` and started again on the same port and directory, it
+    /// comes back with every blob: a storage outage that loses nothing.
+    pub fn start_persistent(dir: &std::path::Path, port: u16) -> Azurite {
+        let mut cmd = Command::new(root().join("node_modules/.bin/azurite-blob"));
+        cmd.args(["--blobHost", "127.0.0.1", "--blobPort", &port.to_string()])
+            .arg("--location")
+            .arg(dir)
+            .args(["--disableTelemetry", "--skipApiVersionCheck", "--loose"]);
+        let (proc, line) = Proc::spawn(cmd, "successfully listens on", "Azurite (on disk)");
         Azurite {
             port: port_from(&line),
             proc,
@@ -372,6 +397,33 @@ impl Handler {
 
     pub async fn tick(&self) -> (u16, InvocationResponse) {
         self.invoke("function-timer", &timer_payload()).await
+    }
+}
+
+/// Azurite, the emulator (with `emulator_args`) and a handler pointed at both (with
+/// `handler_env` added to the Contract's settings).
+pub struct Stack {
+    pub azurite: Azurite,
+    pub emulator: Emulator,
+    pub handler: Handler,
+}
+
+impl Stack {
+    pub fn start(emulator_args: &[&str], handler_env: &[(&str, &str)]) -> Stack {
+        let azurite = Azurite::start();
+        let emulator = Emulator::start(&azurite, emulator_args);
+        let mut env = Handler::env(&azurite, &emulator);
+        env.extend(
+            handler_env
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string())),
+        );
+        let handler = Handler::start(env);
+        Stack {
+            azurite,
+            emulator,
+            handler,
+        }
     }
 }
 
