@@ -21,7 +21,7 @@ use crate::{
     jobs::{JobRecord, Outcome},
     openai::{Batch, BatchStatus, RequestCounts},
     storage::StorageError,
-    submit::IntakeError,
+    submit::StepError,
     summary::{self, Summary},
 };
 
@@ -83,7 +83,7 @@ impl App {
         rec: JobRecord,
         etag: String,
         j: &Journal,
-    ) -> Result<(), IntakeError> {
+    ) -> Result<(), StepError> {
         self.harvest_batch(rec, etag, None, j).await
     }
 
@@ -93,7 +93,7 @@ impl App {
         mut etag: String,
         batch: Option<Batch>,
         j: &Journal,
-    ) -> Result<(), IntakeError> {
+    ) -> Result<(), StepError> {
         let key = rec.key.clone();
         let batch_id = rec.batch_id.clone().unwrap_or_default();
         let batch = match batch {
@@ -244,7 +244,7 @@ impl App {
         rec: &mut JobRecord,
         etag: &str,
         progress: &HarvestProgress,
-    ) -> Result<String, IntakeError> {
+    ) -> Result<String, StepError> {
         rec.harvest = Some(progress.clone());
         match self.jobs.update(rec, etag).await? {
             Some(e) => Ok(e),
@@ -265,7 +265,7 @@ impl App {
         file: &str,
         j: &Journal,
         key: &str,
-    ) -> Result<(), IntakeError> {
+    ) -> Result<(), StepError> {
         let Some(url) = source_url.filter(|u| !u.is_empty()) else {
             return Ok(());
         };
@@ -313,7 +313,7 @@ impl App {
         path: &str,
         file: &str,
         answered_in: Option<&(String, String)>,
-    ) -> Result<(), IntakeError> {
+    ) -> Result<(), StepError> {
         let out = &self.config.output_container;
         let target = format!("{path}/{file}");
         let mut drop: HashSet<String> = HashSet::new();
@@ -397,7 +397,7 @@ impl App {
         rec: &JobRecord,
         path: &str,
         staged: Option<&str>,
-    ) -> Result<MergeStats, IntakeError> {
+    ) -> Result<MergeStats, StepError> {
         let out = &self.config.output_container;
         let mut spool = tempfile::tempfile().map_err(io_error)?;
         let mut index: HashMap<String, (u64, u32)> = HashMap::new();
@@ -522,7 +522,7 @@ fn custom_id_of(line: &[u8]) -> Option<String> {
     serde_json::from_slice::<IdOnly>(line).ok()?.custom_id
 }
 
-fn transition_error(key: &str, e: crate::jobs::InvalidTransition) -> IntakeError {
+fn transition_error(key: &str, e: crate::jobs::InvalidTransition) -> StepError {
     StorageError::Failed {
         op: "job transition",
         target: key.to_string(),
@@ -537,7 +537,7 @@ struct IdOnly {
     custom_id: Option<String>,
 }
 
-fn io_error(e: std::io::Error) -> IntakeError {
+fn io_error(e: std::io::Error) -> StepError {
     StorageError::Failed {
         op: "spool",
         target: "local temporary file".into(),
@@ -552,7 +552,7 @@ fn spool_line(
     index: &mut HashMap<String, (u64, u32)>,
     usage: &mut Usage,
     is_result: bool,
-) -> Result<(), IntakeError> {
+) -> Result<(), StepError> {
     if line.iter().all(u8::is_ascii_whitespace) {
         return Ok(());
     }

@@ -17,7 +17,7 @@ use crate::{
     app::{App, Journal},
     jobs::{JobRecord, JobState, job_key, now},
     openai::OpenAiError,
-    submit::IntakeError,
+    submit::StepError,
 };
 
 /// Jobs handled at once in a tick.
@@ -35,7 +35,7 @@ pub struct TickStats {
 }
 
 impl App {
-    pub async fn tick(&self, j: &Journal) -> Result<TickStats, IntakeError> {
+    pub async fn tick(&self, j: &Journal) -> Result<TickStats, StepError> {
         let started = std::time::Instant::now();
         let mut stats = TickStats::default();
         let active: HashSet<String> = self.jobs.active_keys().await?.into_iter().collect();
@@ -44,7 +44,7 @@ impl App {
         // Listed again: the sweep may have added jobs, and those are polled at once.
         let keys = self.jobs.active_keys().await?;
         stats.active = keys.len();
-        let results: Vec<Result<bool, IntakeError>> = futures::stream::iter(keys)
+        let results: Vec<Result<bool, StepError>> = futures::stream::iter(keys)
             .map(|key| async move { self.step(&key, j).await })
             .buffer_unordered(TICK_CONCURRENCY)
             .collect()
@@ -73,7 +73,7 @@ impl App {
     }
 
     /// Submits inputs that have no job record for their current version.
-    async fn sweep(&self, active: &HashSet<String>, j: &Journal) -> Result<usize, IntakeError> {
+    async fn sweep(&self, active: &HashSet<String>, j: &Journal) -> Result<usize, StepError> {
         let inputs: Vec<_> = self
             .store
             .list(&self.config.input_container, "")
@@ -115,7 +115,7 @@ impl App {
     }
 
     /// Moves one active job a step; `Ok(true)` when it finished.
-    async fn step(&self, key: &str, j: &Journal) -> Result<bool, IntakeError> {
+    async fn step(&self, key: &str, j: &Journal) -> Result<bool, StepError> {
         let Some((mut rec, etag)) = self.jobs.load_active(key).await? else {
             return Ok(false);
         };
@@ -164,7 +164,7 @@ impl App {
         mut rec: JobRecord,
         etag: String,
         j: &Journal,
-    ) -> Result<bool, IntakeError> {
+    ) -> Result<bool, StepError> {
         let key = rec.key.clone();
         let batch_id = rec.batch_id.clone().unwrap_or_default();
         let batch = match self.openai.retrieve(&batch_id).await {
@@ -221,7 +221,7 @@ impl App {
         Ok(false)
     }
 
-    async fn input_unchanged(&self, rec: &JobRecord, _j: &Journal) -> Result<bool, IntakeError> {
+    async fn input_unchanged(&self, rec: &JobRecord, _j: &Journal) -> Result<bool, StepError> {
         Ok(self
             .store
             .properties(&rec.input.container, &rec.input.name)
@@ -235,7 +235,7 @@ impl App {
         mut rec: JobRecord,
         etag: &str,
         j: &Journal,
-    ) -> Result<bool, IntakeError> {
+    ) -> Result<bool, StepError> {
         j.info(format!(
             "job={}: input blob={}/{} changed or was deleted while queued; dropping this version",
             rec.key, rec.input.container, rec.input.name

@@ -49,10 +49,11 @@ pub enum Intake {
     Refused,
 }
 
-/// Faults worth retrying (storage or service unavailable): answered with a 5xx so the
-/// trigger redelivers, while the job record stays claimable.
+/// A job step (intake, poll, harvest) stopped on a fault worth retrying: storage or the
+/// service unavailable. The trigger answers 5xx so Event Grid redelivers; the timer leaves the
+/// job for its next tick. The job record always stays claimable.
 #[derive(Debug, thiserror::Error)]
-pub enum IntakeError {
+pub enum StepError {
     #[error(transparent)]
     Jobs(#[from] JobStoreError),
     #[error(transparent)]
@@ -66,7 +67,7 @@ const CLOCK_SKEW_SECS: i64 = 300;
 
 impl App {
     /// Takes the blob `name` in the input container through intake.
-    pub async fn intake(&self, name: &str, j: &Journal) -> Result<Intake, IntakeError> {
+    pub async fn intake(&self, name: &str, j: &Journal) -> Result<Intake, StepError> {
         if !name.ends_with(".jsonl") {
             return Ok(Intake::Ignored(format!("{name} is not a .jsonl file")));
         }
@@ -153,7 +154,7 @@ impl App {
         mut rec: JobRecord,
         mut etag: String,
         j: &Journal,
-    ) -> Result<Intake, IntakeError> {
+    ) -> Result<Intake, StepError> {
         let key = rec.key.clone();
 
         // A create may have gone through before the last holder died: adopt, never duplicate.
@@ -267,7 +268,7 @@ impl App {
         etag: &str,
         message: &str,
         j: &Journal,
-    ) -> Result<Intake, IntakeError> {
+    ) -> Result<Intake, StepError> {
         let key = rec.key.clone();
         if rec.quota_attempts + 1 >= self.config.queue_max_attempts {
             j.error(format!(
@@ -306,7 +307,7 @@ impl App {
         etag: &str,
         code: &str,
         message: String,
-    ) -> Result<(), IntakeError> {
+    ) -> Result<(), StepError> {
         let mut summary = Summary::for_job(&rec, Outcome::Failed);
         summary.errors.push(BatchError {
             code: Some(code.to_string()),
@@ -337,9 +338,9 @@ impl App {
         &self,
         mut rec: JobRecord,
         etag: &str,
-        err: IntakeError,
+        err: StepError,
         j: &Journal,
-    ) -> IntakeError {
+    ) -> StepError {
         j.error(format!(
             "job={}: transient fault, will be retried: {err}",
             rec.key
@@ -369,7 +370,7 @@ impl App {
         etag: &str,
         report: Report,
         j: &Journal,
-    ) -> Result<Intake, IntakeError> {
+    ) -> Result<Intake, StepError> {
         let key = rec.key.clone();
         let count = report.problems.len() + report.more_problems as usize;
         if let Some(first) = report.problems.first() {
