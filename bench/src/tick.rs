@@ -1,0 +1,223 @@
+//! Section 4, tick scale: one timer tick with 1,000 active jobs against a sequential loop of
+//! the same 1,000 retrieve calls, on loopback and with a fixed added latency per request.
+
+use std::time::{Duration, Instant};
+
+use anyhow::{Result, bail};
+use futures::StreamExt;
+
+use crate::{
+    Config, Stack,
+    generate::small_input,
+    proxy::Proxy,
+    report::{Report, list, median, secs, verdict},
+    stack::{self, Containers, Handler},
+};
+
+const G: &str = "4 tick scale";
+
+/// Parses the tick's summary line: `tick done in N ms: S new input(s), A active job(s), H
+/// finished, F fault(s)` → (S, A, F).
+fn tick_counts(logs: &[String]) -> Option<(u64, u64, u64)> {
+    let line = logs.iter().find(|l| l.starts_with("tick done in"))?;
+    let nums: Vec<u64> = line
+        .split(|c: char| !c.is_ascii_digit())
+        .filter(|s| !s.is_empty())
+        .filter_map(|s| s.parse().ok())
+        .collect();
+    // [ms, swept, active, finished, faults]
+    (nums.len() >= 5).then(|| (nums[1], nums[2], nums[4]))
+}
+
+async fn timed_ticks(h: &Handler, n: usize, jobs: u64) -> Result<Vec<f64>> {
+    let mut t = vec![];
+    for _ in 0..n {
+        let (status, logs, s) = h.tick().await?;
+        match tick_counts(&logs) {
+            Some((0, active, 0)) if status == 200 && active == jobs => t.push(s),
+            _ => bail!("unexpected tick: HTTP {status}: {:?}", logs.last()),
+        }
+    }
+    Ok(t)
+}
+
+async fn sequential_loop(endpoint: &str, ids: &[String]) -> Result<f64> {
+    let client = stack::batch_client(endpoint)?;
+    let t0 = Instant::now();
+    for id in ids {
+        let b = client.retrieve(id).await?;
+        if b.status.is_terminal() {
+            bail!("batch {id} is {} (expected it to stay active)", b.status);
+        }
+    }
+    Ok(t0.elapsed().as_secs_f64())
+}
+
+pub async fn run(cfg: &Config, stack: &Stack, rep: &mut Report) -> Result<()> {
+    let jobs = cfg.tick_jobs;
+    eprintln!("\n== 4. tick scale: {jobs} active jobs");
+    let c = Containers::named("tick");
+    c.create(&stack.store).await?;
+    let t0 = Instant::now();
+    let uploads: Vec<Result<()>> = futures::stream::iter(0..jobs)
+        .map(|i| {
+            let store = &stack.store;
+            let input = &c.input;
+            async move {
+                stack::put_small(
+                    store,
+                    input,
+                    &format!("job-{i:04}.jsonl"),
+                    small_input(&format!("j{i}"), 3),
+                )
+                .await
+            }
+        })
+        .buffer_unordered(32)
+        .collect()
+        .await;
+    uploads.into_iter().collect::<Result<Vec<()>>>()?;
+    eprintln!(
+        "  uploaded {jobs} inputs in {:.1} s",
+        t0.elapsed().as_secs_f64()
+    );
+
+    // The slow emulator (a step a day): every batch stays `validating`, i.e. active.
+    let h = Handler::start(
+        &cfg.bins.handler,
+        &stack.slow.endpoint(),
+        stack.azurite.port,
+        &c,
+        cfg.work.join("handler-tick.log"),
+    )?;
+    let (status, logs, sweep) = h.tick().await?;
+    match tick_counts(&logs) {
+        Some((swept, active, 0)) if status == 200 && swept == jobs && active == jobs => {}
+        _ => bail!(
+            "the sweep tick did not take in {jobs} inputs: HTTP {status}: {:?}",
+            logs.last()
+        ),
+    }
+    rep.info(
+        G,
+        &format!("the tick whose sweep takes in {jobs} new inputs (validate, claim, create each)"),
+        secs(sweep),
+        String::new(),
+    );
+    let cpu = |h: &Handler| -> Result<[f64; 3]> {
+        Ok([
+            h.svc.cpu_secs()?,
+            stack.azurite.svc.cpu_secs()?,
+            stack.slow.svc.cpu_secs()?,
+        ])
+    };
+    let before = cpu(&h)?;
+    let ticks = timed_ticks(&h, cfg.runs, jobs).await?;
+    let after = cpu(&h)?;
+    let per_tick: Vec<f64> = (0..3)
+        .map(|i| (after[i] - before[i]) / ticks.len() as f64)
+        .collect();
+    let peak = h.svc.peak_rss()? as f64;
+    drop(h);
+
+    let client = stack::batch_client(&stack.slow.endpoint())?;
+    let mut ids = vec![];
+    let mut after: Option<String> = None;
+    loop {
+        let page = client.list_page(after.as_deref(), 100).await?;
+        ids.extend(
+            page.data
+                .iter()
+                .filter(|b| {
+                    b.input_blob
+                        .as_deref()
+                        .is_some_and(|u| u.contains("/tick-in/"))
+                })
+                .map(|b| b.id.clone()),
+        );
+        if !page.has_more || page.data.is_empty() {
+            break;
+        }
+        after = page.data.last().map(|b| b.id.clone());
+    }
+    if ids.len() as u64 != jobs {
+        bail!("found {} tick batches, expected {jobs}", ids.len());
+    }
+    let mut seq = vec![];
+    for _ in 0..cfg.slow_runs {
+        seq.push(sequential_loop(&stack.slow.endpoint(), &ids).await?);
+    }
+    let ratio = median(&seq) / median(&ticks);
+    rep.row(
+        G,
+        &format!("one tick, {jobs} active jobs, loopback (no added latency) vs {jobs} sequential retrieves"),
+        "≥ 10× faster",
+        format!("{} vs {}", secs(median(&ticks)), secs(median(&seq))),
+        format!("{ratio:.2}×"),
+        verdict(ratio >= 10.0),
+        format!(
+            "ticks: {}; loops: {}; CPU per tick: handler {:.2} s, Azurite {:.2} s, emulator {:.2} s (2 cores); handler peak RSS {:.1} MB",
+            list(&ticks, secs),
+            list(&seq, secs),
+            per_tick[0],
+            per_tick[1],
+            per_tick[2],
+            peak / 1e6
+        ),
+    );
+
+    // With latency: every call to the service and to storage waits a fixed time first.
+    let (lo, ls) = (cfg.openai_latency_ms, cfg.storage_latency_ms);
+    let oproxy = Proxy::start(&stack.slow.endpoint(), Duration::from_millis(lo)).await?;
+    let sproxy = Proxy::start(
+        &format!("http://127.0.0.1:{}", stack.azurite.port),
+        Duration::from_millis(ls),
+    )
+    .await?;
+    let h = Handler::start(
+        &cfg.bins.handler,
+        &oproxy.url(),
+        sproxy.port,
+        &c,
+        cfg.work.join("handler-tick-latency.log"),
+    )?;
+    oproxy.take();
+    sproxy.take();
+    let lticks = timed_ticks(&h, cfg.slow_runs, jobs).await?;
+    drop(h);
+    let calls = (oproxy.take().len(), sproxy.take().len());
+    let lseq = sequential_loop(&oproxy.url(), &ids).await?;
+    let ratio = lseq / median(&lticks);
+    rep.row(
+        G,
+        &format!(
+            "one tick, {jobs} active jobs, +{lo} ms per service call and +{ls} ms per storage call vs the same sequential retrieves (+{lo} ms each)"
+        ),
+        "≥ 10× faster",
+        format!("{} vs {}", secs(median(&lticks)), secs(lseq)),
+        format!("{ratio:.2}×"),
+        verdict(ratio >= 10.0),
+        format!(
+            "ticks: {}; {} service and {} storage calls in {} ticks",
+            list(&lticks, secs),
+            calls.0,
+            calls.1,
+            lticks.len()
+        ),
+    );
+    let worst = ticks.iter().chain(&lticks).fold(0.0f64, |a, b| a.max(*b));
+    rep.row(
+        G,
+        &format!("longest tick with {jobs} active jobs vs the 5-minute period"),
+        "well inside: ≤ 10% (30 s)",
+        secs(worst),
+        format!("{:.1}% of 300 s", worst / 3.0),
+        verdict(worst <= 30.0),
+        String::new(),
+    );
+    pipeline_clear(stack, &c).await
+}
+
+async fn pipeline_clear(stack: &Stack, c: &Containers) -> Result<()> {
+    crate::pipeline::clear(stack, c).await
+}
