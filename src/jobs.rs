@@ -132,6 +132,9 @@ pub struct JobRecord {
     /// by a later invocation, the batch may exist, so it is looked up before creating again.
     #[serde(default)]
     pub create_started_at: Option<i64>,
+    /// While a create call may still be in flight (see `begin_create`).
+    #[serde(default)]
+    pub create_in_flight_until: Option<i64>,
     /// Create attempts refused for quota.
     #[serde(default)]
     pub quota_attempts: u32,
@@ -181,6 +184,7 @@ impl JobRecord {
             owner: Some(owner.to_string()),
             lease_until: Some(t + lease_secs as i64),
             create_started_at: None,
+            create_in_flight_until: None,
             quota_attempts: 0,
             next_attempt_at: None,
             last_error: None,
@@ -219,7 +223,9 @@ impl JobRecord {
 
     /// True while another invocation's claim on a `submitting` job is still live.
     pub fn is_leased(&self, at: i64) -> bool {
-        self.state == JobState::Submitting && self.lease_until.is_some_and(|l| l > at)
+        self.state == JobState::Submitting
+            && (self.lease_until.is_some_and(|l| l > at)
+                || self.create_in_flight_until.is_some_and(|l| l > at))
     }
 
     /// Takes over a `submitting` job whose claim lapsed, or a `queued` job whose wait is over.
@@ -243,9 +249,19 @@ impl JobRecord {
         Ok(())
     }
 
-    pub fn begin_create(&mut self) -> Result<(), InvalidTransition> {
+    /// Notes that a create call is about to be sent. Until `window_secs` have passed the call
+    /// may still be on its way, and nobody else may look for its batch (not finding it yet)
+    /// and create another: the claim holds at least that long.
+    pub fn begin_create(
+        &mut self,
+        lease_secs: u64,
+        window_secs: u64,
+    ) -> Result<(), InvalidTransition> {
         self.expect("create a batch", &[JobState::Submitting])?;
-        self.create_started_at = Some(now());
+        let t = now();
+        self.create_started_at = Some(t);
+        self.create_in_flight_until = Some(t + window_secs as i64);
+        self.lease_until = Some(t + lease_secs as i64);
         self.note("creating batch");
         Ok(())
     }
@@ -259,6 +275,7 @@ impl JobRecord {
         self.owner = None;
         self.lease_until = None;
         self.create_started_at = None;
+        self.create_in_flight_until = None;
         self.next_attempt_at = None;
         self.last_error = None;
         self.note(if adopted {
@@ -278,6 +295,7 @@ impl JobRecord {
         self.owner = None;
         self.lease_until = None;
         self.create_started_at = None;
+        self.create_in_flight_until = None;
         self.batch_id = None;
         self.last_error = Some(reason.to_string());
         self.note(format!(
@@ -291,6 +309,8 @@ impl JobRecord {
     pub fn release(&mut self, error: &str) -> Result<(), InvalidTransition> {
         self.expect("release", &[JobState::Submitting])?;
         self.lease_until = Some(now());
+        // The create call (if any) has returned: the next holder may look for its batch.
+        self.create_in_flight_until = None;
         self.last_error = Some(error.to_string());
         self.note(format!("released after a transient fault: {error}"));
         Ok(())
@@ -612,7 +632,7 @@ mod tests {
             model: "m".into(),
         })
         .unwrap();
-        r.begin_create().unwrap();
+        r.begin_create(60, 120).unwrap();
         r.submitted(&batch("validating"), false).unwrap();
         assert_eq!(r.state, JobState::Running);
         assert!(r.create_started_at.is_none());
@@ -633,15 +653,31 @@ mod tests {
         let mut r = JobRecord::claim(input(), "me", 60);
         assert!(r.observe(&batch("completed")).is_err());
         r.finish(Outcome::Rejected, "bad input").unwrap();
-        assert!(r.begin_create().is_err());
+        assert!(r.begin_create(60, 120).is_err());
         assert!(r.take_over("other", 60).is_err());
         assert!(r.finish(Outcome::Completed, "again").is_err());
     }
 
     #[test]
+    fn a_create_in_flight_holds_the_claim_past_its_lease() {
+        let mut r = JobRecord::claim(input(), "me", 2);
+        r.begin_create(2, 120).unwrap();
+        assert!(
+            r.is_leased(now() + 60),
+            "the create may still be on its way"
+        );
+        assert!(!r.is_leased(now() + 121));
+        r.release("HTTP 500").unwrap();
+        assert!(
+            !r.is_leased(now() + 1),
+            "a returned create frees the claim at once"
+        );
+    }
+
+    #[test]
     fn queue_then_take_over_counts_attempts() {
         let mut r = JobRecord::claim(input(), "me", 60);
-        r.begin_create().unwrap();
+        r.begin_create(60, 120).unwrap();
         r.queue("token_limit_exceeded", 30).unwrap();
         assert_eq!(r.state, JobState::Queued);
         assert_eq!(r.quota_attempts, 1);

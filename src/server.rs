@@ -138,10 +138,25 @@ fn log_outcome(journal: &Journal, container: &str, name: &str, outcome: &Intake)
     }
 }
 
-/// A URL from outside, shortened for a log line and stripped of any query (it could be a SAS).
+/// A URL from outside, for a log line: no userinfo, query or fragment (any could hold a
+/// secret), and shortened.
 fn display_url(url: &str) -> String {
-    let without_query = url.split(['?', '#']).next().unwrap_or_default();
-    without_query.chars().take(200).collect()
+    let cleaned = match url::Url::parse(url) {
+        Ok(mut u) => {
+            let _ = u.set_username("");
+            let _ = u.set_password(None);
+            u.set_query(None);
+            u.set_fragment(None);
+            u.to_string()
+        }
+        // Not a URL at all: keep only what precedes anything that could be a credential.
+        Err(_) => url
+            .split(['?', '#', '@'])
+            .next()
+            .unwrap_or_default()
+            .to_string(),
+    };
+    cleaned.chars().take(200).collect()
 }
 
 async fn function_timer(State(app): State<Arc<App>>, headers: HeaderMap, body: Bytes) -> Answer {

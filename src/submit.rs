@@ -62,6 +62,11 @@ pub enum StepError {
     OpenAi(#[from] OpenAiError),
 }
 
+/// The longest a create call may take, retries for throttling included. While it runs, no
+/// other invocation takes the job over (it could not find the batch yet and would make a
+/// second one).
+const CREATE_WINDOW: std::time::Duration = std::time::Duration::from_secs(120);
+
 /// How long to tolerate clock skew between us and the service when matching `created_at`.
 const CLOCK_SKEW_SECS: i64 = 300;
 
@@ -72,6 +77,17 @@ impl App {
             return Ok(Intake::Ignored(format!("{name} is not a .jsonl file")));
         }
         let container = self.config.input_container.clone();
+        // `a/../b.jsonl` is a legal blob name, but every URL parser (the service's included)
+        // resolves the segment, so its URL would name another blob: it cannot be submitted.
+        if name.split('/').any(|seg| seg == "." || seg == "..") {
+            j.error(format!(
+                "blob={container}/{name}: a name with a `.` or `..` path segment cannot be \
+                 given to the batch service (its URL would point at another blob); rename it"
+            ));
+            return Ok(Intake::Ignored(format!(
+                "{name} has a `.` or `..` path segment"
+            )));
+        }
         let Some(info) = self.store.properties(&container, name).await? else {
             j.info(format!(
                 "blob={container}/{name}: gone before it could be read; nothing to do"
@@ -205,7 +221,8 @@ impl App {
         }
 
         self.fault_point("submit:after-validate");
-        rec.begin_create().expect("submitting");
+        rec.begin_create(self.config.submit_lease.as_secs(), CREATE_WINDOW.as_secs())
+            .expect("submitting");
         etag = match self.jobs.update(&rec, &etag).await? {
             Some(e) => e,
             None => return Ok(Intake::InProgressElsewhere),
@@ -217,7 +234,16 @@ impl App {
             input_blob: rec.batch_input_url().to_string(),
             output_folder_url: self.store.container_url(&self.config.output_container),
         };
-        match self.openai.create(&request).await {
+        // Bounded, so that the in-flight window noted in the record really ends.
+        let created = tokio::time::timeout(CREATE_WINDOW, self.openai.create(&request))
+            .await
+            .unwrap_or_else(|_| {
+                Err(OpenAiError::Transient {
+                    what: "create".into(),
+                    message: format!("no answer within {} s", CREATE_WINDOW.as_secs()),
+                })
+            });
+        match created {
             Ok(batch) => {
                 self.fault_point("submit:after-create");
                 rec.submitted(&batch, false).expect("submitting");

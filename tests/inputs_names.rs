@@ -207,9 +207,6 @@ async fn odd_blob_names_are_handled_in_the_right_folder() {
 /// A name with a `.` or `..` segment: `t/../up.jsonl` is a legal blob name (the SDK stores it
 /// as is), but a URL parser resolves the segment, so its URL names another blob.
 #[tokio::test]
-#[ignore = "bug: a blob name with a `.`/`..` segment is validated under its own name but \
-            submitted as the URL BlobStore::blob_url builds, which drops the segment: the batch \
-            reads another blob (src/storage.rs blob_url, src/submit.rs run_claimed)"]
 async fn dot_segments_never_send_another_blob_to_the_service() {
     let azurite = Azurite::start();
     let emulator = Emulator::start(&azurite, &["--step-ms", "50"]);

@@ -431,8 +431,6 @@ async fn a_payload_that_is_not_an_event_reads_nothing() {
 }
 
 #[tokio::test]
-#[ignore = "bug: the `ignored event` log line shows the event URL with its user:password \
-            (src/server.rs display_url drops the query, not the userinfo)"]
 async fn an_event_url_password_is_not_logged() {
     let azurite = Azurite::start();
     let emulator = Emulator::start(&azurite, &["--step-ms", "60000"]);
