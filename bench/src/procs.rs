@@ -158,7 +158,11 @@ impl Service {
         // utime 14 and stime 15.
         let rest = text.rsplit_once(')').map(|(_, r)| r).unwrap_or_default();
         let f: Vec<&str> = rest.split_whitespace().collect();
-        let ticks = |i: usize| f.get(i - 3).and_then(|v| v.parse::<f64>().ok()).unwrap_or(0.0);
+        let ticks = |i: usize| {
+            f.get(i - 3)
+                .and_then(|v| v.parse::<f64>().ok())
+                .unwrap_or(0.0)
+        };
         // SAFETY: sysconf has no preconditions.
         let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64;
         Ok((ticks(14) + ticks(15)) / hz)
