@@ -594,7 +594,7 @@ async fn quota() {
             queued += 1;
         }
     }
-    assert!(queued >= 3, "the quota was full for most: {queued} queued");
+    assert!(queued >= 2, "the quota was full: {queued} queued");
     let ticks = tick_until_summaries(&s.handler, &store, &inputs, Duration::from_secs(90)).await;
     let (lines, lost) = assert_all_complete("quota", &store, &s.emulator, &inputs).await;
     let batches = s.emulator.batches().await.len();
@@ -864,5 +864,13 @@ async fn a_lapsed_lease_during_a_slow_create_still_makes_one_batch() {
         batches, 1,
         "one input version, {batches} batches; B: {:?}; A: {a_answer}",
         answer.logs
+    );
+    assert!(
+        a_answer.to_string().contains("submitted"),
+        "A's create went through and A recorded it: {a_answer}"
+    );
+    println!(
+        "FIGURE lapsed-lease: A's create delayed 5 s on its way, its 2 s claim lease lapsed, \
+         the event redelivered to B -> {batches} batch (expected 1), B deferred to A's create"
     );
 }

@@ -98,59 +98,77 @@ pub fn validator(data: &[u8]) {
             let from_reader = validate_reader(Trickle(data, 0), limits).unwrap();
             assert_eq!(report, from_reader, "validate_reader disagrees with feed");
         }
-        check_report(data, limits, &report);
+        if let Err(e) = check_report(data, limits, &report) {
+            panic!("{e}");
+        }
     }
 }
 
-/// The invariants of one report of `data`; panics naming the first that fails.
-pub fn check_report(data: &[u8], limits: Limits, r: &Report) {
-    assert_eq!(r.bytes, data.len() as u64);
-    assert!(r.problems.len() <= limits.max_problems, "{r:?}");
+/// The invariants of one report of `data`: `Err` names the first that fails.
+pub fn check_report(data: &[u8], limits: Limits, r: &Report) -> Result<(), String> {
+    let fail = |what: String| Err(format!("{what}; report {r:?}"));
+    if r.bytes != data.len() as u64 {
+        return fail(format!("{} bytes reported for {}", r.bytes, data.len()));
+    }
+    if r.problems.len() > limits.max_problems {
+        return fail("more problems listed than the limit".into());
+    }
     let physical = data.split(|&b| b == b'\n').count() as u64;
-    assert!(
-        r.lines <= physical,
-        "{} requests in {physical} lines",
-        r.lines
-    );
+    if r.lines > physical {
+        return fail(format!("{} requests in {physical} lines", r.lines));
+    }
     for p in &r.problems {
-        if let Some(line) = p.line {
-            assert!(
-                (1..=physical).contains(&line),
-                "problem at line {line} of {physical}: {p:?}"
-            );
+        if p.line.is_some_and(|line| !(1..=physical).contains(&line)) {
+            return fail(format!(
+                "a problem outside the file's {physical} lines: {p:?}"
+            ));
         }
-        assert!(!p.code.is_empty() && !p.message.is_empty(), "{p:?}");
-    }
-    if r.is_ok() {
-        assert!(r.lines >= 1, "an accepted file has a request");
-        assert!(r.url.is_some() && r.model.is_some(), "{r:?}");
-        assert!(r.lines <= limits.max_lines && r.bytes <= limits.max_bytes);
-        assert!(
-            std::str::from_utf8(data).is_ok(),
-            "accepted a file that is not UTF-8"
-        );
-        assert!(!data.starts_with(b"\xEF\xBB\xBF"), "accepted a BOM");
-        // Every non-blank line of an accepted file is a JSON object with a custom_id.
-        let mut ids = std::collections::HashSet::new();
-        for line in data.split(|&b| b == b'\n') {
-            let line = line.strip_suffix(b"\r").unwrap_or(line);
-            if line.iter().all(u8::is_ascii_whitespace) {
-                continue;
-            }
-            let v: Value = serde_json::from_slice(line).expect("accepted lines are JSON");
-            let id = v["custom_id"]
-                .as_str()
-                .expect("accepted lines have a custom_id");
-            assert!(
-                ids.insert(id.to_string()),
-                "accepted a duplicate custom_id {id}"
-            );
-            assert_eq!(v["method"], "POST");
-            assert_eq!(v["url"].as_str(), r.url.as_deref());
-            assert_eq!(v["body"]["model"].as_str(), r.model.as_deref());
+        if p.code.is_empty() || p.message.is_empty() {
+            return fail(format!("a problem without code or message: {p:?}"));
         }
-        assert_eq!(ids.len() as u64, r.lines);
     }
+    if !r.is_ok() {
+        return Ok(());
+    }
+    if r.lines == 0 || r.url.is_none() || r.model.is_none() {
+        return fail("accepted without a request, url or model".into());
+    }
+    if r.lines > limits.max_lines || r.bytes > limits.max_bytes {
+        return fail("accepted past the limits".into());
+    }
+    if std::str::from_utf8(data).is_err() || data.starts_with(b"\xEF\xBB\xBF") {
+        return fail("accepted a file that is not UTF-8 without BOM".into());
+    }
+    // Every non-blank line of an accepted file is a request of the file's url and model, with
+    // its own custom_id.
+    let mut ids = std::collections::HashSet::new();
+    for line in data.split(|&b| b == b'\n') {
+        let line = line.strip_suffix(b"\r").unwrap_or(line);
+        if line.iter().all(u8::is_ascii_whitespace) {
+            continue;
+        }
+        let Ok(v) = serde_json::from_slice::<Value>(line) else {
+            return fail("accepted a line that is not JSON".into());
+        };
+        let Some(id) = v["custom_id"].as_str() else {
+            return fail("accepted a line without a custom_id".into());
+        };
+        if !ids.insert(id.to_string()) {
+            return fail(format!("accepted a duplicate custom_id {id:?}"));
+        }
+        if v["method"] != "POST"
+            || v["url"].as_str() != r.url.as_deref()
+            || v["body"]["model"].as_str() != r.model.as_deref()
+        {
+            return fail(format!(
+                "accepted a line of another method, url or model: {v}"
+            ));
+        }
+    }
+    if ids.len() as u64 != r.lines {
+        return fail(format!("{} requests counted, {} found", r.lines, ids.len()));
+    }
+    Ok(())
 }
 
 /// Fuzz target: the host payload (`InvocationRequest`) and the event decoder.
