@@ -17,6 +17,7 @@ pub mod names {
     pub const OUTPUT_CONTAINER: &str = "BATCH_OUTPUT_CONTAINER";
     pub const STATE_CONTAINER: &str = "BATCH_STATE_CONTAINER";
     pub const SUBMIT_LEASE_SECONDS: &str = "BATCH_SUBMIT_LEASE_SECONDS";
+    pub const CREATE_TIMEOUT_SECONDS: &str = "BATCH_CREATE_TIMEOUT_SECONDS";
     pub const QUEUE_MAX_ATTEMPTS: &str = "BATCH_QUEUE_MAX_ATTEMPTS";
     pub const QUEUE_INITIAL_DELAY_SECONDS: &str = "BATCH_QUEUE_INITIAL_DELAY_SECONDS";
     pub const RESUBMIT_EXPIRED: &str = "BATCH_RESUBMIT_EXPIRED";
@@ -90,6 +91,8 @@ pub struct Config {
     pub state_container: String,
     /// How long a `submitting` claim is honoured before another invocation may take it over.
     pub submit_lease: Duration,
+    /// The longest a create call may take; while one may be in flight nobody takes the job over.
+    pub create_timeout: Duration,
     /// `token_limit_exceeded` resubmissions before the job is given up as failed.
     pub queue_max_attempts: u32,
     pub queue_initial_delay: Duration,
@@ -250,6 +253,7 @@ impl Config {
             output_container,
             state_container,
             submit_lease: Duration::from_secs(number(names::SUBMIT_LEASE_SECONDS, 300)?),
+            create_timeout: Duration::from_secs(number(names::CREATE_TIMEOUT_SECONDS, 120)?.max(1)),
             queue_max_attempts: number(names::QUEUE_MAX_ATTEMPTS, 10)? as u32,
             queue_initial_delay: Duration::from_secs(number(
                 names::QUEUE_INITIAL_DELAY_SECONDS,

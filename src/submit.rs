@@ -62,11 +62,6 @@ pub enum StepError {
     OpenAi(#[from] OpenAiError),
 }
 
-/// The longest a create call may take, retries for throttling included. While it runs, no
-/// other invocation takes the job over (it could not find the batch yet and would make a
-/// second one).
-const CREATE_WINDOW: std::time::Duration = std::time::Duration::from_secs(120);
-
 /// How long to tolerate clock skew between us and the service when matching `created_at`.
 const CLOCK_SKEW_SECS: i64 = 300;
 
@@ -221,7 +216,11 @@ impl App {
         }
 
         self.fault_point("submit:after-validate");
-        rec.begin_create(self.config.submit_lease.as_secs(), CREATE_WINDOW.as_secs())
+        // While the create may be in flight (bounded by `create_timeout`, retries for
+        // throttling included), nobody takes the job over: they could not find the batch yet
+        // and would make a second one.
+        let window = self.config.create_timeout;
+        rec.begin_create(self.config.submit_lease.as_secs(), window.as_secs())
             .expect("submitting");
         etag = match self.jobs.update(&rec, &etag).await? {
             Some(e) => e,
@@ -235,12 +234,12 @@ impl App {
             output_folder_url: self.store.container_url(&self.config.output_container),
         };
         // Bounded, so that the in-flight window noted in the record really ends.
-        let created = tokio::time::timeout(CREATE_WINDOW, self.openai.create(&request))
+        let created = tokio::time::timeout(window, self.openai.create(&request))
             .await
             .unwrap_or_else(|_| {
                 Err(OpenAiError::Transient {
                     what: "create".into(),
-                    message: format!("no answer within {} s", CREATE_WINDOW.as_secs()),
+                    message: format!("no answer within {} s", window.as_secs()),
                 })
             });
         match created {

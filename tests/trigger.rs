@@ -153,9 +153,12 @@ async fn a_crash_between_create_and_record_still_makes_one_batch() {
     let (url, etag) = upload_input(&store, "test.jsonl", &seed()).await;
     let payload = trigger_payload(blob_created_event(&url, &etag, 10));
 
+    // A create may be in flight for BATCH_CREATE_TIMEOUT_SECONDS; 2 s here, like the lease.
     let mut env = Handler::env(&azurite, &emulator);
-    env.push(("BATCH_TEST_FAULT".into(), "submit:after-create".into()));
-    let mut crashing = Handler::start(env);
+    env.push(("BATCH_CREATE_TIMEOUT_SECONDS".into(), "2".into()));
+    let mut faulty = env.clone();
+    faulty.push(("BATCH_TEST_FAULT".into(), "submit:after-create".into()));
+    let mut crashing = Handler::start(faulty);
     // The process dies mid-invocation: the host sees no answer and Event Grid redelivers.
     let _ = reqwest::Client::new()
         .post(crashing.url("/function-trigger"))
@@ -172,7 +175,7 @@ async fn a_crash_between_create_and_record_still_makes_one_batch() {
         "the create went through before the crash"
     );
 
-    let handler = Handler::start(Handler::env(&azurite, &emulator));
+    let handler = Handler::start(env);
     // Redelivered while the dead claim's lease (2 s in tests) still runs: deferred, no batch.
     let (status, _) = handler.invoke("function-trigger", &payload).await;
     assert_eq!(status, 200);
