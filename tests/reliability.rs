@@ -349,7 +349,10 @@ async fn crash_at_every_fault_point() {
         ],
     );
     let store = azurite.store();
-    let healthy_env = Handler::env(&azurite, &emulator);
+    let mut healthy_env = Handler::env(&azurite, &emulator);
+    // A claim whose create may have been in flight is held for the create timeout before
+    // anyone looks for its batch: 5 s here instead of the default 120 s.
+    healthy_env.push(("BATCH_CREATE_TIMEOUT_SECONDS".into(), "5".into()));
     // The "fresh" handler: no fault; it submits for the harvest points, takes the redelivered
     // events and ticks after every crash.
     let healthy = Handler::start(healthy_env.clone());
@@ -399,14 +402,13 @@ async fn crash_at_every_fault_point() {
     }
     let crashed_in = started.elapsed();
     // 2. The host got no answers: Event Grid redelivers every event, and the timer ticks until
-    //    every input has its summary. A claim whose create may have been in flight is held
-    //    for the handler's create window (120 s) before anyone looks for its batch.
+    //    every input has its summary.
     let recovery = Instant::now();
     for i in &inputs {
         let (status, answer) = healthy.invoke("function-trigger", &i.payload()).await;
         assert_eq!(status, 200, "{}: {:?}", i.name, answer.logs);
     }
-    tick_until_summaries(&healthy, &store, &inputs, Duration::from_secs(240)).await;
+    tick_until_summaries(&healthy, &store, &inputs, Duration::from_secs(120)).await;
     let recovered_in = recovery.elapsed();
     // One more round of redeliveries and a tick: nothing changes.
     for i in &inputs {
