@@ -292,6 +292,8 @@ async fn run(args: RunArgs) -> Result<()> {
     for f in [&inputs.valid, &inputs.big] {
         let _ = std::fs::remove_file(f);
     }
+    rep.machine
+        .push(("load average at the end".into(), loadavg()));
     rep.machine.push((
         "bench wall time".into(),
         format!("{:.0} s", started.elapsed().as_secs_f64()),
@@ -386,5 +388,13 @@ fn machine(cfg: &Config) -> Vec<(String, String)> {
         ("Node".into(), command_line("node", &["-v"])),
         ("Azurite".into(), azurite_version),
         ("commit".into(), git),
+        ("load average at the start".into(), loadavg()),
     ]
+}
+
+/// 1, 5 and 15 minute load averages: other work on the machine skews every number.
+fn loadavg() -> String {
+    std::fs::read_to_string("/proc/loadavg")
+        .map(|t| t.split_whitespace().take(3).collect::<Vec<_>>().join(" "))
+        .unwrap_or_else(|_| "?".into())
 }

@@ -45,14 +45,22 @@ impl Drop for Proc {
 
 impl Proc {
     /// Starts `cmd`, collects its stdout and stderr lines, and waits until a line contains
-    /// `ready_marker`; returns that line.
-    fn spawn(mut cmd: Command, ready_marker: &str, what: &str) -> (Proc, String) {
+    /// `ready_marker`; returns that line. Panics with the process's output when it exits or
+    /// stays silent for a minute.
+    fn spawn(cmd: Command, ready_marker: &str, what: &str) -> (Proc, String) {
+        Proc::try_spawn(cmd, ready_marker)
+            .unwrap_or_else(|output| panic!("{what} did not become ready; output:\n{output}"))
+    }
+
+    /// As `spawn`, but hands back the output of a process that never became ready, so a
+    /// caller can retry (a port taken between choosing it and binding it).
+    fn try_spawn(mut cmd: Command, ready_marker: &str) -> Result<(Proc, String), String> {
         cmd.stdout(Stdio::piped())
             .stderr(Stdio::piped())
             .stdin(Stdio::null());
         let mut child = cmd
             .spawn()
-            .unwrap_or_else(|e| panic!("cannot start {what}: {e}"));
+            .unwrap_or_else(|e| panic!("cannot start {cmd:?}: {e}"));
         let output = Arc::new(Mutex::new(Vec::new()));
         let (tx, rx) = std::sync::mpsc::channel::<String>();
         for stream in [
@@ -71,20 +79,21 @@ impl Proc {
                 }
             });
         }
+        // Only the reader threads hold senders now: when both streams close (the process
+        // exited), `recv` fails at once instead of waiting out the deadline.
+        drop(tx);
         let deadline = Instant::now() + Duration::from_secs(60);
         loop {
             let left = deadline.saturating_duration_since(Instant::now());
             match rx.recv_timeout(left) {
                 Ok(line) if line.contains(ready_marker) => {
-                    return (Proc { child, output }, line);
+                    return Ok((Proc { child, output }, line));
                 }
                 Ok(_) => continue,
                 Err(_) => {
                     let _ = child.kill();
-                    panic!(
-                        "{what} did not become ready; output:\n{}",
-                        output.lock().unwrap().join("\n")
-                    );
+                    let _ = child.wait();
+                    return Err(output.lock().unwrap().join("\n"));
                 }
             }
         }
@@ -355,15 +364,25 @@ impl Handler {
         .collect()
     }
 
+    /// Starts the handler on a free port. The host hands the handler its port, so the test
+    /// must choose one before the handler binds it; another test process can take it in
+    /// between, and then the start is retried on a fresh port.
     pub fn start(env: Vec<(String, String)>) -> Handler {
-        let port = free_port();
-        let mut cmd = Command::new(env!("CARGO_BIN_EXE_handler"));
-        cmd.env_clear()
-            .env("PATH", std::env::var("PATH").unwrap_or_default())
-            .env("FUNCTIONS_CUSTOMHANDLER_PORT", port.to_string())
-            .envs(env.iter().map(|(k, v)| (k, v)));
-        let (proc, _) = Proc::spawn(cmd, "handler listening", "the handler");
-        Handler { proc, port, env }
+        let mut last_output = String::new();
+        for _ in 0..5 {
+            let port = free_port();
+            let mut cmd = Command::new(env!("CARGO_BIN_EXE_handler"));
+            cmd.env_clear()
+                .env("PATH", std::env::var("PATH").unwrap_or_default())
+                .env("FUNCTIONS_CUSTOMHANDLER_PORT", port.to_string())
+                .envs(env.iter().map(|(k, v)| (k, v)));
+            match Proc::try_spawn(cmd, "handler listening") {
+                Ok((proc, _)) => return Handler { proc, port, env },
+                Err(output) if output.contains("Address already in use") => last_output = output,
+                Err(output) => panic!("the handler did not become ready; output:\n{output}"),
+            }
+        }
+        panic!("the handler found no free port in 5 tries; last output:\n{last_output}")
     }
 
     pub fn url(&self, path: &str) -> String {
