@@ -116,6 +116,7 @@ pub struct Settings {
     pub line_failure_rate: f64,
     pub lines_per_step: Option<u64>,
     pub seed: u64,
+    pub markers: input::Markers,
 }
 
 /// A create request that passed the synchronous checks.
@@ -195,9 +196,19 @@ impl Registry {
                 name,
                 &new.endpoint,
                 &self.settings.deployments,
+                &self.settings.markers,
             )
             .await
             .map_err(CreateError::Unavailable)?,
+        };
+        let scan = match scan {
+            Ok(s) if s.injected.fail => Err(BatchError::new(
+                "emulated_failure",
+                "This batch was failed on purpose: its input contains the text of \
+                 --fail-input-containing.",
+                None,
+            )),
+            other => other,
         };
         let (model, tokens) = match &scan {
             Ok(s) => (Some(s.model.clone()), s.tokens),

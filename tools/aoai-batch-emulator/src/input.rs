@@ -88,6 +88,35 @@ pub struct InputSummary {
     pub requests: u64,
     pub model: String,
     pub tokens: u64,
+    /// A test asked for this batch to fail or expire (see [`Injected`]).
+    pub injected: Injected,
+}
+
+/// Test-only faults aimed at one batch: a batch whose input contains the marker text fails
+/// (`--fail-input-containing`) or expires part-way (`--expire-input-containing`). The service
+/// has no such switch; they let a test make one batch out of many end badly.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Injected {
+    pub fail: bool,
+    pub expire: bool,
+}
+
+/// The marker texts of [`Injected`].
+#[derive(Debug, Clone, Default)]
+pub struct Markers {
+    pub fail: Option<String>,
+    pub expire: Option<String>,
+}
+
+impl Markers {
+    fn mark(&self, line: &[u8], injected: &mut Injected) {
+        let has = |m: &Option<String>| {
+            m.as_deref()
+                .is_some_and(|m| !m.is_empty() && line.windows(m.len()).any(|w| w == m.as_bytes()))
+        };
+        injected.fail |= has(&self.fail);
+        injected.expire |= has(&self.expire);
+    }
 }
 
 /// Splits a byte stream into lines without holding more than one line plus one chunk.
@@ -357,6 +386,7 @@ impl<'a> Validator<'a> {
                 requests: self.requests,
                 model,
                 tokens: self.tokens,
+                injected: Injected::default(),
             }),
             _ => Err(BatchError::new(
                 "empty_file",
@@ -393,6 +423,7 @@ pub async fn scan(
     name: &str,
     endpoint: &str,
     deployments: &[String],
+    markers: &Markers,
 ) -> Result<Result<InputSummary, BatchError>, StorageError> {
     let (info, body) = match store.download(container, name, None).await {
         Ok(x) => x,
@@ -411,9 +442,11 @@ pub async fn scan(
     }
     let mut validator = Validator::new(endpoint, deployments);
     let mut reader = LineReader::new(body);
+    let mut injected = Injected::default();
     loop {
         match reader.next_line().await {
             Ok(Some((no, line))) => {
+                markers.mark(&line, &mut injected);
                 if let Err(e) = validator.line(no, &line) {
                     return Ok(Err(e));
                 }
@@ -433,7 +466,9 @@ pub async fn scan(
             Err(ReadError::Storage(_)) => return Ok(Err(BatchError::no_permissions())),
         }
     }
-    Ok(validator.finish(info.etag))
+    Ok(validator
+        .finish(info.etag)
+        .map(|s| InputSummary { injected, ..s }))
 }
 
 /// A deterministic stand-in for the tokenizer: a quarter of the bytes of the prompt's text.

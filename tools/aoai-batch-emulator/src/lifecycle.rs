@@ -104,7 +104,8 @@ async fn step(reg: &Registry, job: &Job, p: &mut Progress) -> Flow {
             let Ok(summary) = &job.scan else {
                 return Flow::Done;
             };
-            if expired {
+            // An injected expiry waits for some answers, so the batch ends with partial results.
+            if expired || (summary.injected.expire && p.processed > 0) {
                 return finish(reg, job, p, Status::Expired).await;
             }
             match answer_some(reg, job, summary, p).await {

@@ -81,6 +81,15 @@ struct Cli {
     #[arg(long = "http-500-rate", default_value_t = 0.0, value_parser = rate)]
     http_500_rate: f64,
 
+    /// Test-only: a batch whose input contains this text fails (`emulated_failure`).
+    #[arg(long, value_name = "TEXT")]
+    fail_input_containing: Option<String>,
+
+    /// Test-only: a batch whose input contains this text expires after its first answers,
+    /// keeping them (partial results, as an expired batch does).
+    #[arg(long, value_name = "TEXT")]
+    expire_input_containing: Option<String>,
+
     /// Seed for every injected fault: the same seed and requests give the same faults.
     #[arg(long, default_value_t = 0)]
     seed: u64,
@@ -129,6 +138,10 @@ async fn main() -> anyhow::Result<()> {
         line_failure_rate: cli.line_failure_rate,
         lines_per_step: cli.lines_per_step,
         seed: cli.seed,
+        markers: input::Markers {
+            fail: cli.fail_input_containing,
+            expire: cli.expire_input_containing,
+        },
     };
     let state = AppState {
         registry: Registry::new(Arc::new(store), settings),
