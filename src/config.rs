@@ -23,6 +23,8 @@ pub mod names {
     pub const RESUBMIT_EXPIRED: &str = "BATCH_RESUBMIT_EXPIRED";
     pub const RESUBMIT_CANCELLED: &str = "BATCH_RESUBMIT_CANCELLED";
     pub const MAX_FOLLOWUPS: &str = "BATCH_MAX_FOLLOWUPS";
+    pub const SPLIT_MAX_REQUESTS: &str = "BATCH_SPLIT_MAX_REQUESTS";
+    pub const SPLIT_MAX_BYTES: &str = "BATCH_SPLIT_MAX_BYTES";
     pub const MANAGED_IDENTITY_CLIENT_ID: &str = "AZURE_CLIENT_ID";
     pub const HANDLER_PORT: &str = "FUNCTIONS_CUSTOMHANDLER_PORT";
     /// Test-only: makes the process abort at a named step, to prove crash recovery.
@@ -101,6 +103,9 @@ pub struct Config {
     pub resubmit_cancelled: bool,
     /// Follow-up batches per input at most, so requests that never finish end the job.
     pub max_followups: u32,
+    /// An input beyond either limit is split into parts within them, one batch each.
+    /// Defaults: the service's own limits per batch file.
+    pub split_limits: crate::validate::Limits,
     pub test_fault: Option<String>,
 }
 
@@ -262,6 +267,25 @@ impl Config {
             resubmit_expired: flag(names::RESUBMIT_EXPIRED, true)?,
             resubmit_cancelled: flag(names::RESUBMIT_CANCELLED, false)?,
             max_followups: number(names::MAX_FOLLOWUPS, 3)? as u32,
+            split_limits: {
+                let service = crate::validate::Limits::default();
+                let within = |name: &'static str, max: u64| -> Result<u64, ConfigError> {
+                    match number(name, max)? {
+                        v if (1..=max).contains(&v) => Ok(v),
+                        v => Err(ConfigError::Malformed {
+                            name,
+                            reason: format!(
+                                "{v} is outside 1..={max} (the service refuses larger batch files)"
+                            ),
+                        }),
+                    }
+                };
+                crate::validate::Limits {
+                    max_lines: within(names::SPLIT_MAX_REQUESTS, service.max_lines)?,
+                    max_bytes: within(names::SPLIT_MAX_BYTES, service.max_bytes)?,
+                    ..service
+                }
+            },
             test_fault: get(names::TEST_FAULT),
         })
     }
@@ -364,6 +388,28 @@ mod tests {
         env.remove(names::STORAGE_ACCOUNT_URL);
         let err = Config::from_map(&env).unwrap_err().to_string();
         assert!(err.contains("BATCH_STORAGE_ACCOUNT_URL"), "{err}");
+    }
+
+    #[test]
+    fn split_limits_default_to_the_services_and_stay_within_them() {
+        let c = Config::from_map(&base()).unwrap();
+        assert_eq!(c.split_limits, crate::validate::Limits::default());
+
+        let mut env = base();
+        env.insert(names::SPLIT_MAX_REQUESTS.into(), "10".into());
+        assert_eq!(Config::from_map(&env).unwrap().split_limits.max_lines, 10);
+
+        for (name, value) in [
+            (names::SPLIT_MAX_REQUESTS, "100001"),
+            (names::SPLIT_MAX_REQUESTS, "0"),
+            (names::SPLIT_MAX_BYTES, "300MB"),
+            (names::SPLIT_MAX_BYTES, "209715201"),
+        ] {
+            let mut env = base();
+            env.insert(name.into(), value.into());
+            let err = Config::from_map(&env).unwrap_err().to_string();
+            assert!(err.contains(name), "{err}");
+        }
     }
 
     #[test]

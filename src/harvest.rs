@@ -32,6 +32,11 @@ pub struct HarvestProgress {
     pub cleared: bool,
     pub results_moved: bool,
     pub errors_moved: bool,
+    /// A split job's combine: the parts' `merged.jsonl` are in place, and the summary.
+    #[serde(default)]
+    pub merged_moved: bool,
+    #[serde(default)]
+    pub summary_written: bool,
 }
 
 /// Token usage summed over the result lines.
@@ -84,7 +89,11 @@ impl App {
         etag: String,
         j: &Journal,
     ) -> Result<(), StepError> {
-        self.harvest_batch(rec, etag, None, j).await
+        if rec.parts.is_empty() {
+            self.harvest_batch(rec, etag, None, j).await
+        } else {
+            self.combine_parts(rec, etag, j).await
+        }
     }
 
     pub(crate) async fn harvest_batch(
@@ -101,7 +110,7 @@ impl App {
             None => self.openai.retrieve(&batch_id).await?,
         };
         let outcome = outcome_of(&batch.status);
-        let out = self.config.output_container.clone();
+        let out = rec.output_container(&self.config).to_string();
         let path = rec.input.output_path().to_string();
         let mut progress = rec.harvest.clone().unwrap_or_default();
 
@@ -121,14 +130,14 @@ impl App {
         if rec.round == 0 {
             // The first batch's files are moved as they are, server-side.
             if !progress.results_moved {
-                self.move_output(batch.output_blob.as_deref(), &path, RESULTS, j, &key)
+                self.move_output(batch.output_blob.as_deref(), &out, &path, RESULTS, j, &key)
                     .await?;
                 progress.results_moved = true;
                 etag = self.save_progress(&mut rec, &etag, &progress).await?;
                 self.fault_point("harvest:after-results");
             }
             if !progress.errors_moved {
-                self.move_output(batch.error_blob.as_deref(), &path, ERRORS, j, &key)
+                self.move_output(batch.error_blob.as_deref(), &out, &path, ERRORS, j, &key)
                     .await?;
                 progress.errors_moved = true;
                 etag = self.save_progress(&mut rec, &etag, &progress).await?;
@@ -139,12 +148,13 @@ impl App {
             let results = self.locate_output(batch.output_blob.as_deref(), j, &key);
             let errors = self.locate_output(batch.error_blob.as_deref(), j, &key);
             if !progress.results_moved {
-                self.fold(results.as_ref(), &path, RESULTS, None).await?;
+                self.fold(results.as_ref(), &out, &path, RESULTS, None)
+                    .await?;
                 progress.results_moved = true;
                 etag = self.save_progress(&mut rec, &etag, &progress).await?;
             }
             if !progress.errors_moved {
-                self.fold(errors.as_ref(), &path, ERRORS, results.as_ref())
+                self.fold(errors.as_ref(), &out, &path, ERRORS, results.as_ref())
                     .await?;
                 for (c, n) in results.iter().chain(errors.iter()) {
                     self.store.delete(c, n, None).await?;
@@ -161,7 +171,9 @@ impl App {
         } && rec.round < self.config.max_followups;
         let staged =
             follow_up.then(|| format!("staging/{}/followup-{}.jsonl", rec.key, rec.round + 1));
-        let merged = self.write_merged(&rec, &path, staged.as_deref()).await?;
+        let merged = self
+            .write_merged(&rec, &out, &path, staged.as_deref())
+            .await?;
         self.fault_point("harvest:after-merged");
 
         if let Some(staged) = staged.filter(|_| merged.followup_lines > 0) {
@@ -239,7 +251,7 @@ impl App {
         Ok(())
     }
 
-    async fn save_progress(
+    pub(crate) async fn save_progress(
         &self,
         rec: &mut JobRecord,
         etag: &str,
@@ -261,6 +273,7 @@ impl App {
     async fn move_output(
         &self,
         source_url: Option<&str>,
+        out: &str,
         path: &str,
         file: &str,
         j: &Journal,
@@ -278,7 +291,6 @@ impl App {
         let Some(info) = self.store.properties(&container, &name).await? else {
             return Ok(());
         };
-        let out = &self.config.output_container;
         if info.size > 0 {
             self.store
                 .copy(&container, &name, out, &format!("{path}/{file}"))
@@ -310,11 +322,11 @@ impl App {
     async fn fold(
         &self,
         source: Option<&(String, String)>,
+        out: &str,
         path: &str,
         file: &str,
         answered_in: Option<&(String, String)>,
     ) -> Result<(), StepError> {
-        let out = &self.config.output_container;
         let target = format!("{path}/{file}");
         let mut drop: HashSet<String> = HashSet::new();
         for (c, n) in answered_in.into_iter().chain(source) {
@@ -395,10 +407,10 @@ impl App {
     async fn write_merged(
         &self,
         rec: &JobRecord,
+        out: &str,
         path: &str,
         staged: Option<&str>,
     ) -> Result<MergeStats, StepError> {
-        let out = &self.config.output_container;
         let mut spool = tempfile::tempfile().map_err(io_error)?;
         let mut index: HashMap<String, (u64, u32)> = HashMap::new();
         let mut stats = MergeStats::default();
@@ -445,7 +457,8 @@ impl App {
             self.store
                 .writer(self.jobs.container(), name, "application/jsonl")
         });
-        let mut line_no = 0u64;
+        // A part's lines are numbered as in the input it was cut from.
+        let mut line_no = rec.part_of.as_ref().map_or(0, |p| p.line_offset);
         let mut merged = 0u64;
         let mut buf = Vec::new();
         while let Some(line) = input.next().await? {

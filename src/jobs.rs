@@ -12,7 +12,13 @@
 //!    token limit  ▼  │ retry after backoff
 //!               queued
 //!   submitting ──invalid input / hopeless create──▶ finished (rejected / failed)
+//!
+//!   submitting ──input beyond the limits──▶ split ──every part finished──▶ harvesting ──▶ finished
 //! ```
+//!
+//! A split job's parts are jobs of their own (`part_of` names the parent; key
+//! `{parent key}/part-NNNN`), each reading a staged slice of the input and going through the
+//! same states; their results land in the staging folder, and the parent combines them.
 
 use std::sync::Arc;
 
@@ -38,7 +44,10 @@ pub enum JobState {
     Queued,
     /// A batch exists (`batch_id`) and has not ended.
     Running,
-    /// The batch ended; results are being moved into place.
+    /// The input was split (`parts`); each part is its own job, and this one waits for them.
+    Split,
+    /// The batch ended (or, for a split job, every part did); results are being moved into
+    /// place.
     Harvesting,
     /// Nothing more will happen; `outcome` says how it ended.
     Finished,
@@ -85,12 +94,59 @@ impl InputRef {
     }
 }
 
+impl JobRecord {
+    /// Where the job's files go: the output container for an input, the staging folder (in
+    /// the state container) for a part, whose parent then combines them.
+    pub fn output_container<'a>(&self, config: &'a crate::config::Config) -> &'a str {
+        if self.part_of.is_some() {
+            &config.state_container
+        } else {
+            &config.output_container
+        }
+    }
+}
+
 /// What validation learnt about the input, kept so a retry need not read it again.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct InputFacts {
     pub lines: u64,
     pub endpoint: String,
     pub model: String,
+}
+
+/// One part of a split input, as the parent job tracks it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PartRef {
+    /// 1-based.
+    pub index: u32,
+    /// The part's job key.
+    pub key: String,
+    /// The staged slice, in the state container.
+    pub blob: String,
+    pub etag: String,
+    pub first_line: u64,
+    pub requests: u64,
+    pub bytes: u64,
+}
+
+impl PartRef {
+    pub fn last_line(&self) -> u64 {
+        self.first_line + self.requests - 1
+    }
+}
+
+/// Set on the job of one part of a split input.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PartOf {
+    pub parent: String,
+    pub index: u32,
+    /// Lines of the input before this part: added to the part's line numbers.
+    pub line_offset: u64,
+}
+
+/// Where a split job keeps its staged parts and their results, in the state container.
+pub fn staging_prefix(key: &str) -> String {
+    format!("staging/{key}/")
 }
 
 /// One batch of a job that has had follow-ups.
@@ -154,6 +210,12 @@ pub struct JobRecord {
     /// Which harvest steps are done, so an interrupted harvest resumes where it stopped.
     #[serde(default)]
     pub harvest: Option<crate::harvest::HarvestProgress>,
+    /// A split job's parts, in input order.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub parts: Vec<PartRef>,
+    /// Set when this job is one part of a split input.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub part_of: Option<PartOf>,
     pub created_at: i64,
     pub updated_at: i64,
     #[serde(default)]
@@ -192,11 +254,43 @@ impl JobRecord {
             rounds: Vec::new(),
             followup_url: None,
             harvest: None,
+            parts: Vec::new(),
+            part_of: None,
             created_at: t,
             updated_at: t,
             history: Vec::new(),
         };
         rec.note("claimed");
+        rec
+    }
+
+    /// The job of one part of the split job `parent`, already validated (the whole input
+    /// was), reading the staged slice `input`.
+    pub fn claim_part(
+        parent: &JobRecord,
+        part: &PartRef,
+        input: InputRef,
+        owner: &str,
+        lease_secs: u64,
+    ) -> Self {
+        let mut rec = JobRecord::claim(input, owner, lease_secs);
+        rec.key = part.key.clone();
+        rec.part_of = Some(PartOf {
+            parent: parent.key.clone(),
+            index: part.index,
+            line_offset: part.first_line - 1,
+        });
+        rec.facts = parent.facts.clone().map(|f| InputFacts {
+            lines: part.requests,
+            ..f
+        });
+        rec.note(format!(
+            "part {} of {}: input lines {}–{}",
+            part.index,
+            parent.key,
+            part.first_line,
+            part.last_line()
+        ));
         rec
     }
 
@@ -283,6 +377,26 @@ impl JobRecord {
         } else {
             format!("batch {} created", batch.id)
         });
+        Ok(())
+    }
+
+    /// The input is beyond the limits of one batch: its parts (staged) become jobs of their
+    /// own, and this one waits for them.
+    pub fn split(&mut self, parts: Vec<PartRef>) -> Result<(), InvalidTransition> {
+        self.expect("split", &[JobState::Submitting])?;
+        self.state = JobState::Split;
+        self.owner = None;
+        self.lease_until = None;
+        self.note(format!("split into {} parts", parts.len()));
+        self.parts = parts;
+        Ok(())
+    }
+
+    /// Every part of a split job has finished: their results are combined next.
+    pub fn parts_finished(&mut self) -> Result<(), InvalidTransition> {
+        self.expect("combine parts", &[JobState::Split])?;
+        self.state = JobState::Harvesting;
+        self.note("every part finished; combining their results");
         Ok(())
     }
 
@@ -373,6 +487,7 @@ impl JobRecord {
                 JobState::Submitting,
                 JobState::Queued,
                 JobState::Running,
+                JobState::Split,
                 JobState::Harvesting,
             ],
         )?;
@@ -672,6 +787,43 @@ mod tests {
             !r.is_leased(now() + 1),
             "a returned create frees the claim at once"
         );
+    }
+
+    #[test]
+    fn a_split_job_waits_for_its_parts_then_harvests() {
+        let mut r = JobRecord::claim(input(), "me", 60);
+        r.validated(InputFacts {
+            lines: 25,
+            endpoint: "/chat/completions".into(),
+            model: "m".into(),
+        })
+        .unwrap();
+        let part = PartRef {
+            index: 2,
+            key: format!("{}/part-0002", r.key),
+            blob: "staging/x/part-0002.jsonl".into(),
+            etag: "\"0x9\"".into(),
+            first_line: 11,
+            requests: 10,
+            bytes: 100,
+        };
+        assert!(r.parts_finished().is_err(), "not split yet");
+        r.split(vec![part.clone()]).unwrap();
+        assert_eq!(r.state, JobState::Split);
+        assert!(!r.is_leased(now()), "a split job holds no claim");
+        assert!(r.take_over("other", 60).is_err());
+
+        let mut staged = input();
+        staged.name = part.blob.clone();
+        let child = JobRecord::claim_part(&r, &part, staged, "me", 60);
+        assert_eq!(child.key, part.key);
+        assert_eq!(child.part_of.as_ref().unwrap().line_offset, 10);
+        assert_eq!(child.facts.as_ref().unwrap().lines, 10);
+        assert_eq!(child.facts.as_ref().unwrap().model, "m");
+
+        r.parts_finished().unwrap();
+        assert_eq!(r.state, JobState::Harvesting);
+        r.finish(Outcome::Completed, "combined").unwrap();
     }
 
     #[test]

@@ -1,7 +1,7 @@
 //! Azure OpenAI Batch from Blob Storage, as an Azure Functions custom handler.
 //!
 //! Host payloads (`protocol`) and routes (`server`) sit apart from the core (`submit`,
-//! `poll`, `harvest`, `validate`, `jobs`), so the core could run under another trigger source.
+//! `poll`, `harvest`, `split`, `validate`, `jobs`), so the core could run under another trigger source.
 
 pub mod app;
 pub mod config;
@@ -11,6 +11,7 @@ pub mod openai;
 pub mod poll;
 pub mod protocol;
 pub mod server;
+pub mod split;
 pub mod storage;
 pub mod submit;
 pub mod summary;

@@ -150,6 +150,11 @@ impl App {
                 Ok(false)
             }
             JobState::Running => self.poll_running(rec, etag, j).await,
+            JobState::Split => {
+                self.advance_parts(rec, etag, j).await?;
+                // Finished when the combine filed it under done/.
+                Ok(self.jobs.load_active(key).await?.is_none())
+            }
             JobState::Harvesting => self.harvest(rec, etag, j).await.map(|_| true),
             JobState::Finished => {
                 // Finished but not yet moved (a crash between the two writes): move it now.

@@ -132,6 +132,9 @@ fn log_outcome(journal: &Journal, container: &str, name: &str, outcome: &Intake)
             if *adopted { "adopted" } else { "submitted" }
         )),
         Intake::Queued => journal.info(format!("{blob}: queued until quota frees up")),
+        Intake::Split { parts, started } => journal.info(format!(
+            "{blob}: split into {parts} parts, {started} submitted now (the rest as quota allows)"
+        )),
         Intake::Refused => {
             journal.info(format!("{blob}: refused by the service; see summary.json"))
         }

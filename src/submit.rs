@@ -17,7 +17,7 @@ use crate::{
     openai::{BatchError, CreateBatch, OpenAiError},
     storage::StorageError,
     summary::{self, Summary},
-    validate::{Limits, Report, Validator},
+    validate::{Report, Validator},
 };
 
 /// How an intake ended, for the caller's log and answer.
@@ -47,6 +47,12 @@ pub enum Intake {
     Queued,
     /// The service refused the batch for good; `summary.json` says why.
     Refused,
+    /// The input is beyond one batch's limits: split into `parts` jobs, `started` of them
+    /// submitted at once, the rest as quota allows.
+    Split {
+        parts: usize,
+        started: usize,
+    },
 }
 
 /// A job step (intake, poll, harvest) stopped on a fault worth retrying: storage or the
@@ -199,6 +205,8 @@ impl App {
                         "job={key}: blob={}/{} was deleted or replaced while being read; the new version is its own job",
                         rec.input.container, rec.input.name
                     ));
+                    // An earlier holder may have died while splitting it.
+                    self.delete_staging(&key).await?;
                     self.jobs.abandon(&key, &etag).await?;
                     return Ok(Intake::Gone);
                 }
@@ -213,6 +221,9 @@ impl App {
                 model: report.model.clone().unwrap_or_default(),
             })
             .expect("submitting");
+            if report.parts.len() > 1 {
+                return self.split_input(rec, etag, &report.parts, j).await;
+            }
         }
 
         self.fault_point("submit:after-validate");
@@ -349,7 +360,7 @@ impl App {
         summary.history = rec.history.clone();
         summary::write(
             &self.store,
-            &self.config.output_container,
+            rec.output_container(&self.config),
             rec.input.output_path(),
             &summary,
         )
@@ -382,7 +393,8 @@ impl App {
             .store
             .download(&input.container, &input.name, Some(&input.etag))
             .await?;
-        let mut validator = Validator::new(Limits::default());
+        // The limits bound each batch, not the input: beyond them, it is split.
+        let mut validator = Validator::splitting(self.config.split_limits);
         while let Some(chunk) = body.next().await {
             validator.feed(&chunk?);
         }

@@ -44,8 +44,29 @@ pub struct Summary {
     /// Earlier batches of this job, when requests were resubmitted in follow-up batches.
     #[serde(default)]
     pub rounds: Vec<RoundRecord>,
+    /// An input split into parts (one batch each): how each part ended.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub parts: Vec<PartSummary>,
     pub history: Vec<HistoryEntry>,
     pub written_at: i64,
+}
+
+/// One row of a split input's part table.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct PartSummary {
+    pub part: u32,
+    /// The input's lines this part holds.
+    pub first_line: u64,
+    pub last_line: u64,
+    pub requests: u64,
+    /// The part's (last) batch; `batch_ids` lists its follow-ups' too, oldest first.
+    pub batch_id: Option<String>,
+    pub batch_ids: Vec<String>,
+    pub status: String,
+    pub request_counts: RequestCounts,
+    pub lines_without_result: u64,
+    /// The service's errors for this part, with the input's line numbers.
+    pub errors: Vec<BatchError>,
 }
 
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
@@ -99,6 +120,7 @@ impl Summary {
             lines_without_result: 0,
             notes: Vec::new(),
             rounds: rec.rounds.clone(),
+            parts: Vec::new(),
             history: rec.history.clone(),
             written_at: crate::jobs::now(),
         }

@@ -119,6 +119,58 @@ pub struct Report {
     pub problems: Vec<Problem>,
     /// How many problems there were beyond those listed.
     pub more_problems: u64,
+    /// With [`Validator::splitting`]: where the file splits into parts within the limits
+    /// (one part when it fits whole). Empty otherwise.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub parts: Vec<PartSpan>,
+}
+
+/// One part of a file split to fit the service's limits: a run of whole request lines.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PartSpan {
+    /// The file's line number of the part's first request.
+    pub first_line: u64,
+    pub requests: u64,
+    /// Where the part starts in the file, and its length (its last line's newline included,
+    /// trailing blank lines not).
+    pub offset: u64,
+    pub bytes: u64,
+}
+
+/// Draws part boundaries while the file streams by: a part ends before the request that would
+/// take it past `max_lines` requests or `max_bytes` bytes.
+#[derive(Debug, Default)]
+struct Splitter {
+    parts: Vec<PartSpan>,
+    current: Option<PartSpan>,
+}
+
+impl Splitter {
+    /// Takes the request at `line` spanning `[start, end)`; true when it begins a new part.
+    fn request(&mut self, line: u64, start: u64, end: u64, limits: &Limits) -> bool {
+        if let Some(p) = &mut self.current
+            && p.requests < limits.max_lines
+            && end - p.offset <= limits.max_bytes
+        {
+            p.requests += 1;
+            p.bytes = end - p.offset;
+            return false;
+        }
+        let begun = self.current.is_some();
+        self.parts.extend(self.current.take());
+        self.current = Some(PartSpan {
+            first_line: line,
+            requests: 1,
+            offset: start,
+            bytes: end - start,
+        });
+        begun
+    }
+
+    fn finish(mut self) -> Vec<PartSpan> {
+        self.parts.extend(self.current.take());
+        self.parts
+    }
 }
 
 impl Report {
@@ -296,6 +348,8 @@ pub struct Validator {
     too_large_reported: bool,
     /// The file is UTF-16: said once at line 1; checking the rest would only repeat it.
     utf16: bool,
+    /// Set by [`Validator::splitting`]: the limits bound each part, not the file.
+    splitter: Option<Splitter>,
 }
 
 impl Validator {
@@ -318,6 +372,18 @@ impl Validator {
             more_problems: 0,
             too_large_reported: false,
             utf16: false,
+            splitter: None,
+        }
+    }
+
+    /// A validator for a file that may be split into parts: `limits` bound each part, so a
+    /// file beyond them is not a problem, and the report says where its parts are
+    /// ([`Report::parts`]). `custom_id`s must be unique within each part, as each part is
+    /// its own batch; checking across parts would need memory that grows with the file.
+    pub fn splitting(limits: Limits) -> Self {
+        Validator {
+            splitter: Some(Splitter::default()),
+            ..Validator::new(limits)
         }
     }
 
@@ -363,7 +429,8 @@ impl Validator {
             };
             self.push(None, codes::EMPTY_FILE, || message);
         }
-        if self.bytes > self.limits.max_bytes && !self.too_large_reported {
+        if self.bytes > self.limits.max_bytes && !self.too_large_reported && self.splitter.is_none()
+        {
             self.report_too_large();
         }
         // The limit problems were raised before the totals were known; now they are.
@@ -371,13 +438,13 @@ impl Validator {
         for p in &mut self.problems {
             if p.code == codes::FILE_TOO_LARGE {
                 p.message = format!(
-                    "the file is {bytes} bytes; Azure OpenAI Batch accepts at most {} bytes ({}) per input file; split it into smaller files",
+                    "the file is {bytes} bytes; Azure OpenAI Batch accepts at most {} bytes ({}) per input file; uploaded to the input container as it is, it is split into parts (one batch each) automatically",
                     limits.max_bytes,
                     human_bytes(limits.max_bytes),
                 );
             } else if p.code == codes::TOO_MANY_TASKS {
                 p.message = format!(
-                    "the file has {requests} requests; Azure OpenAI Batch accepts at most {} per file (this is the first line beyond); split it into smaller files",
+                    "the file has {requests} requests; Azure OpenAI Batch accepts at most {} per file (this is the first line beyond); uploaded to the input container as it is, it is split into parts (one batch each) automatically",
                     limits.max_lines,
                 );
             }
@@ -389,6 +456,7 @@ impl Validator {
             model: self.model.map(|(m, _)| m),
             problems: self.problems,
             more_problems: self.more_problems,
+            parts: self.splitter.map(Splitter::finish).unwrap_or_default(),
         }
     }
 
@@ -441,8 +509,12 @@ impl Validator {
             Line::Bytes(b) => b.len() as u64,
             Line::Oversized { len, .. } => len,
         };
+        let start = self.consumed;
         self.consumed += len + u64::from(terminated);
-        if self.consumed > self.limits.max_bytes && !self.too_large_reported {
+        if self.consumed > self.limits.max_bytes
+            && !self.too_large_reported
+            && self.splitter.is_none()
+        {
             self.report_too_large();
         }
         if self.utf16 {
@@ -462,7 +534,7 @@ impl Validator {
                 if n == 1 && bom {
                     self.bom_problem();
                 }
-                self.request_line(n);
+                self.request_line(n, start);
                 let max = self.limits.max_bytes;
                 self.push(Some(n), codes::LINE_TOO_LARGE, || {
                     format!("this one line is {len} bytes, more than a whole file may be ({max} bytes); it was not checked further")
@@ -481,12 +553,13 @@ impl Validator {
             });
             return;
         }
-        self.request_line(n);
+        self.request_line(n, start);
         self.check_request(n, bytes);
     }
 
-    /// Counts a request line, first reporting the blank lines before it.
-    fn request_line(&mut self, n: u64) {
+    /// Counts a request line (starting at byte `start`), first reporting the blank lines
+    /// before it.
+    fn request_line(&mut self, n: u64, start: u64) {
         if let Some((first, last)) = self.blank_run.take() {
             // Whether the service skips interior blank lines is not documented; a strict
             // line-by-line JSON reader fails on them (`invalid_json_line`), so reject them
@@ -503,7 +576,12 @@ impl Validator {
             });
         }
         self.requests += 1;
-        if self.requests == self.limits.max_lines + 1 {
+        if let Some(splitter) = &mut self.splitter {
+            if splitter.request(n, start, self.consumed, &self.limits) {
+                // Each part is its own batch: ids need only be unique within one.
+                self.ids = IdSet::new();
+            }
+        } else if self.requests == self.limits.max_lines + 1 {
             // The message is completed in `finish`, when the total is known.
             self.push(Some(n), codes::TOO_MANY_TASKS, String::new);
         }
@@ -550,7 +628,8 @@ impl Validator {
             Value::Str(id) => {
                 // Ids beyond `max_lines` requests are still checked but no longer remembered,
                 // so the set stays bounded by the limit however long the (rejected) file is.
-                let remember = self.requests <= self.limits.max_lines;
+                let remember =
+                    self.splitter.is_some() || self.requests <= self.limits.max_lines;
                 if let Some(first) = self.ids.insert(id, n, remember) {
                     self.push(Some(n), codes::DUPLICATE_CUSTOM_ID, || {
                         format!("custom_id {} already used on line {first}; custom_ids must be unique", quote(id))
@@ -1097,6 +1176,79 @@ mod tests {
         let r = check(input);
         assert_eq!(codes(&r), vec![(line, code)], "{:#?}", r.problems);
         r
+    }
+
+    fn split(input: &[u8], limits: Limits, chunk: usize) -> Report {
+        let mut v = Validator::splitting(limits);
+        for c in input.chunks(chunk) {
+            v.feed(c);
+        }
+        v.finish()
+    }
+
+    #[test]
+    fn splitting_cuts_whole_lines_within_the_limits() {
+        let ids: Vec<String> = (1..=25).map(|i| format!("r{i:02}")).collect();
+        let text = file(&ids.iter().map(String::as_str).collect::<Vec<_>>()) + "\n\n";
+        let limits = Limits {
+            max_lines: 10,
+            ..Limits::default()
+        };
+        let r = split(text.as_bytes(), limits, 7);
+        assert!(r.is_ok(), "{:?}", r.problems);
+        assert_eq!(r.lines, 25);
+        let shape: Vec<_> = r.parts.iter().map(|p| (p.first_line, p.requests)).collect();
+        assert_eq!(shape, vec![(1, 10), (11, 10), (21, 5)]);
+        // Contiguous, each part whole lines, the trailing blank lines left out.
+        let mut at = 0;
+        for p in &r.parts {
+            assert_eq!(p.offset, at);
+            let part = &text.as_bytes()[p.offset as usize..(p.offset + p.bytes) as usize];
+            assert!(part.ends_with(b"\n"));
+            assert_eq!(
+                part.iter().filter(|b| **b == b'\n').count() as u64,
+                p.requests
+            );
+            at += p.bytes;
+        }
+        assert_eq!(at as usize, text.len() - 2);
+        assert_eq!(r.parts, split(text.as_bytes(), limits, 1 << 20).parts);
+    }
+
+    #[test]
+    fn splitting_honours_the_byte_limit_and_ids_per_part() {
+        let line_len = req("a1").len() as u64 + 1;
+        let limits = Limits {
+            max_bytes: 2 * line_len + 1,
+            ..Limits::default()
+        };
+        // a1 twice in one part is a duplicate; in two parts it is not.
+        let r = split(file(&["a1", "a2", "a1", "a3"]).as_bytes(), limits, 5);
+        assert!(r.is_ok(), "{:?}", r.problems);
+        assert_eq!(r.parts.len(), 2);
+        assert!(r.parts.iter().all(|p| p.bytes <= limits.max_bytes));
+        let r = split(file(&["a1", "a1", "a2"]).as_bytes(), limits, 5);
+        assert_eq!(codes(&r), vec![(Some(2), codes::DUPLICATE_CUSTOM_ID)]);
+        // The same file without splitting is simply too large.
+        assert_eq!(
+            codes(&check_with(file(&["a1", "a2", "a3"]), limits)),
+            vec![(None, codes::FILE_TOO_LARGE)]
+        );
+    }
+
+    #[test]
+    fn a_file_within_the_limits_is_one_part() {
+        let text = file(&["a", "b"]);
+        let r = split(text.as_bytes(), Limits::default(), 3);
+        assert_eq!(
+            r.parts,
+            vec![PartSpan {
+                first_line: 1,
+                requests: 2,
+                offset: 0,
+                bytes: text.len() as u64
+            }]
+        );
     }
 
     #[test]

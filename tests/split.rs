@@ -1,0 +1,255 @@
+//! Inputs beyond one batch's limits: split into parts, one batch each, combined into the one
+//! results folder a small input gets. Real Azurite, the batch emulator and the handler.
+
+mod support;
+
+use std::time::Duration;
+
+use futures::TryStreamExt;
+use serde_json::Value;
+use support::*;
+
+fn input(n: usize, special: &[(usize, &str)]) -> Vec<u8> {
+    let mut out = String::new();
+    for i in 1..=n {
+        let question = special
+            .iter()
+            .find(|(line, _)| *line == i)
+            .map_or(format!("question {i}"), |(_, q)| q.to_string());
+        out.push_str(&chat_line(&format!("req-{i}"), &question));
+        out.push('\n');
+    }
+    out.into_bytes()
+}
+
+impl Stack {
+    async fn submit(&self, name: &str, body: &[u8]) -> Vec<String> {
+        let (url, etag) = upload_input(&self.azurite.store(), name, body).await;
+        let (status, answer) = self
+            .handler
+            .invoke(
+                "function-trigger",
+                &trigger_payload(blob_created_event(&url, &etag, body.len() as u64)),
+            )
+            .await;
+        assert_eq!(status, 200, "{:?}", answer.logs);
+        answer.logs
+    }
+
+    async fn harvest(&self, path: &str, timeout: Duration) -> Value {
+        let store = self.azurite.store();
+        let summary = format!("{path}/summary.json");
+        eventually(timeout, &summary, || async {
+            let (status, answer) = self.handler.tick().await;
+            assert_eq!(status, 200, "{:?}", answer.logs);
+            read_json(&store, "batch-output", &summary).await
+        })
+        .await
+    }
+
+    async fn lines_of(&self, container: &str, name: &str) -> Vec<Value> {
+        read_text(&self.azurite.store(), container, name)
+            .await
+            .unwrap_or_else(|| panic!("{container}/{name} exists"))
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap())
+            .collect()
+    }
+
+    async fn names(&self, container: &str, prefix: &str) -> Vec<String> {
+        self.azurite
+            .store()
+            .list(container, prefix)
+            .map_ok(|b| b.name)
+            .try_collect()
+            .await
+            .unwrap()
+    }
+
+    /// Nothing staged and no job left active: a finished split leaves nothing behind.
+    async fn assert_clean(&self) {
+        assert_eq!(
+            self.names("batch-jobs", "staging/").await,
+            Vec::<String>::new()
+        );
+        assert_eq!(
+            self.names("batch-jobs", "active/").await,
+            Vec::<String>::new()
+        );
+    }
+}
+
+#[tokio::test]
+async fn a_95_line_input_in_10_line_parts_tells_each_parts_fate() {
+    let s = Stack::start(
+        &[
+            "--step-ms",
+            "100",
+            "--lines-per-step",
+            "3",
+            "--fail-input-containing",
+            "PLEASE-FAIL",
+            "--expire-input-containing",
+            "PLEASE-EXPIRE",
+        ],
+        &[
+            ("BATCH_SPLIT_MAX_REQUESTS", "10"),
+            ("BATCH_RESUBMIT_EXPIRED", "false"),
+        ],
+    );
+    // Part 4 (lines 31–40) fails; part 8 (lines 71–80) expires part-way.
+    let body = input(95, &[(35, "PLEASE-FAIL"), (72, "PLEASE-EXPIRE")]);
+    let logs = s.submit("big/set.jsonl", &body).await;
+    assert!(
+        logs.iter().any(|l| l.contains("split into 10 parts")),
+        "{logs:#?}"
+    );
+
+    let summary = s.harvest("big/set", Duration::from_secs(120)).await;
+    assert_eq!(
+        summary["status"], "failed",
+        "the gravest part's end: {summary:#}"
+    );
+    let parts = summary["parts"].as_array().expect("a part table");
+    assert_eq!(parts.len(), 10);
+    for (i, p) in parts.iter().enumerate() {
+        let n = i as u64 + 1;
+        assert_eq!(p["part"], n);
+        assert_eq!(p["first_line"], (n - 1) * 10 + 1);
+        assert_eq!(p["last_line"], (n * 10).min(95));
+        assert!(
+            p["batch_id"]
+                .as_str()
+                .is_some_and(|b| b.starts_with("batch_")),
+            "{p}"
+        );
+        let expected = match n {
+            4 => "failed",
+            8 => "expired",
+            _ => "completed",
+        };
+        assert_eq!(p["status"], expected, "part {n}: {p}");
+    }
+    assert_eq!(parts[3]["errors"][0]["code"], "emulated_failure");
+    assert_eq!(parts[3]["lines_without_result"], 10);
+    let expired_left = parts[7]["lines_without_result"].as_u64().unwrap();
+    assert!(
+        (1..10).contains(&expired_left),
+        "partial results: {}",
+        parts[7]
+    );
+    let notes = summary["notes"].to_string();
+    assert!(
+        notes.contains("partly finished: 8 of 10 parts completed"),
+        "{notes}"
+    );
+    assert!(
+        notes.contains("part 4 (lines 31–40) failed (emulated_failure)"),
+        "{notes}"
+    );
+    assert!(notes.contains("part 8 (lines 71–80) expired"), "{notes}");
+
+    // One merged line per input line, in input order, with the input's line numbers.
+    let merged = s.lines_of("batch-output", "big/set/merged.jsonl").await;
+    assert_eq!(merged.len(), 95);
+    let mut answered = 0;
+    for (i, m) in merged.iter().enumerate() {
+        let line = i as u64 + 1;
+        assert_eq!(m["line"], line, "{m}");
+        assert_eq!(m["custom_id"], format!("req-{line}"));
+        match line {
+            31..=40 => assert_eq!(m["error"]["code"], "no_result", "{m}"),
+            71..=80 => {}
+            _ => assert_eq!(m["status_code"], 200, "{m}"),
+        }
+        if m["status_code"] == 200 {
+            answered += 1;
+        }
+    }
+    assert_eq!(answered, 95 - 10 - expired_left);
+    assert_eq!(summary["request_counts"]["total"], 95);
+    assert_eq!(summary["request_counts"]["completed"], answered);
+    assert_eq!(summary["lines_without_result"], 10 + expired_left);
+    let results = s.lines_of("batch-output", "big/set/results.jsonl").await;
+    assert_eq!(results.len() as u64, answered);
+
+    assert_eq!(s.emulator.batches().await.len(), 10, "one batch per part");
+    s.assert_clean().await;
+}
+
+#[tokio::test]
+async fn parts_are_submitted_as_quota_allows() {
+    // About one 10-line part fits in the quota at a time.
+    let s = Stack::start(
+        &["--step-ms", "100", "--enqueued-token-limit", "1500"],
+        &[("BATCH_SPLIT_MAX_REQUESTS", "10")],
+    );
+    let logs = s.submit("quota.jsonl", &input(30, &[])).await;
+    assert!(
+        logs.iter().any(|l| l.contains("split into 3 parts")),
+        "{logs:#?}"
+    );
+    let summary = s.harvest("quota", Duration::from_secs(120)).await;
+    assert_eq!(summary["status"], "completed", "{summary:#}");
+    assert_eq!(summary["request_counts"]["completed"], 30);
+    let merged = s.lines_of("batch-output", "quota/merged.jsonl").await;
+    let ids: Vec<_> = merged.iter().map(|m| m["custom_id"].clone()).collect();
+    let expected: Vec<Value> = (1..=30).map(|i| format!("req-{i}").into()).collect();
+    assert_eq!(ids, expected);
+    // Each part ran once: waiting for quota never made a second batch.
+    assert_eq!(s.emulator.batches().await.len(), 3);
+    let history = s.names("batch-jobs", "done/").await;
+    let mut waited = false;
+    for name in &history {
+        let rec = read_json(&s.azurite.store(), "batch-jobs", name)
+            .await
+            .unwrap();
+        waited |= rec["quota_attempts"].as_u64().unwrap_or(0) > 0;
+    }
+    assert!(waited, "some part waited for quota: {history:?}");
+    s.assert_clean().await;
+}
+
+#[tokio::test]
+async fn a_250k_line_input_becomes_3_batches_and_one_merged_file() {
+    let s = Stack::start(&["--step-ms", "50"], &[]);
+    let n = 250_000;
+    let mut body = String::with_capacity(n * 140);
+    for i in 1..=n {
+        body.push_str(&format!(
+            "{{\"custom_id\":\"r{i}\",\"method\":\"POST\",\"url\":\"/chat/completions\",\"body\":{{\"model\":\"{DEPLOYMENT}\",\"messages\":[{{\"role\":\"user\",\"content\":\"q{i}\"}}]}}}}\n"
+        ));
+    }
+    let logs = s.submit("huge.jsonl", body.as_bytes()).await;
+    drop(body);
+    assert!(
+        logs.iter().any(|l| l.contains("split into 3 parts")),
+        "{logs:#?}"
+    );
+    let summary = s.harvest("huge", Duration::from_secs(600)).await;
+    assert_eq!(summary["status"], "completed", "{}", summary["notes"]);
+    assert_eq!(summary["request_counts"]["total"], n);
+    assert_eq!(summary["request_counts"]["completed"], n);
+    let requests: Vec<_> = summary["parts"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| p["requests"].as_u64().unwrap())
+        .collect();
+    assert_eq!(requests, vec![100_000, 100_000, 50_000]);
+
+    let text = read_text(&s.azurite.store(), "batch-output", "huge/merged.jsonl")
+        .await
+        .unwrap();
+    let mut count = 0;
+    for (i, line) in text.lines().enumerate() {
+        let v: Value = serde_json::from_str(line).unwrap();
+        assert_eq!(v["custom_id"], format!("r{}", i + 1));
+        assert_eq!(v["line"], i + 1);
+        assert_eq!(v["status_code"], 200);
+        count += 1;
+    }
+    assert_eq!(count, n);
+    assert_eq!(s.emulator.batches().await.len(), 3);
+    s.assert_clean().await;
+}
