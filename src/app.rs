@@ -25,6 +25,10 @@ pub const FAULT_POINTS: &[&str] = &[
     "harvest:after-errors",
     "harvest:after-merged",
     "harvest:after-summary",
+    "split:after-stage",
+    "split:after-record",
+    "split:after-results",
+    "split:after-summary",
 ];
 
 /// Everything an invocation needs, shared by all of them.

@@ -111,7 +111,7 @@ impl App {
         };
         let outcome = outcome_of(&batch.status);
         let out = rec.output_container(&self.config).to_string();
-        let path = rec.input.output_path().to_string();
+        let path = self.results_folder(&mut rec, j).await?;
         let mut progress = rec.harvest.clone().unwrap_or_default();
 
         // Results of an earlier version of this input must not mix with this one's.
@@ -227,6 +227,13 @@ impl App {
                     .into(),
             );
         }
+        if path != rec.input.output_path() {
+            summary.notes.push(format!(
+                "the input was replaced by a newer version while this batch ran; the newer \
+                 version's results are in {}/",
+                rec.input.output_path()
+            ));
+        }
         rec.finish(outcome, &format!("batch {} {}", batch.id, batch.status))
             .map_err(|e| transition_error(&key, e))?;
         summary.history = rec.history.clone();
@@ -249,6 +256,46 @@ impl App {
             merged.without_result
         ));
         Ok(())
+    }
+
+    /// The folder a job's results go to: `{path}`, unless the input has been replaced by a
+    /// newer version since. That version is its own job and owns `{path}/`; were both
+    /// harvested at once, their files would mix. The older one's go to
+    /// `{path}/superseded/{etag}/`, so nothing is lost and nothing overwrites the newer.
+    /// Chosen once, at the job's first harvest step, and kept in the record (saved with the
+    /// progress that follows).
+    pub(crate) async fn results_folder(
+        &self,
+        rec: &mut JobRecord,
+        j: &Journal,
+    ) -> Result<String, StepError> {
+        if let Some(folder) = &rec.results_folder {
+            return Ok(folder.clone());
+        }
+        let path = rec.input.output_path();
+        if rec.part_of.is_some() {
+            return Ok(path.to_string());
+        }
+        let current = self
+            .store
+            .properties(&rec.input.container, &rec.input.name)
+            .await?;
+        match current {
+            Some(now) if now.etag != rec.input.etag => {
+                let folder = format!("{path}/superseded/{}", rec.input.etag.trim_matches('"'));
+                j.warn(format!(
+                    "job={}: blob={}/{} was replaced by a newer version while this job ran; \
+                     its results go to {}/{folder}/",
+                    rec.key, rec.input.container, rec.input.name, self.config.output_container
+                ));
+                rec.results_folder = Some(folder.clone());
+                Ok(folder)
+            }
+            _ => {
+                rec.results_folder = Some(path.to_string());
+                Ok(path.to_string())
+            }
+        }
     }
 
     pub(crate) async fn save_progress(
@@ -379,7 +426,7 @@ impl App {
     }
 
     /// The lines of a blob, streamed; `None` when it does not exist.
-    async fn open_lines(
+    pub(crate) async fn open_lines(
         &self,
         container: &str,
         name: &str,
@@ -531,7 +578,7 @@ fn never_ran(result: &Value) -> bool {
     )
 }
 
-fn custom_id_of(line: &[u8]) -> Option<String> {
+pub(crate) fn custom_id_of(line: &[u8]) -> Option<String> {
     serde_json::from_slice::<IdOnly>(line).ok()?.custom_id
 }
 
@@ -585,7 +632,7 @@ fn spool_line(
 }
 
 /// One line of `merged.jsonl`: the input line number and id, then the answer or the error.
-fn merged_line(line: u64, custom_id: &str, result: Option<Value>) -> Value {
+pub(crate) fn merged_line(line: u64, custom_id: &str, result: Option<Value>) -> Value {
     let Some(result) = result else {
         return json!({
             "line": line,
@@ -653,7 +700,7 @@ impl LineSplitter {
 }
 
 /// The lines of a streamed blob, one at a time; memory holds one chunk's worth.
-struct Lines<S> {
+pub(crate) struct Lines<S> {
     body: S,
     splitter: LineSplitter,
     ready: std::collections::VecDeque<Vec<u8>>,
@@ -670,7 +717,7 @@ impl<S: Stream<Item = Result<Bytes, StorageError>> + Unpin> Lines<S> {
         }
     }
 
-    async fn next(&mut self) -> Result<Option<Vec<u8>>, StorageError> {
+    pub(crate) async fn next(&mut self) -> Result<Option<Vec<u8>>, StorageError> {
         loop {
             if let Some(line) = self.ready.pop_front() {
                 return Ok(Some(line));

@@ -210,6 +210,10 @@ pub struct JobRecord {
     /// Which harvest steps are done, so an interrupted harvest resumes where it stopped.
     #[serde(default)]
     pub harvest: Option<crate::harvest::HarvestProgress>,
+    /// Where the results go, relative to the output container, once harvest has chosen it
+    /// (see `App::results_folder`); kept for follow-up rounds.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub results_folder: Option<String>,
     /// A split job's parts, in input order.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub parts: Vec<PartRef>,
@@ -254,6 +258,7 @@ impl JobRecord {
             rounds: Vec::new(),
             followup_url: None,
             harvest: None,
+            results_folder: None,
             parts: Vec::new(),
             part_of: None,
             created_at: t,

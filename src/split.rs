@@ -20,7 +20,7 @@ use futures::{StreamExt, TryStreamExt};
 
 use crate::{
     app::{App, Journal},
-    harvest::{ERRORS, HarvestProgress, MERGED, RESULTS, Usage},
+    harvest::{ERRORS, HarvestProgress, MERGED, RESULTS, Usage, custom_id_of, merged_line},
     jobs::{Claim, InputRef, JobRecord, JobState, Outcome, PartRef, staging_prefix},
     openai::{BatchError, RequestCounts},
     storage::StorageError,
@@ -53,11 +53,13 @@ impl App {
             }
             Err(e) => return Err(e.into()),
         };
+        self.fault_point("split:after-stage");
         let count = parts.len();
         rec.split(parts).expect("submitting");
         let Some(etag) = self.jobs.update(&rec, &etag).await? else {
             return Ok(Intake::InProgressElsewhere);
         };
+        self.fault_point("split:after-record");
         let facts = rec.facts.clone().unwrap_or_default();
         j.info(format!(
             "job={key}: blob={}/{} has {} requests ({} bytes), beyond one batch's limits \
@@ -236,7 +238,7 @@ impl App {
     ) -> Result<(), StepError> {
         let key = rec.key.clone();
         let out = self.config.output_container.clone();
-        let path = rec.input.output_path().to_string();
+        let path = self.results_folder(&mut rec, j).await?;
         let mut progress = rec.harvest.clone().unwrap_or_default();
         if !progress.cleared {
             for f in [RESULTS, ERRORS, MERGED] {
@@ -253,6 +255,9 @@ impl App {
                     .await?;
                 *concat_done(&mut progress, file) = true;
                 etag = self.save_progress(&mut rec, &etag, &progress).await?;
+                if file == RESULTS {
+                    self.fault_point("split:after-results");
+                }
             }
         }
 
@@ -263,6 +268,7 @@ impl App {
             summary::write(&self.store, &out, &path, &summary).await?;
             progress.summary_written = true;
             etag = self.save_progress(&mut rec, &etag, &progress).await?;
+            self.fault_point("split:after-summary");
             j.info(format!(
                 "job={key}: {} — {} parts, {} of {} requests answered, {} failed, {} without result; results in {out}/{path}/",
                 summary.status,
@@ -296,6 +302,10 @@ impl App {
             let name = format!("{}/{file}", part_folder(part));
             let mut body = match self.store.download(state, &name, None).await {
                 Ok((_, body)) => body,
+                Err(StorageError::NotFound { .. }) if file == MERGED => {
+                    self.merged_without_results(part, &mut writer).await?;
+                    continue;
+                }
                 Err(StorageError::NotFound { .. }) => continue,
                 Err(e) => return Err(e.into()),
             };
@@ -317,6 +327,30 @@ impl App {
         Ok(())
     }
 
+    /// The merged lines of a part that never ran (its create was refused, or its quota wait
+    /// given up): every request `no_result`, so the combined file still has one line per
+    /// input line.
+    async fn merged_without_results(
+        &self,
+        part: &PartRef,
+        writer: &mut crate::storage::BlobWriter,
+    ) -> Result<(), StepError> {
+        let state = &self.config.state_container;
+        let Some(mut lines) = self.open_lines(state, &part.blob, None).await? else {
+            return Ok(()); // the summary says this part's lines are missing
+        };
+        let mut line_no = part.first_line - 1;
+        while let Some(line) = lines.next().await? {
+            line_no += 1;
+            let id = custom_id_of(&line).unwrap_or_default();
+            let mut text =
+                serde_json::to_vec(&merged_line(line_no, &id, None)).expect("values serialize");
+            text.push(b'\n');
+            writer.write(&text).await?;
+        }
+        Ok(())
+    }
+
     /// The one summary of a split input: totals over the parts, and each part's fate.
     async fn parts_summary(
         &self,
@@ -330,7 +364,7 @@ impl App {
         let mut usage = Usage::default();
         let mut errors = Vec::new();
         let mut without_result = 0;
-        let mut merged_missing = Vec::new();
+        let mut never_ran = Vec::new();
         for part in &rec.parts {
             let child = self.jobs.load_done(&part.key).await?;
             let part_summary = match self
@@ -351,25 +385,29 @@ impl App {
                         .map(|o| o.as_str().into())
                 })
                 .unwrap_or_else(|| "unknown".into());
+            if let Some(u) = part_summary.as_ref().and_then(|s| s.usage.as_ref()) {
+                usage.input_tokens += u.input_tokens;
+                usage.output_tokens += u.output_tokens;
+                usage.total_tokens += u.total_tokens;
+            }
             let (part_counts, part_errors, part_without) = match &part_summary {
-                Some(s) => {
-                    if let Some(u) = &s.usage {
-                        usage.input_tokens += u.input_tokens;
-                        usage.output_tokens += u.output_tokens;
-                        usage.total_tokens += u.total_tokens;
-                    }
-                    if s.files.merged.is_none() {
-                        merged_missing.push(part.index);
-                    }
+                Some(s) if s.files.merged.is_some() => (
+                    s.request_counts.clone(),
+                    s.errors.clone(),
+                    s.lines_without_result,
+                ),
+                // Never ran (a refused create, a quota wait given up): every request is
+                // without result, as its lines in merged.jsonl say.
+                other => {
+                    never_ran.push(part.index);
                     (
-                        s.request_counts.clone(),
-                        s.errors.clone(),
-                        s.lines_without_result,
+                        RequestCounts {
+                            total: part.requests,
+                            ..Default::default()
+                        },
+                        other.as_ref().map(|s| s.errors.clone()).unwrap_or_default(),
+                        part.requests,
                     )
-                }
-                None => {
-                    merged_missing.push(part.index);
-                    (RequestCounts::default(), Vec::new(), part.requests)
                 }
             };
             counts.total += part_counts.total;
@@ -454,9 +492,9 @@ impl App {
                 unfinished.join("; ")
             ));
         }
-        if !merged_missing.is_empty() {
+        if !never_ran.is_empty() {
             summary.notes.push(format!(
-                "merged.jsonl lacks the lines of part(s) {merged_missing:?}: their staged input could not be read"
+                "part(s) {never_ran:?} never ran; their lines are in merged.jsonl with error no_result"
             ));
         }
         summary.parts = table;

@@ -68,6 +68,9 @@ pub enum StepError {
     OpenAi(#[from] OpenAiError),
 }
 
+/// The longest input name whose output names (`{path}/results.jsonl`, …) fit Azure's limit.
+pub const MAX_INPUT_NAME_CHARS: usize = 1024 - "/results.jsonl".len() + ".jsonl".len();
+
 /// How long to tolerate clock skew between us and the service when matching `created_at`.
 const CLOCK_SKEW_SECS: i64 = 300;
 
@@ -87,6 +90,20 @@ impl App {
             ));
             return Ok(Intake::Ignored(format!(
                 "{name} has a `.` or `..` path segment"
+            )));
+        }
+        // Azure caps blob names at 1,024 characters: `{path}/results.jsonl` and its siblings
+        // (8 more than `{path}.jsonl`) could not be written for a longer input name, not even
+        // the summary that would say why.
+        let chars = name.chars().count();
+        if chars > MAX_INPUT_NAME_CHARS {
+            j.error(format!(
+                "blob={container}/{name}: the name is {chars} characters; its results would be \
+                 named past Azure's 1,024-character limit; rename it to at most \
+                 {MAX_INPUT_NAME_CHARS} characters"
+            ));
+            return Ok(Intake::Ignored(format!(
+                "{chars}-character name is too long"
             )));
         }
         let Some(info) = self.store.properties(&container, name).await? else {

@@ -204,6 +204,56 @@ async fn odd_blob_names_are_handled_in_the_right_folder() {
     );
 }
 
+/// A name whose results could not be named (Azure caps blob names at 1,024 characters; Azurite
+/// does not) is refused with a line that says so, and nothing is submitted.
+#[tokio::test]
+async fn a_name_too_long_for_its_results_is_refused_clearly() {
+    let azurite = Azurite::start();
+    let emulator = Emulator::start(&azurite, &["--step-ms", "50"]);
+    let handler = Handler::start(Handler::env(&azurite, &emulator));
+    let store = azurite.store();
+    let longest = aoai_blob_batch::submit::MAX_INPUT_NAME_CHARS;
+    let body = chat_line("x", "q") + "\n";
+    let ok = format!("long/{}.jsonl", "k".repeat(longest - 11));
+    let too_long = format!("long/{}.jsonl", "t".repeat(longest - 10));
+    assert_eq!((ok.len(), too_long.len()), (longest, longest + 1));
+    let (url, etag) = upload_input(&store, &too_long, body.as_bytes()).await;
+    let (status, answer) = handler
+        .invoke(
+            "function-trigger",
+            &trigger_payload(blob_created_event(&url, &etag, body.len() as u64)),
+        )
+        .await;
+    assert_eq!(status, 200, "{:?}", answer.logs);
+    assert!(
+        answer
+            .logs
+            .iter()
+            .any(|l| l.contains("1017 characters")
+                && l.contains("rename it to at most 1016 characters")),
+        "{:?}",
+        answer.logs
+    );
+    upload_input(&store, &ok, body.as_bytes()).await;
+    let path = ok.strip_suffix(".jsonl").unwrap();
+    let summary = eventually(
+        Duration::from_secs(30),
+        "the 1,016-character input",
+        || async {
+            handler.tick().await;
+            read_json(&store, "batch-output", &format!("{path}/summary.json")).await
+        },
+    )
+    .await;
+    assert_eq!(summary["status"], "completed");
+    assert_eq!(emulator.batches().await.len(), 1, "only the name that fits");
+    let outputs: Vec<_> = store.list("batch-output", "").try_collect().await.unwrap();
+    assert!(
+        outputs.iter().all(|o| o.name.starts_with(path)),
+        "{outputs:?}"
+    );
+}
+
 /// A name with a `.` or `..` segment: `t/../up.jsonl` is a legal blob name (the SDK stores it
 /// as is), but a URL parser resolves the segment, so its URL names another blob.
 #[tokio::test]

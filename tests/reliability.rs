@@ -362,7 +362,13 @@ async fn crash_at_every_fault_point() {
     // 1. Crash at every point, twice. The healthy handler only submits (for the harvest
     //    points) and does not tick, so nothing is repaired before every crash has happened;
     //    later faulty handlers' ticks do meet the jobs earlier ones left behind.
-    for (p, point) in FAULT_POINTS.iter().enumerate() {
+    // The split points need an input beyond the batch limits: tests/split.rs crashes there.
+    let points: Vec<&str> = FAULT_POINTS
+        .iter()
+        .copied()
+        .filter(|p| !p.starts_with("split:"))
+        .collect();
+    for (p, point) in points.iter().enumerate() {
         for k in 0..2 {
             let name = format!("crash/{p:02}-{}-{k}.jsonl", point.replace(':', "-"));
             let input = upload(&store, &name, ids(&format!("c{p}k{k}"), 6)).await;
@@ -430,7 +436,7 @@ async fn crash_at_every_fault_point() {
         "FIGURE crash: {} fault points x 2 inputs = {} inputs, {crashes} aborts (in {} s) -> \
          {batches} batches (expected {}), {lines} lines, {lost} lost, every folder complete; \
          recovered by redelivery + ticks in {} s",
-        FAULT_POINTS.len(),
+        points.len(),
         inputs.len(),
         crashed_in.as_secs(),
         inputs.len(),
@@ -672,6 +678,17 @@ async fn check_overwritten(
         ids_of(&results).iter().all(|id| !old_ids.contains(id)),
         "no old-version answers in the new folder"
     );
+    // The old version's own report sits apart, where it cannot mix with the new one's.
+    let superseded = format!(
+        "{}/superseded/{}/summary.json",
+        old.path(),
+        old.etag.trim_matches('"')
+    );
+    let old_summary = read_json(&store, "batch-output", &superseded)
+        .await
+        .unwrap_or_else(|| panic!("no {superseded}"));
+    assert_eq!(old_summary["status"], "failed", "{old_summary}");
+    assert_eq!(old_summary["batch_id"], old_batch.id.as_str());
     (old_batch, new_batch)
 }
 

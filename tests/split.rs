@@ -253,3 +253,160 @@ async fn a_250k_line_input_becomes_3_batches_and_one_merged_file() {
     assert_eq!(s.emulator.batches().await.len(), 3);
     s.assert_clean().await;
 }
+
+/// Posts without expecting an answer: the handler may abort mid-invocation.
+async fn post_to_dying(handler: &Handler, path: &str, payload: &Value) {
+    let _ = reqwest::Client::new()
+        .post(handler.url(path))
+        .timeout(Duration::from_secs(30))
+        .json(payload)
+        .send()
+        .await;
+}
+
+#[tokio::test]
+async fn a_crash_at_every_split_step_still_gives_one_batch_per_part() {
+    let azurite = Azurite::start();
+    let emulator = Emulator::start(&azurite, &["--step-ms", "50"]);
+    let store = azurite.store();
+    let mut env = Handler::env(&azurite, &emulator);
+    env.push(("BATCH_SPLIT_MAX_REQUESTS".into(), "10".into()));
+    // A crash before the create can have been sent: no need to wait out the default 120 s.
+    env.push(("BATCH_CREATE_TIMEOUT_SECONDS".into(), "5".into()));
+    let healthy = Handler::start(env.clone());
+    let points: Vec<&str> = aoai_blob_batch::app::FAULT_POINTS
+        .iter()
+        .copied()
+        .filter(|p| p.starts_with("split:"))
+        .collect();
+    assert!(points.len() >= 4, "{points:?}");
+    let mut inputs = Vec::new();
+    for point in &points {
+        let name = format!("crash-{}.jsonl", point.replace(':', "-"));
+        let body = input(25, &[]);
+        let (url, etag) = upload_input(&store, &name, &body).await;
+        let event = trigger_payload(blob_created_event(&url, &etag, body.len() as u64));
+        let mut faulty_env = env.clone();
+        faulty_env.push(("BATCH_TEST_FAULT".into(), point.to_string()));
+        let mut faulty = Handler::start(faulty_env);
+        if point.ends_with("stage") || point.ends_with("record") {
+            post_to_dying(&faulty, "/function-trigger", &event).await;
+        } else {
+            // The combine points: the healthy handler submits, the faulty one ticks until the
+            // parts have ended and it dies combining them.
+            let (status, answer) = healthy.invoke("function-trigger", &event).await;
+            assert_eq!(status, 200, "{:?}", answer.logs);
+            for _ in 0..100 {
+                post_to_dying(&faulty, "/function-timer", &timer_payload()).await;
+                if faulty.proc.wait_exit(Duration::from_millis(200)).is_some() {
+                    break;
+                }
+            }
+        }
+        let exit = faulty.proc.wait_exit(Duration::from_secs(20));
+        assert!(
+            exit.is_some_and(|s| !s.success())
+                && faulty.proc.logs().contains(&format!("step=\"{point}\"")),
+            "{point}: the handler did not abort there; logs:\n{}",
+            faulty.proc.logs()
+        );
+        inputs.push((name, event));
+    }
+    // Event Grid redelivers; the timer ticks until every input has its summary.
+    for (_, event) in &inputs {
+        let (status, answer) = healthy.invoke("function-trigger", event).await;
+        assert_eq!(status, 200, "{:?}", answer.logs);
+    }
+    for (name, _) in &inputs {
+        let path = name.trim_end_matches(".jsonl");
+        let summary = eventually(Duration::from_secs(120), path, || async {
+            healthy.tick().await;
+            read_json(&store, "batch-output", &format!("{path}/summary.json")).await
+        })
+        .await;
+        assert_eq!(summary["status"], "completed", "{name}: {summary:#}");
+        assert_eq!(summary["parts"].as_array().unwrap().len(), 3, "{name}");
+        let merged = read_text(&store, "batch-output", &format!("{path}/merged.jsonl"))
+            .await
+            .unwrap();
+        let ids: Vec<String> = merged
+            .lines()
+            .map(|l| {
+                serde_json::from_str::<Value>(l).unwrap()["custom_id"]
+                    .as_str()
+                    .unwrap()
+                    .to_string()
+            })
+            .collect();
+        let expected: Vec<String> = (1..=25).map(|i| format!("req-{i}")).collect();
+        assert_eq!(ids, expected, "{name}");
+    }
+    healthy.tick().await;
+    assert_eq!(
+        emulator.batches().await.len(),
+        3 * inputs.len(),
+        "one batch per part, none twice"
+    );
+    let leftovers: Vec<String> = store
+        .list("batch-jobs", "staging/")
+        .map_ok(|b| b.name)
+        .try_collect()
+        .await
+        .unwrap();
+    assert_eq!(leftovers, Vec::<String>::new());
+    let active: Vec<String> = store
+        .list("batch-jobs", "active/")
+        .map_ok(|b| b.name)
+        .try_collect()
+        .await
+        .unwrap();
+    assert_eq!(active, Vec::<String>::new());
+}
+
+#[tokio::test]
+async fn a_part_that_never_runs_keeps_its_lines_in_merged() {
+    // Part 2 holds one request too large for the quota: it is refused until the job gives
+    // it up; parts 1 and 3 run.
+    let s = Stack::start(
+        &["--step-ms", "100", "--enqueued-token-limit", "1500"],
+        &[
+            ("BATCH_SPLIT_MAX_REQUESTS", "10"),
+            ("BATCH_QUEUE_MAX_ATTEMPTS", "2"),
+        ],
+    );
+    let huge = "many words ".repeat(1000);
+    s.submit("never.jsonl", &input(30, &[(15, huge.as_str())]))
+        .await;
+    let summary = s.harvest("never", Duration::from_secs(120)).await;
+    assert_eq!(summary["status"], "failed", "{summary:#}");
+    let part2 = &summary["parts"][1];
+    assert_eq!(part2["status"], "failed", "{part2}");
+    assert_eq!(
+        part2["errors"][0]["code"], "token_limit_exceeded",
+        "{part2}"
+    );
+    assert_eq!(part2["lines_without_result"], 10);
+    assert_eq!(summary["parts"][0]["status"], "completed");
+    assert_eq!(summary["parts"][2]["status"], "completed");
+    assert_eq!(summary["request_counts"]["total"], 30);
+    assert_eq!(summary["request_counts"]["completed"], 20);
+    assert_eq!(summary["lines_without_result"], 10);
+    let merged = s.lines_of("batch-output", "never/merged.jsonl").await;
+    assert_eq!(merged.len(), 30);
+    for (i, m) in merged.iter().enumerate() {
+        let line = i as u64 + 1;
+        assert_eq!(m["line"], line);
+        assert_eq!(m["custom_id"], format!("req-{line}"));
+        if (11..=20).contains(&line) {
+            assert_eq!(m["error"]["code"], "no_result", "{m}");
+        } else {
+            assert_eq!(m["status_code"], 200, "{m}");
+        }
+    }
+    assert_eq!(
+        s.emulator.batches().await.len(),
+        2,
+        "the refused part made no batch"
+    );
+    s.assert_clean().await;
+}
