@@ -226,6 +226,8 @@ pub struct JobRecord {
     pub history: Vec<HistoryEntry>,
 }
 
+const TAKEN_OVER: &str = "taken over";
+
 /// A transition that the state machine does not allow from the record's state.
 #[derive(Debug, thiserror::Error)]
 #[error("job {key}: cannot {action} while {state:?}")]
@@ -327,6 +329,11 @@ impl JobRecord {
                 || self.create_in_flight_until.is_some_and(|l| l > at))
     }
 
+    /// Whether an earlier holder of the claim may have done part of the work.
+    pub fn was_taken_over(&self) -> bool {
+        self.history.iter().any(|h| h.note.starts_with(TAKEN_OVER))
+    }
+
     /// Takes over a `submitting` job whose claim lapsed, or a `queued` job whose wait is over.
     pub fn take_over(&mut self, owner: &str, lease_secs: u64) -> Result<(), InvalidTransition> {
         self.expect("take over", &[JobState::Submitting, JobState::Queued])?;
@@ -334,7 +341,7 @@ impl JobRecord {
         self.state = JobState::Submitting;
         self.owner = Some(owner.to_string());
         self.lease_until = Some(now() + lease_secs as i64);
-        self.note(format!("taken over (previous owner {previous})"));
+        self.note(format!("{TAKEN_OVER} (previous owner {previous})"));
         Ok(())
     }
 

@@ -287,8 +287,8 @@ impl App {
         Ok(())
     }
 
-    /// Streams one file of every part, in part order, into `target`; parts without the file
-    /// add nothing, and no file is written when none has it.
+    /// Streams one file of every part, in part order, into `target`; no file is written when
+    /// no part has one. A part without `merged.jsonl` never ran: its lines are made here.
     async fn concat_parts(
         &self,
         rec: &JobRecord,
@@ -495,6 +495,13 @@ impl App {
         if !never_ran.is_empty() {
             summary.notes.push(format!(
                 "part(s) {never_ran:?} never ran; their lines are in merged.jsonl with error no_result"
+            ));
+        }
+        if path != rec.input.output_path() {
+            summary.notes.push(format!(
+                "the input was replaced by a newer version while these batches ran; the newer \
+                 version's results are in {}/",
+                rec.input.output_path()
             ));
         }
         summary.parts = table;

@@ -241,6 +241,11 @@ impl App {
             if report.parts.len() > 1 {
                 return self.split_input(rec, etag, &report.parts, j).await;
             }
+            if rec.was_taken_over() {
+                // A holder that died while splitting, under larger limits than ours now,
+                // left parts nobody will submit.
+                self.delete_staging(&key).await?;
+            }
         }
 
         self.fault_point("submit:after-validate");

@@ -281,6 +281,7 @@ async fn a_crash_at_every_split_step_still_gives_one_batch_per_part() {
         .collect();
     assert!(points.len() >= 4, "{points:?}");
     let mut inputs = Vec::new();
+    let started = std::time::Instant::now();
     for point in &points {
         let name = format!("crash-{}.jsonl", point.replace(':', "-"));
         let body = input(25, &[]);
@@ -361,6 +362,15 @@ async fn a_crash_at_every_split_step_still_gives_one_batch_per_part() {
         .await
         .unwrap();
     assert_eq!(active, Vec::<String>::new());
+    println!(
+        "FIGURE split-crash: {} inputs of 25 lines in 10-line parts, the handler aborted at \
+         each of {points:?} -> {} batches (expected {}), every merged.jsonl whole and in order, \
+         0 staged blobs and 0 active records left; {} s",
+        inputs.len(),
+        emulator.batches().await.len(),
+        3 * inputs.len(),
+        started.elapsed().as_secs()
+    );
 }
 
 #[tokio::test]
@@ -409,4 +419,50 @@ async fn a_part_that_never_runs_keeps_its_lines_in_merged() {
         "the refused part made no batch"
     );
     s.assert_clean().await;
+}
+
+#[tokio::test]
+async fn parts_staged_before_a_crash_are_removed_when_the_limits_changed() {
+    let azurite = Azurite::start();
+    let emulator = Emulator::start(&azurite, &["--step-ms", "50"]);
+    let store = azurite.store();
+    let env = Handler::env(&azurite, &emulator);
+    let body = input(25, &[]);
+    let (url, etag) = upload_input(&store, "relimited.jsonl", &body).await;
+    let event = trigger_payload(blob_created_event(&url, &etag, body.len() as u64));
+
+    let mut faulty_env = env.clone();
+    faulty_env.push(("BATCH_SPLIT_MAX_REQUESTS".into(), "10".into()));
+    faulty_env.push(("BATCH_TEST_FAULT".into(), "split:after-stage".into()));
+    let mut faulty = Handler::start(faulty_env);
+    post_to_dying(&faulty, "/function-trigger", &event).await;
+    assert!(faulty.proc.wait_exit(Duration::from_secs(20)).is_some());
+    let staged: Vec<String> = store
+        .list("batch-jobs", "staging/")
+        .map_ok(|b| b.name)
+        .try_collect()
+        .await
+        .unwrap();
+    assert_eq!(staged.len(), 3, "{staged:?}");
+
+    // Redeployed with the default limits: the file is one batch, and the parts go.
+    let healthy = Handler::start(env);
+    tokio::time::sleep(Duration::from_secs(3)).await; // the dead holder's 2 s lease
+    let (status, answer) = healthy.invoke("function-trigger", &event).await;
+    assert_eq!(status, 200, "{:?}", answer.logs);
+    let summary = eventually(Duration::from_secs(60), "summary", || async {
+        healthy.tick().await;
+        read_json(&store, "batch-output", "relimited/summary.json").await
+    })
+    .await;
+    assert_eq!(summary["status"], "completed", "{summary:#}");
+    assert!(summary.get("parts").is_none(), "{summary:#}");
+    assert_eq!(emulator.batches().await.len(), 1);
+    let staged: Vec<String> = store
+        .list("batch-jobs", "staging/")
+        .map_ok(|b| b.name)
+        .try_collect()
+        .await
+        .unwrap();
+    assert_eq!(staged, Vec::<String>::new());
 }
