@@ -244,7 +244,7 @@ async fn run(args: RunArgs) -> Result<()> {
     };
     rep.note(format!(
         "Inputs: {valid_lines} chat requests (system + user message, ~2 KB a line, ids task-N), {valid_bytes} bytes; \
-         and {big_lines} such requests, {big_bytes} bytes, for the memory runs. Generated per run, deterministic."
+         and {big_lines} such requests, {big_bytes} bytes, for the memory runs (beyond one batch's limits: intake splits it into parts). Generated per run, deterministic."
     ));
 
     if want("validation") {
@@ -279,7 +279,7 @@ async fn run(args: RunArgs) -> Result<()> {
             pipeline::upload_inputs(&stack, &inputs, &mut rep).await?;
             let download = pipeline::download_baseline(&cfg, &stack, &mut rep).await?;
             pipeline::submit_valid(&cfg, &stack, download, &mut rep).await?;
-            pipeline::submit_big(&cfg, &stack, inputs.big_bytes, &mut rep).await?;
+            pipeline::submit_big(&cfg, &stack, &inputs, &mut rep).await?;
             pipeline::harvest(&cfg, &stack, &mut rep).await?;
         }
         if want("tick") {

@@ -158,6 +158,18 @@ impl Handler {
         containers: &Containers,
         log: PathBuf,
     ) -> Result<Handler> {
+        Handler::start_with(bin, openai_endpoint, blob_port, containers, log, &[])
+    }
+
+    /// [`Handler::start`] with more settings (`extra`, e.g. the split limits).
+    pub fn start_with(
+        bin: &Path,
+        openai_endpoint: &str,
+        blob_port: u16,
+        containers: &Containers,
+        log: PathBuf,
+        extra: &[(&str, String)],
+    ) -> Result<Handler> {
         let port = free_port()?;
         let mut cmd = Command::new(bin);
         cmd.env_clear()
@@ -171,7 +183,8 @@ impl Handler {
             )
             .env("BATCH_INPUT_CONTAINER", &containers.input)
             .env("BATCH_OUTPUT_CONTAINER", &containers.output)
-            .env("BATCH_STATE_CONTAINER", &containers.state);
+            .env("BATCH_STATE_CONTAINER", &containers.state)
+            .envs(extra.iter().map(|(k, v)| (k, v)));
         let t0 = Instant::now();
         let mut svc = Service::spawn("the handler", cmd, log)?;
         let started_in = wait_ready(port, t0, &mut svc, Duration::from_secs(30))?;
