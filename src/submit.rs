@@ -71,6 +71,9 @@ pub enum StepError {
 /// The longest input name whose output names (`{path}/results.jsonl`, …) fit Azure's limit.
 pub const MAX_INPUT_NAME_CHARS: usize = 1024 - "/results.jsonl".len() + ".jsonl".len();
 
+/// Downloaded chunks (1 MiB each) waiting to be validated at most.
+const READ_AHEAD_CHUNKS: usize = 4;
+
 /// How long to tolerate clock skew between us and the service when matching `created_at`.
 const CLOCK_SKEW_SECS: i64 = 300;
 
@@ -415,9 +418,21 @@ impl App {
             .store
             .download(&input.container, &input.name, Some(&input.etag))
             .await?;
+        // The download runs in its own task, a few chunks ahead, so checking a chunk overlaps
+        // fetching the next instead of adding to it (BENCHMARKS.md, submit latency). Memory
+        // stays bounded by the channel.
+        let (tx, mut chunks) = tokio::sync::mpsc::channel(READ_AHEAD_CHUNKS);
+        tokio::spawn(async move {
+            while let Some(chunk) = body.next().await {
+                let failed = chunk.is_err();
+                if tx.send(chunk).await.is_err() || failed {
+                    break;
+                }
+            }
+        });
         // The limits bound each batch, not the input: beyond them, it is split.
         let mut validator = Validator::splitting(self.config.split_limits);
-        while let Some(chunk) = body.next().await {
+        while let Some(chunk) = chunks.recv().await {
             validator.feed(&chunk?);
         }
         Ok(validator.finish())
