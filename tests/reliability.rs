@@ -323,16 +323,6 @@ async fn duplicates() {
     );
 }
 
-/// Posts without expecting an answer: the handler aborts mid-invocation.
-async fn post_to_dying(handler: &Handler, path: &str, payload: &Value) {
-    let _ = reqwest::Client::new()
-        .post(handler.url(path))
-        .timeout(Duration::from_secs(30))
-        .json(payload)
-        .send()
-        .await;
-}
-
 #[tokio::test]
 async fn crash_at_every_fault_point() {
     let azurite = Azurite::start();

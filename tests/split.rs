@@ -5,7 +5,6 @@ mod support;
 
 use std::time::Duration;
 
-use futures::TryStreamExt;
 use serde_json::Value;
 use support::*;
 
@@ -57,13 +56,7 @@ impl Stack {
     }
 
     async fn names(&self, container: &str, prefix: &str) -> Vec<String> {
-        self.azurite
-            .store()
-            .list(container, prefix)
-            .map_ok(|b| b.name)
-            .try_collect()
-            .await
-            .unwrap()
+        blob_names(&self.azurite.store(), container, prefix).await
     }
 
     /// Nothing staged and no job left active: a finished split leaves nothing behind.
@@ -254,16 +247,6 @@ async fn a_250k_line_input_becomes_3_batches_and_one_merged_file() {
     s.assert_clean().await;
 }
 
-/// Posts without expecting an answer: the handler may abort mid-invocation.
-async fn post_to_dying(handler: &Handler, path: &str, payload: &Value) {
-    let _ = reqwest::Client::new()
-        .post(handler.url(path))
-        .timeout(Duration::from_secs(30))
-        .json(payload)
-        .send()
-        .await;
-}
-
 #[tokio::test]
 async fn a_crash_at_every_split_step_still_gives_one_batch_per_part() {
     let azurite = Azurite::start();
@@ -348,19 +331,9 @@ async fn a_crash_at_every_split_step_still_gives_one_batch_per_part() {
         3 * inputs.len(),
         "one batch per part, none twice"
     );
-    let leftovers: Vec<String> = store
-        .list("batch-jobs", "staging/")
-        .map_ok(|b| b.name)
-        .try_collect()
-        .await
-        .unwrap();
+    let leftovers = blob_names(&store, "batch-jobs", "staging/").await;
     assert_eq!(leftovers, Vec::<String>::new());
-    let active: Vec<String> = store
-        .list("batch-jobs", "active/")
-        .map_ok(|b| b.name)
-        .try_collect()
-        .await
-        .unwrap();
+    let active = blob_names(&store, "batch-jobs", "active/").await;
     assert_eq!(active, Vec::<String>::new());
     println!(
         "FIGURE split-crash: {} inputs of 25 lines in 10-line parts, the handler aborted at \
@@ -437,12 +410,7 @@ async fn parts_staged_before_a_crash_are_removed_when_the_limits_changed() {
     let mut faulty = Handler::start(faulty_env);
     post_to_dying(&faulty, "/function-trigger", &event).await;
     assert!(faulty.proc.wait_exit(Duration::from_secs(20)).is_some());
-    let staged: Vec<String> = store
-        .list("batch-jobs", "staging/")
-        .map_ok(|b| b.name)
-        .try_collect()
-        .await
-        .unwrap();
+    let staged = blob_names(&store, "batch-jobs", "staging/").await;
     assert_eq!(staged.len(), 3, "{staged:?}");
 
     // Redeployed with the default limits: the file is one batch, and the parts go.
@@ -458,11 +426,6 @@ async fn parts_staged_before_a_crash_are_removed_when_the_limits_changed() {
     assert_eq!(summary["status"], "completed", "{summary:#}");
     assert!(summary.get("parts").is_none(), "{summary:#}");
     assert_eq!(emulator.batches().await.len(), 1);
-    let staged: Vec<String> = store
-        .list("batch-jobs", "staging/")
-        .map_ok(|b| b.name)
-        .try_collect()
-        .await
-        .unwrap();
+    let staged = blob_names(&store, "batch-jobs", "staging/").await;
     assert_eq!(staged, Vec::<String>::new());
 }

@@ -506,6 +506,27 @@ pub async fn upload_input(store: &BlobStore, name: &str, body: &[u8]) -> (String
     (store.blob_url("batch-input", name), etag)
 }
 
+/// Posts without expecting an answer: the handler may abort mid-invocation (a fault point).
+pub async fn post_to_dying(handler: &Handler, path: &str, payload: &Value) {
+    let _ = reqwest::Client::new()
+        .post(handler.url(path))
+        .timeout(Duration::from_secs(30))
+        .json(payload)
+        .send()
+        .await;
+}
+
+/// The names of the blobs under `prefix`.
+pub async fn blob_names(store: &BlobStore, container: &str, prefix: &str) -> Vec<String> {
+    use futures::TryStreamExt;
+    store
+        .list(container, prefix)
+        .map_ok(|b| b.name)
+        .try_collect()
+        .await
+        .unwrap()
+}
+
 pub async fn read_json(store: &BlobStore, container: &str, name: &str) -> Option<Value> {
     store
         .read(container, name)
