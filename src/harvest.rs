@@ -117,11 +117,7 @@ impl App {
         // Results of an earlier version of this input must not mix with this one's.
         if !progress.cleared {
             if rec.round == 0 {
-                for f in [RESULTS, ERRORS, MERGED] {
-                    self.store
-                        .delete(&out, &format!("{path}/{f}"), None)
-                        .await?;
-                }
+                self.clear_folder(&out, &path).await?;
             }
             progress.cleared = true;
             etag = self.save_progress(&mut rec, &etag, &progress).await?;
@@ -296,6 +292,21 @@ impl App {
                 Ok(path.to_string())
             }
         }
+    }
+
+    /// Removes the files an earlier version of the same input left in `folder`, so they do
+    /// not mix with this job's.
+    pub(crate) async fn clear_folder(
+        &self,
+        container: &str,
+        folder: &str,
+    ) -> Result<(), StepError> {
+        for f in [RESULTS, ERRORS, MERGED] {
+            self.store
+                .delete(container, &format!("{folder}/{f}"), None)
+                .await?;
+        }
+        Ok(())
     }
 
     pub(crate) async fn save_progress(

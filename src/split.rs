@@ -241,11 +241,7 @@ impl App {
         let path = self.results_folder(&mut rec, j).await?;
         let mut progress = rec.harvest.clone().unwrap_or_default();
         if !progress.cleared {
-            for f in [RESULTS, ERRORS, MERGED] {
-                self.store
-                    .delete(&out, &format!("{path}/{f}"), None)
-                    .await?;
-            }
+            self.clear_folder(&out, &path).await?;
             progress.cleared = true;
             etag = self.save_progress(&mut rec, &etag, &progress).await?;
         }
