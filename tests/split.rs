@@ -22,30 +22,6 @@ fn input(n: usize, special: &[(usize, &str)]) -> Vec<u8> {
 }
 
 impl Stack {
-    async fn submit(&self, name: &str, body: &[u8]) -> Vec<String> {
-        let (url, etag) = upload_input(&self.azurite.store(), name, body).await;
-        let (status, answer) = self
-            .handler
-            .invoke(
-                "function-trigger",
-                &trigger_payload(blob_created_event(&url, &etag, body.len() as u64)),
-            )
-            .await;
-        assert_eq!(status, 200, "{:?}", answer.logs);
-        answer.logs
-    }
-
-    async fn harvest(&self, path: &str, timeout: Duration) -> Value {
-        let store = self.azurite.store();
-        let summary = format!("{path}/summary.json");
-        eventually(timeout, &summary, || async {
-            let (status, answer) = self.handler.tick().await;
-            assert_eq!(status, 200, "{:?}", answer.logs);
-            read_json(&store, "batch-output", &summary).await
-        })
-        .await
-    }
-
     async fn lines_of(&self, container: &str, name: &str) -> Vec<Value> {
         read_text(&self.azurite.store(), container, name)
             .await
@@ -92,7 +68,7 @@ async fn a_95_line_input_in_10_line_parts_tells_each_parts_fate() {
     );
     // Part 4 (lines 31–40) fails; part 8 (lines 71–80) expires part-way.
     let body = input(95, &[(35, "PLEASE-FAIL"), (72, "PLEASE-EXPIRE")]);
-    let logs = s.submit("big/set.jsonl", &body).await;
+    let logs = s.submit("big/set.jsonl", &body).await.logs;
     assert!(
         logs.iter().any(|l| l.contains("split into 10 parts")),
         "{logs:#?}"
@@ -177,7 +153,7 @@ async fn parts_are_submitted_as_quota_allows() {
         &["--step-ms", "100", "--enqueued-token-limit", "1500"],
         &[("BATCH_SPLIT_MAX_REQUESTS", "10")],
     );
-    let logs = s.submit("quota.jsonl", &input(30, &[])).await;
+    let logs = s.submit("quota.jsonl", &input(30, &[])).await.logs;
     assert!(
         logs.iter().any(|l| l.contains("split into 3 parts")),
         "{logs:#?}"
@@ -213,7 +189,7 @@ async fn a_250k_line_input_becomes_3_batches_and_one_merged_file() {
             "{{\"custom_id\":\"r{i}\",\"method\":\"POST\",\"url\":\"/chat/completions\",\"body\":{{\"model\":\"{DEPLOYMENT}\",\"messages\":[{{\"role\":\"user\",\"content\":\"q{i}\"}}]}}}}\n"
         ));
     }
-    let logs = s.submit("huge.jsonl", body.as_bytes()).await;
+    let logs = s.submit("huge.jsonl", body.as_bytes()).await.logs;
     drop(body);
     assert!(
         logs.iter().any(|l| l.contains("split into 3 parts")),

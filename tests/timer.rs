@@ -31,32 +31,6 @@ fn lines(n: usize, prefix: &str) -> Vec<u8> {
 }
 
 impl Stack {
-    async fn submit(&self, name: &str, body: &[u8]) -> String {
-        let store = self.azurite.store();
-        let (url, etag) = upload_input(&store, name, body).await;
-        let (status, answer) = self
-            .handler
-            .invoke(
-                "function-trigger",
-                &trigger_payload(blob_created_event(&url, &etag, body.len() as u64)),
-            )
-            .await;
-        assert_eq!(status, 200, "{:?}", answer.logs);
-        etag
-    }
-
-    /// Ticks until `batch-output/{path}/summary.json` appears; returns it.
-    async fn harvest(&self, path: &str, timeout: Duration) -> Value {
-        let store = self.azurite.store();
-        let summary = format!("{path}/summary.json");
-        eventually(timeout, &summary, || async {
-            let (status, answer) = self.handler.tick().await;
-            assert_eq!(status, 200, "{:?}", answer.logs);
-            read_json(&store, "batch-output", &summary).await
-        })
-        .await
-    }
-
     async fn merged(&self, path: &str) -> Vec<Value> {
         read_text(
             &self.azurite.store(),
@@ -86,7 +60,7 @@ impl Stack {
 async fn a_completed_batch_lands_in_place_with_merged_and_summary() {
     let s = stack(&["--step-ms", "50"]);
     let seed = std::fs::read(root().join("samples/test.jsonl")).unwrap();
-    let etag = s.submit("test.jsonl", &seed).await;
+    let etag = s.submit("test.jsonl", &seed).await.etag;
     let summary = s.harvest("test", Duration::from_secs(30)).await;
 
     assert_eq!(summary["status"], "completed", "{summary}");

@@ -444,6 +444,41 @@ impl Stack {
             handler,
         }
     }
+
+    /// Uploads `batch-input/{name}` and delivers its BlobCreated event, as the host would.
+    pub async fn submit(&self, name: &str, body: &[u8]) -> Submitted {
+        let (url, etag) = upload_input(&self.azurite.store(), name, body).await;
+        let (status, answer) = self
+            .handler
+            .invoke(
+                "function-trigger",
+                &trigger_payload(blob_created_event(&url, &etag, body.len() as u64)),
+            )
+            .await;
+        assert_eq!(status, 200, "{:?}", answer.logs);
+        Submitted {
+            etag,
+            logs: answer.logs,
+        }
+    }
+
+    /// Ticks until `batch-output/{path}/summary.json` appears; returns it.
+    pub async fn harvest(&self, path: &str, timeout: Duration) -> Value {
+        let store = self.azurite.store();
+        let summary = format!("{path}/summary.json");
+        eventually(timeout, &summary, || async {
+            let (status, answer) = self.handler.tick().await;
+            assert_eq!(status, 200, "{:?}", answer.logs);
+            read_json(&store, "batch-output", &summary).await
+        })
+        .await
+    }
+}
+
+/// What the trigger did with an uploaded input: the blob's ETag and the invocation's logs.
+pub struct Submitted {
+    pub etag: String,
+    pub logs: Vec<String>,
 }
 
 /// The documented BlobCreated event (Event Grid schema) for a blob in Azurite.
