@@ -2,7 +2,8 @@
 # Runs the Python tests: the real `openai` and `azure-storage-blob` clients against Azurite and
 # the batch emulator. Sets up what it needs from the repository's own files (the pinned
 # requirements, the npm lock file) and builds the emulator first. Each test session starts its
-# own processes on free ports and stops them. Extra arguments go to pytest.
+# own processes on free ports and stops them. Extra arguments go to pytest; `--prepare` alone
+# only sets up the virtual environment.
 set -euo pipefail
 here="$(cd "$(dirname "$0")" && pwd)"
 root="$(cd "$here/../.." && pwd)"
@@ -18,6 +19,8 @@ if ! cmp -s "$here/requirements.txt" "$stamp"; then
   "$venv/bin/python" -m pip install --quiet --disable-pip-version-check -r "$here/requirements.txt"
   cp "$here/requirements.txt" "$stamp"
 fi
+
+[ "${1:-}" = --prepare ] && exit 0
 
 if [ ! -x node_modules/.bin/azurite-blob ]; then
   npm ci --no-audit --no-fund --loglevel=error
