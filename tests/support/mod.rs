@@ -9,7 +9,10 @@ use std::{
     io::{BufRead, BufReader},
     path::PathBuf,
     process::{Child, Command, Stdio},
-    sync::{Arc, Mutex, OnceLock},
+    sync::{
+        Arc, Mutex, OnceLock,
+        atomic::{AtomicUsize, Ordering},
+    },
     time::{Duration, Instant},
 };
 
@@ -34,6 +37,8 @@ pub fn root() -> PathBuf {
 pub struct Proc {
     child: Child,
     pub output: Arc<Mutex<Vec<String>>>,
+    /// How many of the two output streams their reader threads have read to the end.
+    streams_closed: Arc<AtomicUsize>,
 }
 
 impl Drop for Proc {
@@ -62,6 +67,7 @@ impl Proc {
             .spawn()
             .unwrap_or_else(|e| panic!("cannot start {cmd:?}: {e}"));
         let output = Arc::new(Mutex::new(Vec::new()));
+        let streams_closed = Arc::new(AtomicUsize::new(0));
         let (tx, rx) = std::sync::mpsc::channel::<String>();
         for stream in [
             Box::new(child.stdout.take().unwrap()) as Box<dyn std::io::Read + Send>,
@@ -69,6 +75,7 @@ impl Proc {
         ] {
             let output = output.clone();
             let tx = tx.clone();
+            let streams_closed = streams_closed.clone();
             std::thread::spawn(move || {
                 for line in BufReader::new(stream).lines().map_while(Result::ok) {
                     if std::env::var_os("TEST_SHOW_LOGS").is_some() {
@@ -77,6 +84,7 @@ impl Proc {
                     output.lock().unwrap().push(line.clone());
                     let _ = tx.send(line);
                 }
+                streams_closed.fetch_add(1, Ordering::SeqCst);
             });
         }
         // Only the reader threads hold senders now: when both streams close (the process
@@ -87,7 +95,12 @@ impl Proc {
             let left = deadline.saturating_duration_since(Instant::now());
             match rx.recv_timeout(left) {
                 Ok(line) if line.contains(ready_marker) => {
-                    return Ok((Proc { child, output }, line));
+                    let proc = Proc {
+                        child,
+                        output,
+                        streams_closed,
+                    };
+                    return Ok((proc, line));
                 }
                 Ok(_) => continue,
                 Err(_) => {
@@ -117,11 +130,18 @@ impl Proc {
         self.wait_exit(timeout)
     }
 
-    /// Waits for the process to exit by itself (a test fault point aborts it).
+    /// Waits for the process to exit by itself (a test fault point aborts it), then for its
+    /// last output lines: they may still sit in the pipes when it has exited, and a test
+    /// reads `logs()` next.
     pub fn wait_exit(&mut self, timeout: Duration) -> Option<std::process::ExitStatus> {
         let deadline = Instant::now() + timeout;
         while Instant::now() < deadline {
             if let Ok(Some(status)) = self.child.try_wait() {
+                // Bounded: a grandchild that inherited a pipe could keep it open.
+                let drained = Instant::now() + Duration::from_secs(5);
+                while self.streams_closed.load(Ordering::SeqCst) < 2 && Instant::now() < drained {
+                    std::thread::sleep(Duration::from_millis(10));
+                }
                 return Some(status);
             }
             std::thread::sleep(Duration::from_millis(50));
