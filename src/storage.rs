@@ -746,7 +746,9 @@ impl BlobStore {
     /// A read-only SAS for one blob, valid 30 minutes, signed with a user delegation key
     /// (Entra ID; no account key exists in production). The key is fetched once and reused
     /// until it has less than an hour left; the identity needs
-    /// `generateUserDelegationKey`, which Storage Blob Data Contributor/Owner include.
+    /// `generateUserDelegationKey`, which Storage Blob Data Contributor/Owner include
+    /// (https://learn.microsoft.com/rest/api/storageservices/create-user-delegation-sas and
+    /// .../get-user-delegation-key).
     async fn user_delegation_sas(
         &self,
         delegation: &Delegation,
