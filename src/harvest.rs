@@ -251,6 +251,9 @@ impl App {
             summary.request_counts.failed,
             merged.without_result
         ));
+        if let Some(errors) = summary::describe_errors(&summary.errors) {
+            j.warn(format!("job={key} batch={}: {errors}", batch.id));
+        }
         Ok(())
     }
 

@@ -127,6 +127,83 @@ impl Summary {
     }
 }
 
+/// What a user can do about a service error code, for the codes whose cause lies on the
+/// user's side of the service. The README's troubleshooting table says the same at length.
+pub fn advice(code: &str) -> Option<&'static str> {
+    Some(match code {
+        "input_no_permissions" => {
+            "input_no_permissions: the Azure OpenAI resource could not read the input blob. \
+             Give its system-assigned identity Storage Blob Data Contributor on the storage \
+             account (infra/ does; a new role assignment takes a few minutes) and let any \
+             storage firewall admit it, then upload the file again."
+        }
+        "model_not_found" => {
+            "model_not_found: body.model must be the name of a batch deployment (GlobalBatch or \
+             DataZoneBatch) of this Azure OpenAI resource, not a model name. Fix it and upload \
+             the file again."
+        }
+        "invalid_request" => {
+            "invalid_request: the service refused the batch or a line; check that the \
+             deployment's SKU is GlobalBatch or DataZoneBatch, and the line the error names."
+        }
+        "input_modified" => {
+            "input_modified: the input blob changed while its batch ran. Leave an input \
+             untouched until its summary.json appears; a new version is a job of its own."
+        }
+        "token_limit_exceeded" => {
+            "token_limit_exceeded: the deployment's enqueued-token quota stayed full. Raise its \
+             capacity, or upload the file again when running jobs have finished."
+        }
+        _ => return None,
+    })
+}
+
+/// The advice for each distinct code among `errors`, in code order.
+fn advice_for(errors: &[BatchError]) -> Vec<&'static str> {
+    let mut codes: Vec<&str> = errors.iter().filter_map(|e| e.code.as_deref()).collect();
+    codes.sort_unstable();
+    codes.dedup();
+    codes.into_iter().filter_map(advice).collect()
+}
+
+/// A batch's service errors in one log line (the first few, with their input lines), and
+/// the advice for their codes: what an operator searching the logs needs.
+pub fn describe_errors(errors: &[BatchError]) -> Option<String> {
+    const SHOWN: usize = 5;
+    if errors.is_empty() {
+        return None;
+    }
+    let mut listed: Vec<String> = errors
+        .iter()
+        .take(SHOWN)
+        .map(|e| {
+            let code = e.code.as_deref().unwrap_or("(no code)");
+            let at = e.line.map(|l| format!(" at line {l}")).unwrap_or_default();
+            format!("{code}{at}: {}", e.message.as_deref().unwrap_or(""))
+        })
+        .collect();
+    if errors.len() > SHOWN {
+        listed.push(format!("and {} more", errors.len() - SHOWN));
+    }
+    let advice = advice_for(errors);
+    let mut line = format!("service errors: {}", listed.join("; "));
+    if !advice.is_empty() {
+        line.push_str(&format!(" — {}", advice.join(" ")));
+    }
+    Some(line)
+}
+
+impl Summary {
+    /// One note per distinct error code with advice, so the summary says what to do.
+    fn add_advice(&mut self) {
+        for advice in advice_for(&self.errors) {
+            if !self.notes.iter().any(|n| n == advice) {
+                self.notes.push(advice.to_string());
+            }
+        }
+    }
+}
+
 /// The blob name of a job's summary in the output container.
 pub fn summary_name(output_path: &str) -> String {
     format!("{output_path}/summary.json")
@@ -138,7 +215,11 @@ pub async fn write(
     output_path: &str,
     summary: &Summary,
 ) -> Result<(), StorageError> {
-    let body = serde_json::to_vec_pretty(summary).expect("summaries always serialize");
+    // Every summary (rejected, failed at create, harvested, combined from parts) is written
+    // here, so the advice is added in one place.
+    let mut summary = summary.clone();
+    summary.add_advice();
+    let body = serde_json::to_vec_pretty(&summary).expect("summaries always serialize");
     store
         .write(
             container,
@@ -149,4 +230,72 @@ pub async fn write(
         )
         .await
         .map(|_| ())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn error(code: &str) -> BatchError {
+        BatchError {
+            code: Some(code.into()),
+            message: Some("m".into()),
+            param: None,
+            line: None,
+        }
+    }
+
+    #[test]
+    fn each_fixable_code_gets_one_note_naming_it() {
+        let input = crate::jobs::InputRef {
+            container: "batch-input".into(),
+            name: "test.jsonl".into(),
+            etag: "\"0x1\"".into(),
+            size: 10,
+            url: "https://a.blob.core.windows.net/batch-input/test.jsonl".into(),
+        };
+        let record = JobRecord::claim(input, "me", 60);
+        let mut s = Summary {
+            errors: vec![
+                error("model_not_found"),
+                error("input_no_permissions"),
+                error("model_not_found"),
+                error("something_else"),
+            ],
+            ..Summary::for_job(&record, Outcome::Failed)
+        };
+        s.add_advice();
+        s.add_advice(); // written again after a retried step: no second copy
+        assert_eq!(s.notes.len(), 2, "{:?}", s.notes);
+        assert!(s.notes[0].starts_with("input_no_permissions: "));
+        assert!(s.notes[1].starts_with("model_not_found: "));
+        assert!(s.notes[1].contains("deployment"));
+    }
+
+    #[test]
+    fn the_log_line_lists_the_first_errors_with_lines_and_the_advice() {
+        let mut errors: Vec<BatchError> = (1..=7)
+            .map(|l| BatchError {
+                line: Some(l),
+                ..error("model_not_found")
+            })
+            .collect();
+        errors.push(error("input_modified"));
+        let line = describe_errors(&errors).unwrap();
+        assert!(
+            line.starts_with("service errors: model_not_found at line 1: m; "),
+            "{line}"
+        );
+        assert!(line.contains("at line 5: m; and 3 more — "), "{line}");
+        assert!(!line.contains("at line 6"), "{line}");
+        assert!(
+            line.contains("input_modified: the input blob changed"),
+            "{line}"
+        );
+        assert!(
+            line.contains("model_not_found: body.model must be"),
+            "{line}"
+        );
+        assert_eq!(describe_errors(&[]), None);
+    }
 }

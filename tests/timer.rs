@@ -182,6 +182,19 @@ async fn a_failed_batch_reports_the_service_errors() {
         .collect();
     assert!(codes.contains(&Value::from("model_not_found")), "{summary}");
     assert!(summary["batch_id"].is_string());
+    // The summary and the log say what to do, not only what went wrong.
+    let notes = summary["notes"].to_string();
+    assert!(
+        notes.contains("model_not_found: body.model must be the name of a batch deployment"),
+        "{summary}"
+    );
+    let logs = s.handler.proc.logs();
+    let warned = logs
+        .lines()
+        .find(|l| l.contains("WARN") && l.contains("service errors: model_not_found"))
+        .unwrap_or_else(|| panic!("no service-error line in the logs:\n{logs}"));
+    assert!(warned.contains("job=failing.jsonl@"), "{warned}");
+    assert!(warned.contains("body.model must be"), "{warned}");
 }
 
 #[tokio::test]
