@@ -75,12 +75,33 @@ impl App {
 
     /// Submits inputs that have no job record for their current version.
     async fn sweep(&self, active: &HashSet<String>, j: &Journal) -> Result<usize, StepError> {
-        let inputs: Vec<_> = self
+        let (inputs, others): (Vec<_>, Vec<_>) = self
             .store
             .list(&self.config.input_container, "")
-            .try_filter(|b| futures::future::ready(b.name.ends_with(".jsonl")))
-            .try_collect()
-            .await?;
+            .try_collect::<Vec<_>>()
+            .await?
+            .into_iter()
+            .partition(|b| b.name.ends_with(".jsonl"));
+        // Nothing dropped in is ignored silently: a `data.JSONL` or `data.json` is not an
+        // input (the Event Grid filter and the Contract say `.jsonl`), so say so every tick
+        // while it is there.
+        if !others.is_empty() {
+            const SHOWN: usize = 5;
+            let names: Vec<&str> = others.iter().take(SHOWN).map(|b| b.name.as_str()).collect();
+            let more = others.len().saturating_sub(SHOWN);
+            j.warn(format!(
+                "sweep: {} blob(s) in {} are not submitted: only names ending in \".jsonl\" \
+                 (lower case) are batch inputs: {}{}",
+                others.len(),
+                self.config.input_container,
+                names.join(", "),
+                if more > 0 {
+                    format!(" and {more} more")
+                } else {
+                    String::new()
+                }
+            ));
+        }
         if inputs.is_empty() {
             return Ok(0);
         }

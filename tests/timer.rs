@@ -343,6 +343,14 @@ async fn a_file_nobody_announced_is_found_by_the_sweep() {
     let summary = s.harvest("quiet/file", Duration::from_secs(30)).await;
     assert_eq!(summary["status"], "completed");
     assert_eq!(s.emulator.batches().await.len(), 1);
+    // The file that is not an input is not taken in, and the log says so.
+    let logs = s.handler.proc.logs();
+    assert!(
+        logs.lines().any(|l| l.contains("WARN")
+            && l.contains("1 blob(s) in batch-input are not submitted")
+            && l.contains("quiet/notes.txt")),
+        "{logs}"
+    );
 }
 
 #[tokio::test]
