@@ -129,7 +129,7 @@ impl Summary {
 
 /// What a user can do about a service error code, for the codes whose cause lies on the
 /// user's side of the service. The README's troubleshooting table says the same at length.
-pub fn advice(code: &str) -> Option<&'static str> {
+fn advice(code: &str) -> Option<&'static str> {
     Some(match code {
         "input_no_permissions" => {
             "input_no_permissions: the Azure OpenAI resource could not read the input blob. \
