@@ -1,15 +1,23 @@
-//! The handler's shared state, built once at start-up, and the per-invocation journal.
+//! What every workflow works with: the services and settings built once at start-up
+//! (`App`), the clock, the per-invocation journal, and the error a workflow step stops on.
+//!
+//! `App` is a plain context: the workflows (`submit`, `poll`, `harvest`, `split`) are modules
+//! of functions that take `&App`, so which workflow calls which is written in their imports
+//! and runs one way (see `lib.rs`).
 
-use std::sync::{Arc, Mutex};
+use std::sync::{
+    Arc, Mutex,
+    atomic::{AtomicI64, Ordering},
+};
 
 use azure_core::credentials::TokenCredential;
 use azure_identity::{ManagedIdentityCredential, ManagedIdentityCredentialOptions, UserAssignedId};
 
 use crate::{
     config::{Config, StorageAuth},
-    jobs::JobStore,
-    openai::{Auth, BatchClient, RetryConfig},
-    storage::{BlobStore, RetryPolicy},
+    jobs::{JobStore, JobStoreError},
+    openai::{Auth, BatchClient, OpenAiError, RetryConfig},
+    storage::{BlobStore, RetryPolicy, StorageError},
 };
 
 /// Every step after which `BATCH_TEST_FAULT` can kill the process, in the order they run.
@@ -39,6 +47,37 @@ pub struct App {
     pub openai: BatchClient,
     /// This process, as the owner of the claims it takes.
     pub instance: String,
+    pub clock: Clock,
+}
+
+/// The handler's time in unix seconds: the system clock, plus an offset that only the test
+/// hooks of a debug build move (`server`), so a test lets a lease lapse without waiting.
+#[derive(Debug, Default)]
+pub struct Clock {
+    offset_secs: AtomicI64,
+}
+
+impl Clock {
+    pub fn now(&self) -> i64 {
+        time::OffsetDateTime::now_utc().unix_timestamp() + self.offset_secs.load(Ordering::Relaxed)
+    }
+
+    pub fn advance(&self, secs: i64) {
+        self.offset_secs.fetch_add(secs, Ordering::Relaxed);
+    }
+}
+
+/// A workflow step (intake, poll, harvest) stopped on a fault worth retrying: storage or the
+/// service unavailable. The trigger answers 5xx so Event Grid redelivers; the timer leaves the
+/// job for its next tick. The job record always stays claimable.
+#[derive(Debug, thiserror::Error)]
+pub enum StepError {
+    #[error(transparent)]
+    Jobs(#[from] JobStoreError),
+    #[error(transparent)]
+    Storage(#[from] StorageError),
+    #[error(transparent)]
+    OpenAi(#[from] OpenAiError),
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -46,7 +85,7 @@ pub enum StartError {
     #[error("cannot set up the managed identity credential: {0}")]
     Identity(String),
     #[error(transparent)]
-    Storage(#[from] crate::storage::StorageError),
+    Storage(#[from] StorageError),
 }
 
 impl App {
@@ -102,12 +141,13 @@ impl App {
             jobs,
             openai,
             instance: format!("handler-{}", uuid::Uuid::new_v4()),
+            clock: Clock::default(),
             config,
         })
     }
 
     /// Creates the containers the handler writes to, so a fresh account works at once.
-    pub async fn ensure_containers(&self) -> Result<(), crate::storage::StorageError> {
+    pub async fn ensure_containers(&self) -> Result<(), StorageError> {
         for c in [
             &self.config.input_container,
             &self.config.output_container,
@@ -116,6 +156,10 @@ impl App {
             self.store.ensure_container(c).await?;
         }
         Ok(())
+    }
+
+    pub fn now(&self) -> i64 {
+        self.clock.now()
     }
 
     /// Aborts the process at a named step when the test-only `BATCH_TEST_FAULT` names it:

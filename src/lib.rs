@@ -1,13 +1,33 @@
 //! Azure OpenAI Batch from Blob Storage, as an Azure Functions custom handler.
 //!
-//! Host payloads (`protocol`) and routes (`server`) sit apart from the core (`submit`,
-//! `poll`, `harvest`, `split`, `validate`, `jobs`), so the core could run under another trigger source.
+//! The modules form a stack; each imports only from the layers below it, never above:
+//!
+//! ```text
+//!  host face     server (routes)  protocol (the host's payloads)     main.rs (the commands)
+//!                   │
+//!  workflows     poll (a timer tick) ──▶ harvest ──▶ submit ──▶ split ──▶ outputs
+//!                   (each a module of functions taking `&App`; the arrows are who calls whom)
+//!                   │
+//!  context       app (App: settings, clients, clock; Journal; StepError; fault points)
+//!                   │
+//!  job model     summary ──▶ jobs (records, their typed states and transitions, their store)
+//!                   │
+//!  clients and   openai (the batch REST client)   storage (Blob Storage)
+//!  pure logic    validate (the input checker)     config (settings)
+//! ```
+//!
+//! `protocol` and `server` are the only modules that know the Functions host, so the
+//! workflows could run under another trigger source. A type two workflows share lives below
+//! both (the step error in `app`, harvest progress in `jobs`, usage totals in `summary`).
+//! `jobs` is the one place that says which state may follow which: a `Job<S>` carries only
+//! its state's data, and a transition from the wrong state does not compile.
 
 pub mod app;
 pub mod config;
 pub mod harvest;
 pub mod jobs;
 pub mod openai;
+pub mod outputs;
 pub mod poll;
 pub mod protocol;
 pub mod server;

@@ -2,21 +2,26 @@
 //!
 //! Handlers stay small: decode the host payload (`protocol`), call the core (`submit`,
 //! `poll`), answer the host's JSON. Non-2xx only where a retry can help.
+//!
+//! A debug build started with `BATCH_TEST_HOOKS=1` also serves `POST /_test/clock?advance=N`,
+//! which moves the handler's clock N seconds ahead (a lease lapses without a test waiting for
+//! it). Release builds, the one published, have no such route.
 
 use std::sync::Arc;
 
 use axum::{
     Json, Router,
     body::Bytes,
-    extract::State,
+    extract::{Query, State},
     http::{HeaderMap, StatusCode},
     routing::{get, post},
 };
 
 use crate::{
     app::{App, Journal},
+    poll,
     protocol::{self, INVOCATION_ID_HEADER, InvocationRequest, InvocationResponse, StorageEvent},
-    submit::Intake,
+    submit::{self, Intake},
 };
 
 /// Binding names from the function folders (the Contract).
@@ -24,11 +29,35 @@ pub const EVENT_BINDING: &str = "event";
 pub const TIMER_BINDING: &str = "timer";
 
 pub fn router(app: Arc<App>) -> Router {
-    Router::new()
+    let router = Router::new()
         .route("/", get(ready))
         .route("/function-trigger", post(function_trigger))
-        .route("/function-timer", post(function_timer))
-        .with_state(app)
+        .route("/function-timer", post(function_timer));
+    let router = if cfg!(debug_assertions) && test_hooks_enabled() {
+        tracing::warn!("test hooks are on (BATCH_TEST_HOOKS=1): the clock can be moved");
+        router.route("/_test/clock", post(advance_clock))
+    } else {
+        router
+    };
+    router.with_state(app)
+}
+
+fn test_hooks_enabled() -> bool {
+    std::env::var("BATCH_TEST_HOOKS").is_ok_and(|v| v == "1")
+}
+
+#[derive(serde::Deserialize)]
+struct Advance {
+    advance: i64,
+}
+
+/// Test hook: moves the handler's clock ahead; answers the new time.
+async fn advance_clock(
+    State(app): State<Arc<App>>,
+    Query(by): Query<Advance>,
+) -> Json<serde_json::Value> {
+    app.clock.advance(by.advance);
+    Json(serde_json::json!({ "now": app.now() }))
 }
 
 /// The host's readiness probe.
@@ -103,7 +132,7 @@ async fn function_trigger(State(app): State<Arc<App>>, headers: HeaderMap, body:
             ));
             continue;
         }
-        match app.intake(&name, &journal).await {
+        match submit::intake(&app, &name, &journal).await {
             Ok(outcome) => log_outcome(&journal, &container, &name, &outcome),
             Err(e) => {
                 journal.error(format!("blob={container}/{name}: will be retried: {e}"));
@@ -171,7 +200,7 @@ async fn function_timer(State(app): State<Arc<App>>, headers: HeaderMap, body: B
     if timer.is_past_due {
         journal.warn("timer is past due (a scheduled tick was missed)");
     }
-    match app.tick(&journal).await {
+    match poll::tick(&app, &journal).await {
         Ok(_) => answer(StatusCode::OK, &journal),
         // The timer does not redeliver; the next tick simply tries again.
         Err(e) => {

@@ -8,16 +8,23 @@
 //!    that later finds that note (the first crashed or timed out) looks for the batch by its
 //!    `input_blob` and adopts it before it would create another;
 //! 3. create is retried only where the service cannot have taken it (429, connect errors).
+//!
+//! A split input's parts are started here too (starting a part is submitting a job); the
+//! staging and the final combine are `split`'s.
 
 use futures::StreamExt;
 
 use crate::{
-    app::{App, Journal},
-    jobs::{Claim, InputFacts, InputRef, JobRecord, JobState, JobStoreError, Outcome, now},
+    app::{App, Journal, StepError},
+    jobs::{
+        AnyJob, CanQueue, Claim, Finished, InputFacts, InputRef, Job, JobState, Split, Submitting,
+        Unfinished,
+    },
     openai::{BatchError, CreateBatch, OpenAiError},
+    split,
     storage::StorageError,
     summary::{self, Summary},
-    validate::{Report, Validator},
+    validate::{PartSpan, Report, Validator},
 };
 
 /// How an intake ended, for the caller's log and answer.
@@ -55,17 +62,20 @@ pub enum Intake {
     },
 }
 
-/// A job step (intake, poll, harvest) stopped on a fault worth retrying: storage or the
-/// service unavailable. The trigger answers 5xx so Event Grid redelivers; the timer leaves the
-/// job for its next tick. The job record always stays claimable.
-#[derive(Debug, thiserror::Error)]
-pub enum StepError {
-    #[error(transparent)]
-    Jobs(#[from] JobStoreError),
-    #[error(transparent)]
-    Storage(#[from] StorageError),
-    #[error(transparent)]
-    OpenAi(#[from] OpenAiError),
+impl Intake {
+    fn known(job: &AnyJob) -> Self {
+        Intake::AlreadyKnown {
+            state: job.state(),
+            batch_id: job.batch_id().map(str::to_string),
+        }
+    }
+
+    fn finished(job: &Job<Finished>) -> Self {
+        Intake::AlreadyKnown {
+            state: JobState::Finished,
+            batch_id: job.batch().map(|b| b.id.clone()),
+        }
+    }
 }
 
 /// The longest input name whose output names (`{path}/results.jsonl`, …) fit Azure's limit.
@@ -77,404 +87,553 @@ const READ_AHEAD_CHUNKS: usize = 4;
 /// How long to tolerate clock skew between us and the service when matching `created_at`.
 const CLOCK_SKEW_SECS: i64 = 300;
 
-impl App {
-    /// Takes the blob `name` in the input container through intake.
-    pub async fn intake(&self, name: &str, j: &Journal) -> Result<Intake, StepError> {
-        if !name.ends_with(".jsonl") {
-            return Ok(Intake::Ignored(format!("{name} is not a .jsonl file")));
-        }
-        let container = self.config.input_container.clone();
-        // `a/../b.jsonl` is a legal blob name, but every URL parser (the service's included)
-        // resolves the segment, so its URL would name another blob: it cannot be submitted.
-        if name.split('/').any(|seg| seg == "." || seg == "..") {
-            j.error(format!(
-                "blob={container}/{name}: a name with a `.` or `..` path segment cannot be \
-                 given to the batch service (its URL would point at another blob); rename it"
-            ));
-            return Ok(Intake::Ignored(format!(
-                "{name} has a `.` or `..` path segment"
-            )));
-        }
-        // Azure caps blob names at 1,024 characters: `{path}/results.jsonl` and its siblings
-        // (8 more than `{path}.jsonl`) could not be written for a longer input name, not even
-        // the summary that would say why.
-        let chars = name.chars().count();
-        if chars > MAX_INPUT_NAME_CHARS {
-            j.error(format!(
-                "blob={container}/{name}: the name is {chars} characters; its results would be \
-                 named past Azure's 1,024-character limit; rename it to at most \
-                 {MAX_INPUT_NAME_CHARS} characters"
-            ));
-            return Ok(Intake::Ignored(format!(
-                "{chars}-character name is too long"
-            )));
-        }
-        let Some(info) = self.store.properties(&container, name).await? else {
-            j.info(format!(
-                "blob={container}/{name}: gone before it could be read; nothing to do"
-            ));
-            return Ok(Intake::Gone);
-        };
-        let input = InputRef {
-            url: self.store.blob_url(&container, name),
-            container,
-            name: name.to_string(),
-            etag: info.etag,
-            size: info.size,
-        };
-        let fresh = JobRecord::claim(input, &self.instance, self.config.submit_lease.as_secs());
-        let key = fresh.key.clone();
+/// Takes the blob `name` in the input container through intake.
+pub async fn intake(app: &App, name: &str, j: &Journal) -> Result<Intake, StepError> {
+    if !name.ends_with(".jsonl") {
+        return Ok(Intake::Ignored(format!("{name} is not a .jsonl file")));
+    }
+    let container = app.config.input_container.clone();
+    // `a/../b.jsonl` is a legal blob name, but every URL parser (the service's included)
+    // resolves the segment, so its URL would name another blob: it cannot be submitted.
+    if name.split('/').any(|seg| seg == "." || seg == "..") {
+        j.error(format!(
+            "blob={container}/{name}: a name with a `.` or `..` path segment cannot be \
+             given to the batch service (its URL would point at another blob); rename it"
+        ));
+        return Ok(Intake::Ignored(format!(
+            "{name} has a `.` or `..` path segment"
+        )));
+    }
+    // Azure caps blob names at 1,024 characters: `{path}/results.jsonl` and its siblings
+    // (8 more than `{path}.jsonl`) could not be written for a longer input name, not even
+    // the summary that would say why.
+    let chars = name.chars().count();
+    if chars > MAX_INPUT_NAME_CHARS {
+        j.error(format!(
+            "blob={container}/{name}: the name is {chars} characters; its results would be \
+             named past Azure's 1,024-character limit; rename it to at most \
+             {MAX_INPUT_NAME_CHARS} characters"
+        ));
+        return Ok(Intake::Ignored(format!(
+            "{chars}-character name is too long"
+        )));
+    }
+    let Some(info) = app.store.properties(&container, name).await? else {
+        j.info(format!(
+            "blob={container}/{name}: gone before it could be read; nothing to do"
+        ));
+        return Ok(Intake::Gone);
+    };
+    let input = InputRef {
+        url: app.store.blob_url(&container, name),
+        container,
+        name: name.to_string(),
+        etag: info.etag,
+        size: info.size,
+    };
+    let lease = app.config.submit_lease.as_secs();
+    let fresh = Job::claim(input, &app.instance, lease, app.now());
+    let key = fresh.key().to_string();
 
-        if let Some(done) = self.jobs.load_done(&key).await? {
-            return Ok(Intake::AlreadyKnown {
-                state: done.state,
-                batch_id: done.batch_id,
-            });
-        }
-        match self.jobs.claim(&fresh).await? {
-            Claim::Claimed { etag } => {
-                // A job finishing between our look into done/ and the claim leaves done/
-                // written before active/ was freed; look again so it is not started twice.
-                if let Some(done) = self.jobs.load_done(&key).await? {
-                    self.jobs.abandon(&key, &etag).await?;
-                    return Ok(Intake::AlreadyKnown {
-                        state: done.state,
-                        batch_id: done.batch_id,
-                    });
-                }
-                self.fault_point("submit:after-claim");
-                j.info(format!(
-                    "job={key}: claimed; validating blob={}/{name} ({} bytes)",
-                    fresh.input.container, fresh.input.size
-                ));
-                self.run_claimed(fresh, etag, j).await
+    if let Some(done) = app.jobs.load_done(&key).await? {
+        return Ok(Intake::finished(&done));
+    }
+    match app.jobs.claim(&fresh).await? {
+        Claim::Claimed { etag } => {
+            // A job finishing between our look into done/ and the claim leaves done/
+            // written before active/ was freed; look again so it is not started twice.
+            if let Some(done) = app.jobs.load_done(&key).await? {
+                app.jobs.abandon(&key, &etag).await?;
+                return Ok(Intake::finished(&done));
             }
-            Claim::Exists => {
-                let Some((mut rec, etag)) = self.jobs.load_active(&key).await? else {
-                    // Finished in the meantime.
-                    return Ok(match self.jobs.load_done(&key).await? {
-                        Some(done) => Intake::AlreadyKnown {
-                            state: done.state,
-                            batch_id: done.batch_id,
-                        },
-                        None => Intake::InProgressElsewhere,
-                    });
-                };
-                match rec.state {
-                    JobState::Submitting if rec.is_leased(now()) => {
-                        j.info(format!("job={key}: another invocation is submitting it"));
-                        Ok(Intake::InProgressElsewhere)
-                    }
-                    JobState::Submitting => {
-                        rec.take_over(&self.instance, self.config.submit_lease.as_secs())
-                            .expect("submitting jobs can be taken over");
-                        match self.jobs.update(&rec, &etag).await? {
-                            None => Ok(Intake::InProgressElsewhere),
-                            Some(etag) => {
-                                j.warn(format!("job={key}: took over a lapsed claim"));
-                                self.run_claimed(rec, etag, j).await
-                            }
+            app.fault_point("submit:after-claim");
+            j.info(format!(
+                "job={key}: claimed; validating blob={}/{name} ({} bytes)",
+                fresh.input().container,
+                fresh.input().size
+            ));
+            run_claimed(app, fresh, etag, j).await
+        }
+        Claim::Exists => {
+            let Some((job, etag)) = app.jobs.load_active(&key).await? else {
+                // Finished in the meantime.
+                return Ok(match app.jobs.load_done(&key).await? {
+                    Some(done) => Intake::finished(&done),
+                    None => Intake::InProgressElsewhere,
+                });
+            };
+            match job {
+                AnyJob::Submitting(job) if job.is_leased(app.now()) => {
+                    j.info(format!("job={key}: another invocation is submitting it"));
+                    Ok(Intake::InProgressElsewhere)
+                }
+                AnyJob::Submitting(mut job) => {
+                    job.take_over(&app.instance, lease, app.now());
+                    match app.jobs.update(&job, &etag).await? {
+                        None => Ok(Intake::InProgressElsewhere),
+                        Some(etag) => {
+                            j.warn(format!("job={key}: took over a lapsed claim"));
+                            run_claimed(app, job, etag, j).await
                         }
                     }
-                    state => Ok(Intake::AlreadyKnown {
-                        state,
-                        batch_id: rec.batch_id,
-                    }),
                 }
+                other => Ok(Intake::known(&other)),
             }
         }
     }
+}
 
-    /// Carries a claimed (`submitting`) job to a batch, a queue slot or a final answer.
-    pub(crate) async fn run_claimed(
-        &self,
-        mut rec: JobRecord,
-        mut etag: String,
-        j: &Journal,
-    ) -> Result<Intake, StepError> {
-        let key = rec.key.clone();
+/// Carries a claimed (`submitting`) job to a batch, a queue slot or a final answer.
+pub async fn run_claimed(
+    app: &App,
+    mut job: Job<Submitting>,
+    mut etag: String,
+    j: &Journal,
+) -> Result<Intake, StepError> {
+    let key = job.key().to_string();
 
-        // A create may have gone through before the last holder died: adopt, never duplicate.
-        if let Some(started) = rec.create_started_at
-            && let Some(batch) = self
-                .openai
-                .find_by_input_blob(rec.batch_input_url(), started - CLOCK_SKEW_SECS)
-                .await?
-        {
-            rec.submitted(&batch, true).expect("submitting");
-            return match self.jobs.update(&rec, &etag).await? {
-                Some(_) => {
-                    j.info(format!(
-                        "job={key} batch={}: adopted the batch an earlier attempt created",
-                        batch.id
-                    ));
-                    Ok(Intake::Submitted {
-                        batch_id: batch.id,
-                        adopted: true,
-                    })
-                }
-                None => Ok(Intake::InProgressElsewhere),
-            };
-        }
+    // A create may have gone through before the last holder died: adopt, never duplicate.
+    if let Some(started) = job.create_started_at()
+        && let Some(batch) = app
+            .openai
+            .find_by_input_blob(job.batch_input_url(), started - CLOCK_SKEW_SECS)
+            .await?
+    {
+        let job = job.submitted(&batch, true, app.now());
+        return match app.jobs.update(&job, &etag).await? {
+            Some(_) => {
+                j.info(format!(
+                    "job={key} batch={}: adopted the batch an earlier attempt created",
+                    batch.id
+                ));
+                Ok(Intake::Submitted {
+                    batch_id: batch.id,
+                    adopted: true,
+                })
+            }
+            None => Ok(Intake::InProgressElsewhere),
+        };
+    }
 
-        if rec.facts.is_none() {
-            let report = match self.validate_input(&rec.input).await {
+    let facts = match job.facts() {
+        Some(facts) => facts.clone(),
+        None => {
+            let report = match validate_input(app, job.input()).await {
                 Ok(r) => r,
                 Err(StorageError::NotFound { .. }) | Err(StorageError::ConditionNotMet { .. }) => {
                     j.info(format!(
                         "job={key}: blob={}/{} was deleted or replaced while being read; the new version is its own job",
-                        rec.input.container, rec.input.name
+                        job.input().container,
+                        job.input().name
                     ));
                     // An earlier holder may have died while splitting it.
-                    self.delete_staging(&key).await?;
-                    self.jobs.abandon(&key, &etag).await?;
+                    split::delete_staging(app, &key).await?;
+                    app.jobs.abandon(&key, &etag).await?;
                     return Ok(Intake::Gone);
                 }
-                Err(e) => return Err(self.release(rec, &etag, e.into(), j).await),
+                Err(e) => return Err(release(app, job, &etag, e.into(), j).await),
             };
             if !report.is_ok() {
-                return self.reject(rec, &etag, report, j).await;
+                return reject(app, job, &etag, report, j).await;
             }
-            rec.validated(InputFacts {
-                lines: report.lines,
-                endpoint: report.url.clone().unwrap_or_default(),
-                model: report.model.clone().unwrap_or_default(),
-            })
-            .expect("submitting");
+            let facts = job
+                .validated(
+                    InputFacts {
+                        lines: report.lines,
+                        endpoint: report.url.clone().unwrap_or_default(),
+                        model: report.model.clone().unwrap_or_default(),
+                    },
+                    app.now(),
+                )
+                .clone();
             if report.parts.len() > 1 {
-                return self.split_input(rec, etag, &report.parts, j).await;
+                return split_input(app, job, etag, &report.parts, j).await;
             }
-            if rec.was_taken_over() {
+            if job.was_taken_over() {
                 // A holder that died while splitting, under larger limits than ours now,
                 // left parts nobody will submit.
-                self.delete_staging(&key).await?;
+                split::delete_staging(app, &key).await?;
             }
+            facts
         }
+    };
 
-        self.fault_point("submit:after-validate");
-        // While the create may be in flight (bounded by `create_timeout`, retries for
-        // throttling included), nobody takes the job over: they could not find the batch yet
-        // and would make a second one.
-        let window = self.config.create_timeout;
-        rec.begin_create(self.config.submit_lease.as_secs(), window.as_secs())
-            .expect("submitting");
-        etag = match self.jobs.update(&rec, &etag).await? {
-            Some(e) => e,
-            None => return Ok(Intake::InProgressElsewhere),
-        };
-        self.fault_point("submit:before-create");
-        let facts = rec.facts.clone().expect("validated above");
-        let request = CreateBatch {
-            endpoint: facts.endpoint.clone(),
-            input_blob: rec.batch_input_url().to_string(),
-            output_folder_url: self.store.container_url(&self.config.output_container),
-        };
-        // Bounded, so that the in-flight window noted in the record really ends.
-        let created = tokio::time::timeout(window, self.openai.create(&request))
-            .await
-            .unwrap_or_else(|_| {
-                Err(OpenAiError::Transient {
-                    what: "create".into(),
-                    message: format!("no answer within {} s", window.as_secs()),
-                })
-            });
-        match created {
-            Ok(batch) => {
-                self.fault_point("submit:after-create");
-                rec.submitted(&batch, false).expect("submitting");
-                let recorded = self.jobs.update(&rec, &etag).await?;
-                self.fault_point("submit:after-record");
-                if recorded.is_none() {
-                    // Someone took the claim over meanwhile; it will adopt this batch.
-                    j.warn(format!(
-                        "job={key} batch={}: claim lost after create; the new holder adopts it",
-                        batch.id
-                    ));
-                }
-                let round = match rec.round {
-                    0 => String::new(),
-                    n => format!(", follow-up round {n}"),
-                };
-                j.info(format!(
-                    "job={key} batch={}: created for blob={}/{} ({} requests, model {}{round})",
-                    batch.id, rec.input.container, rec.input.name, facts.lines, facts.model
+    app.fault_point("submit:after-validate");
+    // While the create may be in flight (bounded by `create_timeout`, retries for
+    // throttling included), nobody takes the job over: they could not find the batch yet
+    // and would make a second one.
+    let window = app.config.create_timeout;
+    job.begin_create(
+        app.config.submit_lease.as_secs(),
+        window.as_secs(),
+        app.now(),
+    );
+    etag = match app.jobs.update(&job, &etag).await? {
+        Some(e) => e,
+        None => return Ok(Intake::InProgressElsewhere),
+    };
+    app.fault_point("submit:before-create");
+    let request = CreateBatch {
+        endpoint: facts.endpoint.clone(),
+        input_blob: job.batch_input_url().to_string(),
+        output_folder_url: app.store.container_url(&app.config.output_container),
+    };
+    // Bounded, so that the in-flight window noted in the record really ends.
+    let created = tokio::time::timeout(window, app.openai.create(&request))
+        .await
+        .unwrap_or_else(|_| {
+            Err(OpenAiError::Transient {
+                what: "create".into(),
+                message: format!("no answer within {} s", window.as_secs()),
+            })
+        });
+    match created {
+        Ok(batch) => {
+            app.fault_point("submit:after-create");
+            let job = job.submitted(&batch, false, app.now());
+            let recorded = app.jobs.update(&job, &etag).await?;
+            app.fault_point("submit:after-record");
+            if recorded.is_none() {
+                // Someone took the claim over meanwhile; it will adopt this batch.
+                j.warn(format!(
+                    "job={key} batch={}: claim lost after create; the new holder adopts it",
+                    batch.id
                 ));
-                Ok(Intake::Submitted {
-                    batch_id: batch.id,
-                    adopted: false,
-                })
             }
-            Err(OpenAiError::TokenLimitExceeded { message }) => {
-                self.queue_for_quota(rec, &etag, &message, j).await
-            }
-            Err(OpenAiError::Rejected {
-                status,
-                code,
-                message,
-            }) => {
-                j.error(format!(
-                    "job={key}: the service refused the batch (HTTP {status}, {code}): {message}"
-                ));
-                self.fail_job(rec, &etag, &code, message).await?;
-                Ok(Intake::Refused)
-            }
-            Err(e) => Err(self.release(rec, &etag, e.into(), j).await),
+            let round = match job.round() {
+                0 => String::new(),
+                n => format!(", follow-up round {n}"),
+            };
+            j.info(format!(
+                "job={key} batch={}: created for blob={}/{} ({} requests, model {}{round})",
+                batch.id,
+                job.input().container,
+                job.input().name,
+                facts.lines,
+                facts.model
+            ));
+            Ok(Intake::Submitted {
+                batch_id: batch.id,
+                adopted: false,
+            })
         }
-    }
-
-    /// Quota is full: wait with exponential backoff, or give up after the configured tries.
-    pub(crate) async fn queue_for_quota(
-        &self,
-        mut rec: JobRecord,
-        etag: &str,
-        message: &str,
-        j: &Journal,
-    ) -> Result<Intake, StepError> {
-        let key = rec.key.clone();
-        if rec.quota_attempts + 1 >= self.config.queue_max_attempts {
+        Err(OpenAiError::TokenLimitExceeded { message }) => {
+            queue_for_quota(app, job, &etag, &message, j).await
+        }
+        Err(OpenAiError::Rejected {
+            status,
+            code,
+            message,
+        }) => {
             j.error(format!(
-                "job={key}: still over the enqueued-token quota after {} tries; giving up",
-                rec.quota_attempts + 1
+                "job={key}: the service refused the batch (HTTP {status}, {code}): {message}"
             ));
-            let message = format!(
-                "{message} (gave up after {} tries; raise the deployment's quota or {} and upload again)",
-                rec.quota_attempts + 1,
-                crate::config::names::QUEUE_MAX_ATTEMPTS
-            );
-            self.fail_job(rec, etag, "token_limit_exceeded", message)
-                .await?;
-            return Ok(Intake::Refused);
+            fail_job(app, job, &etag, &code, message).await?;
+            Ok(Intake::Refused)
         }
-        let base = self.config.queue_initial_delay.as_secs().max(1);
-        let delay = base
-            .saturating_mul(1 << rec.quota_attempts.min(16))
-            .min(6 * 3600);
-        rec.queue(&format!("token_limit_exceeded: {message}"), delay)
-            .expect("submitting or running");
-        if self.jobs.update(&rec, etag).await?.is_some() {
-            j.warn(format!(
-                "job={key}: enqueued-token quota is full; queued, next try in {delay} s (attempt {})",
-                rec.quota_attempts
-            ));
-        }
-        Ok(Intake::Queued)
+        Err(e) => Err(release(app, job, &etag, e.into(), j).await),
     }
+}
 
-    /// Ends a job as `failed` for a reason of ours (not a batch's own failure): its summary
-    /// carries that one error, then the record is filed under done/.
-    pub(crate) async fn fail_job(
-        &self,
-        mut rec: JobRecord,
-        etag: &str,
-        code: &str,
-        message: String,
-    ) -> Result<(), StepError> {
-        let mut summary = Summary::for_job(&rec, Outcome::Failed);
-        summary.errors.push(BatchError {
-            code: Some(code.to_string()),
-            message: Some(message.clone()),
-            ..Default::default()
-        });
-        rec.create_started_at = None;
-        rec.finish(Outcome::Failed, &message)
-            .map_err(|e| StorageError::Failed {
-                op: "finish",
-                target: rec.key.clone(),
-                message: e.to_string(),
-            })?;
-        summary.history = rec.history.clone();
-        summary::write(
-            &self.store,
-            rec.output_container(&self.config),
-            rec.input.output_path(),
-            &summary,
-        )
-        .await?;
-        self.jobs.finish(&rec, etag).await?;
-        Ok(())
-    }
-
-    /// A transient fault: free the claim so the redelivery can go on at once, and report it.
-    async fn release(
-        &self,
-        mut rec: JobRecord,
-        etag: &str,
-        err: StepError,
-        j: &Journal,
-    ) -> StepError {
+/// Quota is full: wait with exponential backoff, or give up after the configured tries.
+pub async fn queue_for_quota<S: CanQueue>(
+    app: &App,
+    job: Job<S>,
+    etag: &str,
+    message: &str,
+    j: &Journal,
+) -> Result<Intake, StepError> {
+    let key = job.key().to_string();
+    let attempt = job.quota_attempts() + 1;
+    if attempt >= app.config.queue_max_attempts {
         j.error(format!(
-            "job={}: transient fault, will be retried: {err}",
-            rec.key
+            "job={key}: still over the enqueued-token quota after {attempt} tries; giving up"
         ));
-        if rec.release(&err.to_string()).is_ok() {
-            // Best effort: if this write fails too, the lease simply lapses later.
-            let _ = self.jobs.update(&rec, etag).await;
-        }
-        err
+        let message = format!(
+            "{message} (gave up after {attempt} tries; raise the deployment's quota or {} and upload again)",
+            crate::config::names::QUEUE_MAX_ATTEMPTS
+        );
+        fail_job(app, job, etag, "token_limit_exceeded", message).await?;
+        return Ok(Intake::Refused);
     }
-
-    async fn validate_input(&self, input: &InputRef) -> Result<Report, StorageError> {
-        let (_, mut body) = self
-            .store
-            .download(&input.container, &input.name, Some(&input.etag))
-            .await?;
-        // The download runs in its own task, a few chunks ahead, so checking a chunk overlaps
-        // fetching the next instead of adding to it (BENCHMARKS.md, submit latency). Memory
-        // stays bounded by the channel.
-        let (tx, mut chunks) = tokio::sync::mpsc::channel(READ_AHEAD_CHUNKS);
-        tokio::spawn(async move {
-            while let Some(chunk) = body.next().await {
-                let failed = chunk.is_err();
-                if tx.send(chunk).await.is_err() || failed {
-                    break;
-                }
-            }
-        });
-        // The limits bound each batch, not the input: beyond them, it is split.
-        let mut validator = Validator::splitting(self.config.split_limits);
-        while let Some(chunk) = chunks.recv().await {
-            validator.feed(&chunk?);
-        }
-        Ok(validator.finish())
+    let base = app.config.queue_initial_delay.as_secs().max(1);
+    let delay = base
+        .saturating_mul(1 << job.quota_attempts().min(16))
+        .min(6 * 3600);
+    let job = job.queue(
+        &format!("token_limit_exceeded: {message}"),
+        delay,
+        app.now(),
+    );
+    if app.jobs.update(&job, etag).await?.is_some() {
+        j.warn(format!(
+            "job={key}: enqueued-token quota is full; queued, next try in {delay} s (attempt {})",
+            job.quota_attempts()
+        ));
     }
+    Ok(Intake::Queued)
+}
 
-    async fn reject(
-        &self,
-        mut rec: JobRecord,
-        etag: &str,
-        report: Report,
-        j: &Journal,
-    ) -> Result<Intake, StepError> {
-        let key = rec.key.clone();
-        let count = report.problems.len() + report.more_problems as usize;
-        if let Some(first) = report.problems.first() {
-            let at = first
-                .line
-                .map_or("file".to_string(), |l| format!("line {l}"));
-            j.warn(format!(
-                "job={key}: rejected blob={}/{}: {count} problem(s), first at {at}: {}: {}",
-                rec.input.container, rec.input.name, first.code, first.message
-            ));
-        }
-        rec.finish(Outcome::Rejected, &format!("{count} problem(s)"))
-            .expect("submitting");
-        let mut summary = Summary::for_job(&rec, Outcome::Rejected);
-        summary.request_counts.total = report.lines;
-        summary.problems = report.problems;
-        summary.more_problems = report.more_problems;
-        summary::write(
-            &self.store,
-            &self.config.output_container,
-            rec.input.output_path(),
-            &summary,
-        )
+/// Ends a job as `failed` for a reason of ours (not a batch's own failure): its summary
+/// carries that one error, then the record is filed under done/.
+pub async fn fail_job<S: Unfinished>(
+    app: &App,
+    job: Job<S>,
+    etag: &str,
+    code: &str,
+    message: String,
+) -> Result<(), StepError> {
+    let job = job.finish(crate::jobs::Outcome::Failed, &message, app.now());
+    let mut summary = Summary::for_job(&job, app.now());
+    summary.errors.push(BatchError {
+        code: Some(code.to_string()),
+        message: Some(message),
+        ..Default::default()
+    });
+    summary::write(
+        &app.store,
+        job.output_container(&app.config),
+        job.input().output_path(),
+        &summary,
+    )
+    .await?;
+    app.jobs.finish(&job, etag).await?;
+    Ok(())
+}
+
+/// A transient fault: free the claim so the redelivery can go on at once, and report it.
+async fn release(
+    app: &App,
+    mut job: Job<Submitting>,
+    etag: &str,
+    err: StepError,
+    j: &Journal,
+) -> StepError {
+    j.error(format!(
+        "job={}: transient fault, will be retried: {err}",
+        job.key()
+    ));
+    job.release(&err.to_string(), app.now());
+    // Best effort: if this write fails too, the lease simply lapses later.
+    let _ = app.jobs.update(&job, etag).await;
+    err
+}
+
+async fn validate_input(app: &App, input: &InputRef) -> Result<Report, StorageError> {
+    let (_, mut body) = app
+        .store
+        .download(&input.container, &input.name, Some(&input.etag))
         .await?;
-        self.jobs.finish(&rec, etag).await?;
-        j.info(format!(
-            "job={key}: summary at {}/{}",
-            self.config.output_container,
-            summary::summary_name(rec.input.output_path())
-        ));
-        Ok(Intake::Rejected { problems: count })
+    // The download runs in its own task, a few chunks ahead, so checking a chunk overlaps
+    // fetching the next instead of adding to it (BENCHMARKS.md, submit latency). Memory
+    // stays bounded by the channel.
+    let (tx, mut chunks) = tokio::sync::mpsc::channel(READ_AHEAD_CHUNKS);
+    tokio::spawn(async move {
+        while let Some(chunk) = body.next().await {
+            let failed = chunk.is_err();
+            if tx.send(chunk).await.is_err() || failed {
+                break;
+            }
+        }
+    });
+    // The limits bound each batch, not the input: beyond them, it is split.
+    let mut validator = Validator::splitting(app.config.split_limits);
+    while let Some(chunk) = chunks.recv().await {
+        validator.feed(&chunk?);
     }
+    Ok(validator.finish())
+}
+
+async fn reject(
+    app: &App,
+    job: Job<Submitting>,
+    etag: &str,
+    report: Report,
+    j: &Journal,
+) -> Result<Intake, StepError> {
+    let key = job.key().to_string();
+    let count = report.problems.len() + report.more_problems as usize;
+    if let Some(first) = report.problems.first() {
+        let at = first
+            .line
+            .map_or("file".to_string(), |l| format!("line {l}"));
+        j.warn(format!(
+            "job={key}: rejected blob={}/{}: {count} problem(s), first at {at}: {}: {}",
+            job.input().container,
+            job.input().name,
+            first.code,
+            first.message
+        ));
+    }
+    let job = job.finish(
+        crate::jobs::Outcome::Rejected,
+        &format!("{count} problem(s)"),
+        app.now(),
+    );
+    let mut summary = Summary::for_job(&job, app.now());
+    summary.request_counts.total = report.lines;
+    summary.problems = report.problems;
+    summary.more_problems = report.more_problems;
+    summary::write(
+        &app.store,
+        &app.config.output_container,
+        job.input().output_path(),
+        &summary,
+    )
+    .await?;
+    app.jobs.finish(&job, etag).await?;
+    j.info(format!(
+        "job={key}: summary at {}/{}",
+        app.config.output_container,
+        summary::summary_name(job.input().output_path())
+    ));
+    Ok(Intake::Rejected { problems: count })
+}
+
+/// Stages the parts of a validated input that is beyond one batch's limits, records the
+/// split, and starts the first parts.
+async fn split_input(
+    app: &App,
+    job: Job<Submitting>,
+    etag: String,
+    spans: &[PartSpan],
+    j: &Journal,
+) -> Result<Intake, StepError> {
+    let key = job.key().to_string();
+    let parts = match split::stage_parts(app, &job, spans).await {
+        Ok(parts) => parts,
+        Err(StorageError::NotFound { .. }) | Err(StorageError::ConditionNotMet { .. }) => {
+            j.info(format!(
+                "job={key}: blob={}/{} was deleted or replaced while being split; the new version is its own job",
+                job.input().container,
+                job.input().name
+            ));
+            split::delete_staging(app, &key).await?;
+            app.jobs.abandon(&key, &etag).await?;
+            return Ok(Intake::Gone);
+        }
+        Err(e) => return Err(e.into()),
+    };
+    app.fault_point("split:after-stage");
+    let count = parts.len();
+    let job = job.split(parts, app.now());
+    let Some(etag) = app.jobs.update(&job, &etag).await? else {
+        return Ok(Intake::InProgressElsewhere);
+    };
+    app.fault_point("split:after-record");
+    j.info(format!(
+        "job={key}: blob={}/{} has {} requests ({} bytes), beyond one batch's limits \
+         ({} requests, {} bytes): split into {count} parts",
+        job.input().container,
+        job.input().name,
+        job.facts().map_or(0, |f| f.lines),
+        job.input().size,
+        app.config.split_limits.max_lines,
+        app.config.split_limits.max_bytes,
+    ));
+    let progress = advance_parts(app, job, etag, j).await?;
+    Ok(Intake::Split {
+        parts: count,
+        started: progress.started,
+    })
+}
+
+/// What `advance_parts` did.
+pub struct PartsAdvanced {
+    /// Parts submitted now.
+    pub started: usize,
+    /// Every part had finished, and their results were combined: the job is finished.
+    pub combined: bool,
+}
+
+/// Starts the parts of a split job not started yet, in input order, until one has to wait
+/// for quota; combines the results once every part has finished.
+pub async fn advance_parts(
+    app: &App,
+    job: Job<Split>,
+    etag: String,
+    j: &Journal,
+) -> Result<PartsAdvanced, StepError> {
+    let mut unfinished = 0;
+    let mut started = 0;
+    let waiting = |started| {
+        Ok(PartsAdvanced {
+            started,
+            combined: false,
+        })
+    };
+    for part in job.parts() {
+        if let Some((child, _)) = app.jobs.load_active(&part.key).await? {
+            unfinished += 1;
+            if matches!(child, AnyJob::Queued(_)) {
+                // Later parts would only be refused for the same quota.
+                return waiting(started);
+            }
+            continue;
+        }
+        if app.jobs.load_done(&part.key).await?.is_some() {
+            continue;
+        }
+        unfinished += 1;
+        match start_part(app, &job, part, j).await? {
+            Intake::Queued => return waiting(started),
+            Intake::Submitted { .. } => started += 1,
+            _ => {}
+        }
+    }
+    if unfinished > 0 {
+        return waiting(started);
+    }
+    let job = job.parts_finished(app.now());
+    let Some(etag) = app.jobs.update(&job, &etag).await? else {
+        return waiting(started);
+    };
+    split::combine_parts(app, job, etag, j).await?;
+    Ok(PartsAdvanced {
+        started,
+        combined: true,
+    })
+}
+
+async fn start_part(
+    app: &App,
+    parent: &Job<Split>,
+    part: &crate::jobs::PartRef,
+    j: &Journal,
+) -> Result<Intake, StepError> {
+    let state = &app.config.state_container;
+    let input = InputRef {
+        container: state.clone(),
+        name: part.blob.clone(),
+        etag: part.etag.clone(),
+        size: part.bytes,
+        url: app.store.blob_url(state, &part.blob),
+    };
+    let job = Job::claim_part(
+        parent,
+        part,
+        input,
+        &app.instance,
+        app.config.submit_lease.as_secs(),
+        app.now(),
+    );
+    let Claim::Claimed { etag } = app.jobs.claim(&job).await? else {
+        return Ok(Intake::InProgressElsewhere);
+    };
+    // Finished between our look and the claim: do not run it twice.
+    if let Some(done) = app.jobs.load_done(job.key()).await? {
+        app.jobs.abandon(job.key(), &etag).await?;
+        return Ok(Intake::finished(&done));
+    }
+    j.info(format!(
+        "job={}: part {}/{} (input lines {}–{}, {} requests): submitting",
+        parent.key(),
+        part.index,
+        parent.parts().len(),
+        part.first_line,
+        part.last_line(),
+        part.requests
+    ));
+    // Boxed: intake reaches here through `run_claimed` itself (claim, validate, split).
+    Box::pin(run_claimed(app, job, etag, j)).await
 }

@@ -5,18 +5,54 @@
 
 use bytes::Bytes;
 use serde::{Deserialize, Serialize};
+use serde_json::Value;
 
 use crate::{
-    harvest::Usage,
-    jobs::{HistoryEntry, JobRecord, Outcome, RoundRecord},
+    jobs::{Finished, HistoryEntry, Job, Outcome, RoundRecord},
     openai::{Batch, BatchError, RequestCounts},
     storage::{BlobStore, StorageError, WriteCondition},
     validate::Problem,
 };
 
+/// Token usage summed over the result lines.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Usage {
+    pub input_tokens: u64,
+    pub output_tokens: u64,
+    pub total_tokens: u64,
+}
+
+impl Usage {
+    /// Adds one result's `usage` object.
+    pub fn add(&mut self, usage: &Value) {
+        let get = |a: &str, b: &str| {
+            usage
+                .get(a)
+                .or_else(|| usage.get(b))
+                .and_then(Value::as_u64)
+                .unwrap_or(0)
+        };
+        // Chat completions say prompt/completion; the Responses API says input/output.
+        let input = get("prompt_tokens", "input_tokens");
+        let output = get("completion_tokens", "output_tokens");
+        self.input_tokens += input;
+        self.output_tokens += output;
+        self.total_tokens += usage
+            .get("total_tokens")
+            .and_then(Value::as_u64)
+            .unwrap_or(input + output);
+    }
+
+    pub fn add_totals(&mut self, other: &Usage) {
+        self.input_tokens += other.input_tokens;
+        self.output_tokens += other.output_tokens;
+        self.total_tokens += other.total_tokens;
+    }
+}
+
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Summary {
-    pub status: String,
+    pub status: Outcome,
     pub batch_id: Option<String>,
     pub input_blob: String,
     pub input_etag: String,
@@ -62,7 +98,7 @@ pub struct PartSummary {
     /// The part's (last) batch; `batch_ids` lists its follow-ups' too, oldest first.
     pub batch_id: Option<String>,
     pub batch_ids: Vec<String>,
-    pub status: String,
+    pub status: Outcome,
     pub request_counts: RequestCounts,
     pub lines_without_result: u64,
     /// The service's errors for this part, with the input's line numbers.
@@ -104,13 +140,18 @@ impl ServiceTimes {
 }
 
 impl Summary {
-    pub fn for_job(rec: &JobRecord, outcome: Outcome) -> Self {
+    /// The summary of a finished job, with what its record knows; the workflow that
+    /// finished it adds the rest (files, usage, errors, notes).
+    pub fn for_job(job: &Job<Finished>, at: i64) -> Self {
         Summary {
-            status: outcome.as_str().to_string(),
-            batch_id: rec.batch_id.clone(),
-            input_blob: rec.input.url.clone(),
-            input_etag: rec.input.etag.clone(),
-            request_counts: rec.request_counts.clone().unwrap_or_default(),
+            status: job.outcome(),
+            batch_id: job.batch().map(|b| b.id.clone()),
+            input_blob: job.input().url.clone(),
+            input_etag: job.input().etag.clone(),
+            request_counts: job
+                .batch()
+                .map(|b| b.request_counts.clone())
+                .unwrap_or_default(),
             problems: Vec::new(),
             more_problems: 0,
             errors: Vec::new(),
@@ -119,10 +160,10 @@ impl Summary {
             files: Files::default(),
             lines_without_result: 0,
             notes: Vec::new(),
-            rounds: rec.rounds.clone(),
+            rounds: job.rounds().to_vec(),
             parts: Vec::new(),
-            history: rec.history.clone(),
-            written_at: crate::jobs::now(),
+            history: job.history().to_vec(),
+            written_at: at,
         }
     }
 }
@@ -246,6 +287,21 @@ mod tests {
     }
 
     #[test]
+    fn usage_sums_both_api_styles() {
+        let mut u = Usage::default();
+        u.add(&serde_json::json!({"prompt_tokens": 3, "completion_tokens": 4, "total_tokens": 7}));
+        u.add(&serde_json::json!({"input_tokens": 1, "output_tokens": 2}));
+        assert_eq!(
+            u,
+            Usage {
+                input_tokens: 4,
+                output_tokens: 6,
+                total_tokens: 10
+            }
+        );
+    }
+
+    #[test]
     fn each_fixable_code_gets_one_note_naming_it() {
         let input = crate::jobs::InputRef {
             container: "batch-input".into(),
@@ -254,7 +310,7 @@ mod tests {
             size: 10,
             url: "https://a.blob.core.windows.net/batch-input/test.jsonl".into(),
         };
-        let record = JobRecord::claim(input, "me", 60);
+        let record = Job::claim(input, "me", 60, 0).finish(Outcome::Failed, "test", 1);
         let mut s = Summary {
             errors: vec![
                 error("model_not_found"),
@@ -262,7 +318,7 @@ mod tests {
                 error("model_not_found"),
                 error("something_else"),
             ],
-            ..Summary::for_job(&record, Outcome::Failed)
+            ..Summary::for_job(&record, 2)
         };
         s.add_advice();
         s.add_advice(); // written again after a retried step: no second copy

@@ -1,0 +1,871 @@
+//! `Job<S>`: a job record in state `S`, where each state carries exactly its own data.
+//!
+//! The one place that says which step may follow which: a transition takes the job by value
+//! in the state it leaves and returns it in the state it enters (`Job<Submitting>` →
+//! `submitted` → `Job<Running>`), so a step from the wrong state is a compile error, not a
+//! runtime check. What every state shares (the input, its facts, rounds, history) is on the
+//! job; what only one has is on the state: the claim of `Submitting`, the batch of `Running`
+//! and `Harvesting`, the parts of `Split` and `Combining`, the outcome of `Finished`.
+//!
+//! Time comes in as an argument (`at`, unix seconds from the app's clock), never from the
+//! system clock here, so the machine can be stepped in tests.
+
+use crate::{
+    config::Config,
+    openai::{Batch, BatchStatus, RequestCounts},
+};
+
+use super::{
+    HarvestProgress, HistoryEntry, InputFacts, InputRef, JobState, Outcome, PartOf, PartRef,
+    RoundRecord, WireState, job_key,
+};
+
+/// A job in state `S`. Fields are read through methods and changed only by transitions.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Job<S> {
+    pub(super) key: String,
+    pub(super) input: InputRef,
+    pub(super) facts: Option<InputFacts>,
+    pub(super) part_of: Option<PartOf>,
+    /// Create attempts refused for quota.
+    pub(super) quota_attempts: u32,
+    pub(super) last_error: Option<String>,
+    /// 0 for the first batch; n for the n-th follow-up batch of requests left unanswered.
+    pub(super) round: u32,
+    /// The batches of earlier rounds, for the summary.
+    pub(super) rounds: Vec<RoundRecord>,
+    /// The staged input of the current follow-up round (a blob in the state container).
+    pub(super) followup_url: Option<String>,
+    /// Where the results go, relative to the output container, once the first harvest has
+    /// chosen it; later rounds fold their results into the same folder.
+    pub(super) results_folder: Option<String>,
+    pub(super) created_at: i64,
+    pub(super) updated_at: i64,
+    pub(super) history: Vec<HistoryEntry>,
+    pub(super) state: S,
+}
+
+/// What each state is called in records and history (and how it is written: `wire`).
+pub trait State: WireState {
+    const NAME: JobState;
+}
+
+/// Claimed by an invocation: validating, then creating the batch.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Submitting {
+    pub(super) owner: String,
+    pub(super) lease_until: i64,
+    /// Set just before calling create and kept until its answer is recorded: a later holder
+    /// that finds it looks for the batch before creating another.
+    pub(super) create: Option<CreateCall>,
+}
+
+/// A create call that was sent, and until when it may still be on its way.
+#[derive(Debug, Clone, PartialEq)]
+pub struct CreateCall {
+    pub started_at: i64,
+    pub in_flight_until: Option<i64>,
+}
+
+/// Waiting for room in the enqueued-token quota until `next_attempt_at`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Queued {
+    pub(super) next_attempt_at: i64,
+}
+
+/// A batch exists and has not ended.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Running {
+    pub(super) batch: BatchSeen,
+}
+
+/// A batch as the service last described it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct BatchSeen {
+    pub id: String,
+    pub status: BatchStatus,
+    pub request_counts: RequestCounts,
+}
+
+impl BatchSeen {
+    fn of(batch: &Batch) -> Self {
+        BatchSeen {
+            id: batch.id.clone(),
+            status: batch.status.clone(),
+            request_counts: batch.request_counts.clone(),
+        }
+    }
+}
+
+/// The input was split into parts, each a job of its own; this one waits for them.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Split {
+    pub(super) parts: Vec<PartRef>,
+}
+
+/// The batch ended: its results are being moved into place.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Harvesting {
+    pub(super) batch: BatchSeen,
+    pub(super) progress: HarvestProgress,
+}
+
+/// Every part of a split job finished: their results are being combined into place.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Combining {
+    pub(super) parts: Vec<PartRef>,
+    pub(super) progress: HarvestProgress,
+}
+
+/// Nothing more will happen.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Finished {
+    pub(super) outcome: Outcome,
+    pub(super) batch: Option<BatchSeen>,
+    pub(super) parts: Vec<PartRef>,
+    /// Kept from the harvest, for whoever reads the record later.
+    pub(super) progress: Option<HarvestProgress>,
+}
+
+impl State for Submitting {
+    const NAME: JobState = JobState::Submitting;
+}
+impl State for Queued {
+    const NAME: JobState = JobState::Queued;
+}
+impl State for Running {
+    const NAME: JobState = JobState::Running;
+}
+impl State for Split {
+    const NAME: JobState = JobState::Split;
+}
+impl State for Harvesting {
+    const NAME: JobState = JobState::Harvesting;
+}
+impl State for Combining {
+    const NAME: JobState = JobState::Harvesting;
+}
+impl State for Finished {
+    const NAME: JobState = JobState::Finished;
+}
+
+const TAKEN_OVER: &str = "taken over";
+
+impl<S: State> Job<S> {
+    pub fn key(&self) -> &str {
+        &self.key
+    }
+    pub fn input(&self) -> &InputRef {
+        &self.input
+    }
+    pub fn facts(&self) -> Option<&InputFacts> {
+        self.facts.as_ref()
+    }
+    pub fn part_of(&self) -> Option<&PartOf> {
+        self.part_of.as_ref()
+    }
+    pub fn quota_attempts(&self) -> u32 {
+        self.quota_attempts
+    }
+    pub fn last_error(&self) -> Option<&str> {
+        self.last_error.as_deref()
+    }
+    pub fn round(&self) -> u32 {
+        self.round
+    }
+    pub fn rounds(&self) -> &[RoundRecord] {
+        &self.rounds
+    }
+    pub fn created_at(&self) -> i64 {
+        self.created_at
+    }
+    pub fn updated_at(&self) -> i64 {
+        self.updated_at
+    }
+    pub fn history(&self) -> &[HistoryEntry] {
+        &self.history
+    }
+    /// Where the results go, relative to the output container, once chosen.
+    pub fn results_folder(&self) -> Option<&str> {
+        self.results_folder.as_deref()
+    }
+    pub fn state(&self) -> &S {
+        &self.state
+    }
+
+    /// The blob the current round's batch reads: the input, or a follow-up's staged lines.
+    pub fn batch_input_url(&self) -> &str {
+        self.followup_url.as_deref().unwrap_or(&self.input.url)
+    }
+
+    /// Where the job's files go: the output container for an input, the staging folder (in
+    /// the state container) for a part, whose parent then combines them.
+    pub fn output_container<'a>(&self, config: &'a Config) -> &'a str {
+        if self.part_of.is_some() {
+            &config.state_container
+        } else {
+            &config.output_container
+        }
+    }
+
+    /// Whether an earlier holder of the claim may have done part of the work.
+    pub fn was_taken_over(&self) -> bool {
+        self.history.iter().any(|h| h.note.starts_with(TAKEN_OVER))
+    }
+
+    fn note(&mut self, at: i64, note: impl Into<String>) {
+        self.updated_at = at;
+        self.history.push(HistoryEntry {
+            at,
+            state: S::NAME,
+            note: note.into(),
+        });
+    }
+
+    /// The same job in another state, made from the one it leaves; the caller notes why.
+    fn map_state<T: State>(self, f: impl FnOnce(S) -> T) -> Job<T> {
+        let Job {
+            key,
+            input,
+            facts,
+            part_of,
+            quota_attempts,
+            last_error,
+            round,
+            rounds,
+            followup_url,
+            results_folder,
+            created_at,
+            updated_at,
+            history,
+            state,
+        } = self;
+        Job {
+            key,
+            input,
+            facts,
+            part_of,
+            quota_attempts,
+            last_error,
+            round,
+            rounds,
+            followup_url,
+            results_folder,
+            created_at,
+            updated_at,
+            history,
+            state: f(state),
+        }
+    }
+}
+
+/// The states a job can be finished from: every one but `Finished`.
+pub trait Unfinished: State + Sized {
+    /// What the finished record keeps of this state.
+    fn into_finished(self, outcome: Outcome) -> Finished;
+}
+
+impl<S: Unfinished> Job<S> {
+    pub fn finish(self, outcome: Outcome, note: &str, at: i64) -> Job<Finished> {
+        let mut job = self.map_state(|s| s.into_finished(outcome));
+        job.note(at, format!("finished {}: {note}", outcome.as_str()));
+        job
+    }
+}
+
+impl Unfinished for Submitting {
+    fn into_finished(self, outcome: Outcome) -> Finished {
+        Finished::plain(outcome)
+    }
+}
+impl Unfinished for Queued {
+    fn into_finished(self, outcome: Outcome) -> Finished {
+        Finished::plain(outcome)
+    }
+}
+impl Unfinished for Running {
+    fn into_finished(self, outcome: Outcome) -> Finished {
+        Finished {
+            batch: Some(self.batch),
+            ..Finished::plain(outcome)
+        }
+    }
+}
+impl Unfinished for Split {
+    fn into_finished(self, outcome: Outcome) -> Finished {
+        Finished {
+            parts: self.parts,
+            ..Finished::plain(outcome)
+        }
+    }
+}
+impl Unfinished for Harvesting {
+    fn into_finished(self, outcome: Outcome) -> Finished {
+        Finished {
+            batch: Some(self.batch),
+            progress: Some(self.progress),
+            ..Finished::plain(outcome)
+        }
+    }
+}
+impl Unfinished for Combining {
+    fn into_finished(self, outcome: Outcome) -> Finished {
+        Finished {
+            parts: self.parts,
+            progress: Some(self.progress),
+            ..Finished::plain(outcome)
+        }
+    }
+}
+
+impl Finished {
+    fn plain(outcome: Outcome) -> Self {
+        Finished {
+            outcome,
+            batch: None,
+            parts: Vec::new(),
+            progress: None,
+        }
+    }
+}
+
+impl Job<Submitting> {
+    /// A new job for `input`, claimed by `owner` until `lease_secs` from `at`.
+    pub fn claim(input: InputRef, owner: &str, lease_secs: u64, at: i64) -> Self {
+        let mut job = Job {
+            key: job_key(&input.name, &input.etag),
+            input,
+            facts: None,
+            part_of: None,
+            quota_attempts: 0,
+            last_error: None,
+            round: 0,
+            rounds: Vec::new(),
+            followup_url: None,
+            results_folder: None,
+            created_at: at,
+            updated_at: at,
+            history: Vec::new(),
+            state: Submitting {
+                owner: owner.to_string(),
+                lease_until: at + lease_secs as i64,
+                create: None,
+            },
+        };
+        job.note(at, "claimed");
+        job
+    }
+
+    /// The job of one part of the split job `parent`, already validated (the whole input
+    /// was), reading the staged slice `input`.
+    pub fn claim_part(
+        parent: &Job<Split>,
+        part: &PartRef,
+        input: InputRef,
+        owner: &str,
+        lease_secs: u64,
+        at: i64,
+    ) -> Self {
+        let mut job = Job::claim(input, owner, lease_secs, at);
+        job.key = part.key.clone();
+        job.part_of = Some(PartOf {
+            parent: parent.key.clone(),
+            index: part.index,
+            line_offset: part.first_line - 1,
+        });
+        job.facts = parent.facts.clone().map(|f| InputFacts {
+            lines: part.requests,
+            ..f
+        });
+        job.note(
+            at,
+            format!(
+                "part {} of {}: input lines {}–{}",
+                part.index,
+                parent.key,
+                part.first_line,
+                part.last_line()
+            ),
+        );
+        job
+    }
+
+    /// True while the claim is still live: its lease, or a create call that may still be
+    /// on its way (nobody may look for its batch, not find it yet, and create another).
+    pub fn is_leased(&self, at: i64) -> bool {
+        self.state.lease_until > at
+            || self
+                .state
+                .create
+                .as_ref()
+                .and_then(|c| c.in_flight_until)
+                .is_some_and(|l| l > at)
+    }
+
+    /// When a create call was sent for this round, if one was: its batch may exist.
+    pub fn create_started_at(&self) -> Option<i64> {
+        self.state.create.as_ref().map(|c| c.started_at)
+    }
+
+    /// Takes over a claim that lapsed (its holder died or gave up).
+    pub fn take_over(&mut self, owner: &str, lease_secs: u64, at: i64) {
+        let previous = std::mem::replace(&mut self.state.owner, owner.to_string());
+        self.state.lease_until = at + lease_secs as i64;
+        self.note(at, format!("{TAKEN_OVER} (previous owner {previous})"));
+    }
+
+    /// Records what validation learnt; returns it for the create that follows.
+    pub fn validated(&mut self, facts: InputFacts, at: i64) -> &InputFacts {
+        self.note(
+            at,
+            format!(
+                "validated: {} requests, endpoint {}, model {}",
+                facts.lines, facts.endpoint, facts.model
+            ),
+        );
+        self.facts.insert(facts)
+    }
+
+    /// Notes that a create call is about to be sent. Until `window_secs` have passed the call
+    /// may still be on its way, and nobody else may look for its batch (not finding it yet)
+    /// and create another: the claim holds at least that long.
+    pub fn begin_create(&mut self, lease_secs: u64, window_secs: u64, at: i64) {
+        self.state.create = Some(CreateCall {
+            started_at: at,
+            in_flight_until: Some(at + window_secs as i64),
+        });
+        self.state.lease_until = at + lease_secs as i64;
+        self.note(at, "creating batch");
+    }
+
+    /// A transient fault: keep the job as it is but let the next invocation take it at once.
+    pub fn release(&mut self, error: &str, at: i64) {
+        self.state.lease_until = at;
+        // The create call (if any) has returned: the next holder may look for its batch.
+        if let Some(create) = &mut self.state.create {
+            create.in_flight_until = None;
+        }
+        self.last_error = Some(error.to_string());
+        self.note(at, format!("released after a transient fault: {error}"));
+    }
+
+    /// The batch exists (created now, or `adopted` from an earlier attempt).
+    pub fn submitted(self, batch: &Batch, adopted: bool, at: i64) -> Job<Running> {
+        let mut job = self.map_state(|_| Running {
+            batch: BatchSeen::of(batch),
+        });
+        job.last_error = None;
+        job.note(
+            at,
+            if adopted {
+                format!("adopted existing batch {}", batch.id)
+            } else {
+                format!("batch {} created", batch.id)
+            },
+        );
+        job
+    }
+
+    /// The input is beyond the limits of one batch: its parts (staged) become jobs of their
+    /// own, and this one waits for them.
+    pub fn split(self, parts: Vec<PartRef>, at: i64) -> Job<Split> {
+        let count = parts.len();
+        let mut job = self.map_state(|_| Split { parts });
+        job.note(at, format!("split into {count} parts"));
+        job
+    }
+}
+
+/// The states a quota refusal can send to `Queued`: a refused create (`Submitting`), or a
+/// batch that failed for quota before it ran (`Running`).
+pub trait CanQueue: Unfinished {}
+impl CanQueue for Submitting {}
+impl CanQueue for Running {}
+
+impl<S: CanQueue> Job<S> {
+    /// The quota was full: wait `delay_secs`, then the timer tries again.
+    pub fn queue(self, reason: &str, delay_secs: u64, at: i64) -> Job<Queued> {
+        let mut job = self.map_state(|_| Queued {
+            next_attempt_at: at + delay_secs as i64,
+        });
+        job.quota_attempts += 1;
+        job.last_error = Some(reason.to_string());
+        job.note(
+            at,
+            format!(
+                "queued for quota (attempt {}), next try in {delay_secs} s",
+                job.quota_attempts
+            ),
+        );
+        job
+    }
+}
+
+impl Job<Queued> {
+    pub fn next_attempt_at(&self) -> i64 {
+        self.state.next_attempt_at
+    }
+
+    /// The wait is over: claim it to try again.
+    pub fn take_over(self, owner: &str, lease_secs: u64, at: i64) -> Job<Submitting> {
+        let mut job = self.map_state(|_| Submitting {
+            owner: owner.to_string(),
+            lease_until: at + lease_secs as i64,
+            create: None,
+        });
+        job.note(at, format!("{TAKEN_OVER} after the quota wait"));
+        job
+    }
+}
+
+/// What a look at a running job's batch changed.
+pub enum Observed {
+    /// Same status and counts as last time: nothing worth a write.
+    Unchanged(Job<Running>),
+    /// Still running, with news (status or counts).
+    Changed(Job<Running>),
+    /// The batch ended: its results are harvested next.
+    Ended(Job<Harvesting>),
+}
+
+impl Job<Running> {
+    pub fn batch(&self) -> &BatchSeen {
+        &self.state.batch
+    }
+
+    pub fn observe(mut self, batch: &Batch, at: i64) -> Observed {
+        let seen = BatchSeen::of(batch);
+        if batch.status.is_terminal() {
+            let mut job = self.map_state(|_| Harvesting {
+                batch: seen,
+                progress: HarvestProgress::default(),
+            });
+            job.note(at, format!("batch ended: {}", batch.status));
+            return Observed::Ended(job);
+        }
+        if seen == self.state.batch {
+            return Observed::Unchanged(self);
+        }
+        let status_changed = seen.status != self.state.batch.status;
+        self.state.batch = seen;
+        if status_changed {
+            self.note(at, format!("batch status {}", batch.status));
+        }
+        Observed::Changed(self)
+    }
+}
+
+impl Job<Split> {
+    pub fn parts(&self) -> &[PartRef] {
+        &self.state.parts
+    }
+
+    /// Every part has finished: their results are combined next.
+    pub fn parts_finished(self, at: i64) -> Job<Combining> {
+        let mut job = self.map_state(|s| Combining {
+            parts: s.parts,
+            progress: HarvestProgress::default(),
+        });
+        job.note(at, "every part finished; combining their results");
+        job
+    }
+}
+
+impl Job<Combining> {
+    pub fn parts(&self) -> &[PartRef] {
+        &self.state.parts
+    }
+}
+
+/// The two states that move results into an output folder, step by recorded step.
+pub trait MovesResults: State {
+    fn progress(&self) -> &HarvestProgress;
+    fn progress_mut(&mut self) -> &mut HarvestProgress;
+}
+
+impl MovesResults for Harvesting {
+    fn progress(&self) -> &HarvestProgress {
+        &self.progress
+    }
+    fn progress_mut(&mut self) -> &mut HarvestProgress {
+        &mut self.progress
+    }
+}
+
+impl MovesResults for Combining {
+    fn progress(&self) -> &HarvestProgress {
+        &self.progress
+    }
+    fn progress_mut(&mut self) -> &mut HarvestProgress {
+        &mut self.progress
+    }
+}
+
+impl<S: MovesResults> Job<S> {
+    pub fn progress(&self) -> &HarvestProgress {
+        self.state.progress()
+    }
+    /// Marks harvest steps done; the caller writes the record before going on.
+    pub fn progress_mut(&mut self) -> &mut HarvestProgress {
+        self.state.progress_mut()
+    }
+    /// Chosen once, at the first harvest step; kept for follow-up rounds.
+    pub fn choose_results_folder(&mut self, folder: String) {
+        self.results_folder = Some(folder);
+    }
+}
+
+impl Job<Harvesting> {
+    pub fn batch(&self) -> &BatchSeen {
+        &self.state.batch
+    }
+
+    /// The batch ended with requests unanswered: a follow-up batch takes them, under a fresh
+    /// claim, reading `staged_url`.
+    pub fn follow_up(
+        mut self,
+        staged_url: String,
+        lines: u64,
+        owner: &str,
+        lease_secs: u64,
+        at: i64,
+    ) -> Job<Submitting> {
+        let batch = &self.state.batch;
+        self.rounds.push(RoundRecord {
+            batch_id: batch.id.clone(),
+            status: batch.status.to_string(),
+            request_counts: batch.request_counts.clone(),
+        });
+        let mut job = self.map_state(|_| Submitting {
+            owner: owner.to_string(),
+            lease_until: at + lease_secs as i64,
+            create: None,
+        });
+        job.round += 1;
+        job.followup_url = Some(staged_url);
+        job.note(
+            at,
+            format!(
+                "follow-up round {}: resubmitting {lines} unanswered request(s)",
+                job.round
+            ),
+        );
+        job
+    }
+}
+
+/// A record as loaded, in whichever state it is; the caller matches to get the typed job.
+#[derive(Debug, Clone, PartialEq)]
+pub enum AnyJob {
+    Submitting(Job<Submitting>),
+    Queued(Job<Queued>),
+    Running(Job<Running>),
+    Split(Job<Split>),
+    Harvesting(Job<Harvesting>),
+    Combining(Job<Combining>),
+    Finished(Job<Finished>),
+}
+
+impl AnyJob {
+    pub fn key(&self) -> &str {
+        match self {
+            AnyJob::Submitting(j) => j.key(),
+            AnyJob::Queued(j) => j.key(),
+            AnyJob::Running(j) => j.key(),
+            AnyJob::Split(j) => j.key(),
+            AnyJob::Harvesting(j) => j.key(),
+            AnyJob::Combining(j) => j.key(),
+            AnyJob::Finished(j) => j.key(),
+        }
+    }
+
+    /// The state's name, as the record stores it.
+    pub fn state(&self) -> JobState {
+        match self {
+            AnyJob::Submitting(_) => JobState::Submitting,
+            AnyJob::Queued(_) => JobState::Queued,
+            AnyJob::Running(_) => JobState::Running,
+            AnyJob::Split(_) => JobState::Split,
+            AnyJob::Harvesting(_) | AnyJob::Combining(_) => JobState::Harvesting,
+            AnyJob::Finished(_) => JobState::Finished,
+        }
+    }
+
+    /// The job's current (or last) batch, where it has one.
+    pub fn batch_id(&self) -> Option<&str> {
+        match self {
+            AnyJob::Running(j) => Some(&j.state.batch.id),
+            AnyJob::Harvesting(j) => Some(&j.state.batch.id),
+            AnyJob::Finished(j) => j.state.batch.as_ref().map(|b| b.id.as_str()),
+            _ => None,
+        }
+    }
+}
+
+impl Job<Finished> {
+    pub fn outcome(&self) -> Outcome {
+        self.state.outcome
+    }
+    /// The last batch, for a job that had one.
+    pub fn batch(&self) -> Option<&BatchSeen> {
+        self.state.batch.as_ref()
+    }
+    /// Every batch the job had, oldest first: earlier rounds', then the last.
+    pub fn batch_ids(&self) -> Vec<String> {
+        let mut ids: Vec<String> = self.rounds.iter().map(|r| r.batch_id.clone()).collect();
+        ids.extend(self.state.batch.as_ref().map(|b| b.id.clone()));
+        ids
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const T: i64 = 1_800_000_000;
+
+    pub(crate) fn input() -> InputRef {
+        InputRef {
+            container: "batch-input".into(),
+            name: "dir/test.jsonl".into(),
+            etag: "\"0x8D4\"".into(),
+            size: 10,
+            url: "https://a.blob.core.windows.net/batch-input/dir/test.jsonl".into(),
+        }
+    }
+
+    fn batch(status: &str) -> Batch {
+        serde_json::from_value(serde_json::json!({"id": "batch_1", "status": status})).unwrap()
+    }
+
+    fn facts(lines: u64) -> InputFacts {
+        InputFacts {
+            lines,
+            endpoint: "/chat/completions".into(),
+            model: "m".into(),
+        }
+    }
+
+    #[test]
+    fn the_happy_path_in_order() {
+        let mut r = Job::claim(input(), "me", 60, T);
+        assert_eq!(input().output_path(), "dir/test");
+        assert!(r.is_leased(T));
+        r.validated(facts(3), T);
+        r.begin_create(60, 120, T);
+        let r = r.submitted(&batch("validating"), false, T + 1);
+        assert_eq!(r.batch().status, BatchStatus::Validating);
+        let Observed::Changed(r) = r.observe(&batch("in_progress"), T + 2) else {
+            panic!("a new status is news")
+        };
+        let Observed::Unchanged(r) = r.observe(&batch("in_progress"), T + 3) else {
+            panic!("the same status and counts are not")
+        };
+        let Observed::Ended(r) = r.observe(&batch("completed"), T + 4) else {
+            panic!("completed is an end")
+        };
+        assert_eq!(r.batch().status, BatchStatus::Completed);
+        let r = r.finish(Outcome::Completed, "results in place", T + 5);
+        assert_eq!(r.outcome(), Outcome::Completed);
+        assert_eq!(r.batch_ids(), ["batch_1"]);
+        assert_eq!(r.updated_at(), T + 5);
+        let states: Vec<JobState> = r.history().iter().map(|h| h.state).collect();
+        assert_eq!(
+            states.first().copied(),
+            Some(JobState::Submitting),
+            "history names the state each step happened in"
+        );
+        assert_eq!(states.last().copied(), Some(JobState::Finished));
+    }
+
+    #[test]
+    fn a_create_in_flight_holds_the_claim_past_its_lease() {
+        let mut r = Job::claim(input(), "me", 2, T);
+        r.begin_create(2, 120, T);
+        assert!(r.is_leased(T + 60), "the create may still be on its way");
+        assert!(!r.is_leased(T + 121));
+        r.release("HTTP 500", T + 1);
+        assert!(
+            !r.is_leased(T + 2),
+            "a returned create frees the claim at once"
+        );
+        assert_eq!(
+            r.create_started_at(),
+            Some(T),
+            "but its batch is looked for"
+        );
+    }
+
+    #[test]
+    fn a_split_job_waits_for_its_parts_then_combines() {
+        let mut r = Job::claim(input(), "me", 60, T);
+        r.validated(facts(25), T);
+        let part = PartRef {
+            index: 2,
+            key: format!("{}/part-0002", r.key()),
+            blob: "staging/x/part-0002.jsonl".into(),
+            etag: "\"0x9\"".into(),
+            first_line: 11,
+            requests: 10,
+            bytes: 100,
+        };
+        let r = r.split(vec![part.clone()], T);
+        assert_eq!(r.parts(), std::slice::from_ref(&part));
+
+        let mut staged = input();
+        staged.name = part.blob.clone();
+        let child = Job::claim_part(&r, &part, staged, "me", 60, T);
+        assert_eq!(child.key(), part.key);
+        assert_eq!(child.part_of().unwrap().line_offset, 10);
+        assert_eq!(child.facts().unwrap().lines, 10);
+        assert_eq!(child.facts().unwrap().model, "m");
+        assert_eq!(part.folder(), "staging/x/part-0002");
+
+        let r = r.parts_finished(T + 1);
+        assert!(r.results_folder().is_none());
+        let r = r.finish(Outcome::Completed, "combined", T + 2);
+        assert_eq!(r.state().parts.len(), 1);
+    }
+
+    #[test]
+    fn queue_then_take_over_counts_attempts_and_forgets_the_refused_create() {
+        let mut r = Job::claim(input(), "me", 60, T);
+        r.begin_create(60, 120, T);
+        let r = r.queue("token_limit_exceeded", 30, T);
+        assert_eq!(r.quota_attempts(), 1);
+        assert_eq!(r.next_attempt_at(), T + 30);
+        let mut r = r.take_over("timer", 60, T + 30);
+        assert!(
+            r.create_started_at().is_none(),
+            "a refused create made no batch"
+        );
+        assert!(r.is_leased(T + 30));
+        assert!(r.was_taken_over());
+        r.release("HTTP 503", T + 31);
+        assert!(!r.is_leased(T + 32));
+        assert_eq!(r.last_error(), Some("HTTP 503"));
+    }
+
+    #[test]
+    fn a_follow_up_round_keeps_the_first_batch_and_reads_the_staged_lines() {
+        let mut r = Job::claim(input(), "me", 60, T);
+        r.validated(facts(3), T);
+        r.begin_create(60, 120, T);
+        let r = r.submitted(&batch("in_progress"), false, T);
+        let Observed::Ended(mut r) = r.observe(&batch("expired"), T + 1) else {
+            panic!("expired is an end")
+        };
+        r.choose_results_folder("dir/test/superseded/0x8D4".into());
+        let r = r.follow_up("https://x/staged.jsonl".into(), 2, "me", 60, T + 2);
+        assert_eq!(
+            r.results_folder(),
+            Some("dir/test/superseded/0x8D4"),
+            "the next round's results join the first round's folder"
+        );
+        assert_eq!(r.round(), 1);
+        assert_eq!(r.batch_input_url(), "https://x/staged.jsonl");
+        assert_eq!(r.rounds()[0].batch_id, "batch_1");
+        assert_eq!(r.rounds()[0].status, "expired");
+        assert!(r.create_started_at().is_none());
+    }
+}
