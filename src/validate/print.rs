@@ -1,0 +1,97 @@
+//! [`print_report`]: the report as `handler validate` prints it, one line per problem, then
+//! a count of those not listed, then a one-line verdict.
+
+use super::Report;
+
+/// Prints one line per problem (`line N: code: message`, or `file: code: message`), then a
+/// count of those not listed, then a one-line verdict. Write errors (a closed pipe) are
+/// ignored: the exit code carries the verdict anyway.
+pub fn print_report(report: &Report, out: &mut impl std::io::Write) {
+    let _ = write_report(report, out);
+}
+
+fn write_report(report: &Report, out: &mut impl std::io::Write) -> std::io::Result<()> {
+    for p in &report.problems {
+        match p.line {
+            Some(n) => writeln!(out, "line {n}: {}: {}", p.code, p.message)?,
+            None => writeln!(out, "file: {}: {}", p.code, p.message)?,
+        }
+    }
+    if report.more_problems > 0 {
+        writeln!(
+            out,
+            "... and {} more {}",
+            report.more_problems,
+            plural(report.more_problems, "problem")
+        )?;
+    }
+    if report.is_ok() {
+        writeln!(
+            out,
+            "OK: {} {}, url {}, model {}",
+            report.lines,
+            plural(report.lines, "request"),
+            report.url.as_deref().unwrap_or("-"),
+            report.model.as_deref().unwrap_or("-"),
+        )
+    } else {
+        let total = report.problems.len() as u64 + report.more_problems;
+        writeln!(
+            out,
+            "REJECTED: {total} {} ({} request {}, {} bytes)",
+            plural(total, "problem"),
+            report.lines,
+            plural(report.lines, "line"),
+            report.bytes,
+        )
+    }
+}
+
+fn plural(n: u64, word: &str) -> String {
+    if n == 1 {
+        word.to_string()
+    } else {
+        format!("{word}s")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::validate::{
+        Limits,
+        test_support::{check, check_with, file},
+    };
+
+    #[test]
+    fn print_report_formats() {
+        let mut out = Vec::new();
+        print_report(&check(file(&["a", "b", "c"])), &mut out);
+        assert_eq!(
+            String::from_utf8(out).unwrap(),
+            "OK: 3 requests, url /chat/completions, model dep\n"
+        );
+
+        let limits = Limits {
+            max_problems: 1,
+            ..Limits::default()
+        };
+        let mut out = Vec::new();
+        print_report(&check_with(file(&["a", "a", "a"]), limits), &mut out);
+        let text = String::from_utf8(out).unwrap();
+        let lines: Vec<&str> = text.lines().collect();
+        assert_eq!(lines.len(), 3, "{text}");
+        assert!(
+            lines[0].starts_with("line 2: duplicate_custom_id: "),
+            "{text}"
+        );
+        assert_eq!(lines[1], "... and 1 more problem");
+        assert!(lines[2].starts_with("REJECTED: 2 problems"), "{text}");
+
+        let mut out = Vec::new();
+        print_report(&check(""), &mut out);
+        let text = String::from_utf8(out).unwrap();
+        assert!(text.starts_with("file: empty_file: "), "{text}");
+        assert!(text.contains("REJECTED: 1 problem "), "{text}");
+    }
+}
