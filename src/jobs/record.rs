@@ -23,6 +23,13 @@ use super::{
 /// A job in state `S`. Fields are read through methods and changed only by transitions.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Job<S> {
+    pub(super) common: Common,
+    pub(super) state: S,
+}
+
+/// What a job has in every state.
+#[derive(Debug, Clone, PartialEq)]
+pub(super) struct Common {
     pub(super) key: String,
     pub(super) input: InputRef,
     pub(super) facts: Option<InputFacts>,
@@ -42,7 +49,6 @@ pub struct Job<S> {
     pub(super) created_at: i64,
     pub(super) updated_at: i64,
     pub(super) history: Vec<HistoryEntry>,
-    pub(super) state: S,
 }
 
 /// What each state is called in records and history (and how it is written: `wire`).
@@ -153,41 +159,41 @@ const TAKEN_OVER: &str = "taken over";
 
 impl<S: State> Job<S> {
     pub fn key(&self) -> &str {
-        &self.key
+        &self.common.key
     }
     pub fn input(&self) -> &InputRef {
-        &self.input
+        &self.common.input
     }
     pub fn facts(&self) -> Option<&InputFacts> {
-        self.facts.as_ref()
+        self.common.facts.as_ref()
     }
     pub fn part_of(&self) -> Option<&PartOf> {
-        self.part_of.as_ref()
+        self.common.part_of.as_ref()
     }
     pub fn quota_attempts(&self) -> u32 {
-        self.quota_attempts
+        self.common.quota_attempts
     }
     pub fn last_error(&self) -> Option<&str> {
-        self.last_error.as_deref()
+        self.common.last_error.as_deref()
     }
     pub fn round(&self) -> u32 {
-        self.round
+        self.common.round
     }
     pub fn rounds(&self) -> &[RoundRecord] {
-        &self.rounds
+        &self.common.rounds
     }
     pub fn created_at(&self) -> i64 {
-        self.created_at
+        self.common.created_at
     }
     pub fn updated_at(&self) -> i64 {
-        self.updated_at
+        self.common.updated_at
     }
     pub fn history(&self) -> &[HistoryEntry] {
-        &self.history
+        &self.common.history
     }
     /// Where the results go, relative to the output container, once chosen.
     pub fn results_folder(&self) -> Option<&str> {
-        self.results_folder.as_deref()
+        self.common.results_folder.as_deref()
     }
     pub fn state(&self) -> &S {
         &self.state
@@ -195,13 +201,16 @@ impl<S: State> Job<S> {
 
     /// The blob the current round's batch reads: the input, or a follow-up's staged lines.
     pub fn batch_input_url(&self) -> &str {
-        self.followup_url.as_deref().unwrap_or(&self.input.url)
+        self.common
+            .followup_url
+            .as_deref()
+            .unwrap_or(&self.common.input.url)
     }
 
     /// Where the job's files go: the output container for an input, the staging folder (in
     /// the state container) for a part, whose parent then combines them.
     pub fn output_container<'a>(&self, config: &'a Config) -> &'a str {
-        if self.part_of.is_some() {
+        if self.common.part_of.is_some() {
             &config.state_container
         } else {
             &config.output_container
@@ -210,12 +219,15 @@ impl<S: State> Job<S> {
 
     /// Whether an earlier holder of the claim may have done part of the work.
     pub fn was_taken_over(&self) -> bool {
-        self.history.iter().any(|h| h.note.starts_with(TAKEN_OVER))
+        self.common
+            .history
+            .iter()
+            .any(|h| h.note.starts_with(TAKEN_OVER))
     }
 
     fn note(&mut self, at: i64, note: impl Into<String>) {
-        self.updated_at = at;
-        self.history.push(HistoryEntry {
+        self.common.updated_at = at;
+        self.common.history.push(HistoryEntry {
             at,
             state: S::NAME,
             note: note.into(),
@@ -224,37 +236,9 @@ impl<S: State> Job<S> {
 
     /// The same job in another state, made from the one it leaves; the caller notes why.
     fn map_state<T: State>(self, f: impl FnOnce(S) -> T) -> Job<T> {
-        let Job {
-            key,
-            input,
-            facts,
-            part_of,
-            quota_attempts,
-            last_error,
-            round,
-            rounds,
-            followup_url,
-            results_folder,
-            created_at,
-            updated_at,
-            history,
-            state,
-        } = self;
         Job {
-            key,
-            input,
-            facts,
-            part_of,
-            quota_attempts,
-            last_error,
-            round,
-            rounds,
-            followup_url,
-            results_folder,
-            created_at,
-            updated_at,
-            history,
-            state: f(state),
+            common: self.common,
+            state: f(self.state),
         }
     }
 }
@@ -333,19 +317,21 @@ impl Job<Submitting> {
     /// A new job for `input`, claimed by `owner` until `lease_secs` from `at`.
     pub fn claim(input: InputRef, owner: &str, lease_secs: u64, at: i64) -> Self {
         let mut job = Job {
-            key: job_key(&input.name, &input.etag),
-            input,
-            facts: None,
-            part_of: None,
-            quota_attempts: 0,
-            last_error: None,
-            round: 0,
-            rounds: Vec::new(),
-            followup_url: None,
-            results_folder: None,
-            created_at: at,
-            updated_at: at,
-            history: Vec::new(),
+            common: Common {
+                key: job_key(&input.name, &input.etag),
+                input,
+                facts: None,
+                part_of: None,
+                quota_attempts: 0,
+                last_error: None,
+                round: 0,
+                rounds: Vec::new(),
+                followup_url: None,
+                results_folder: None,
+                created_at: at,
+                updated_at: at,
+                history: Vec::new(),
+            },
             state: Submitting {
                 owner: owner.to_string(),
                 lease_until: at + lease_secs as i64,
@@ -367,13 +353,13 @@ impl Job<Submitting> {
         at: i64,
     ) -> Self {
         let mut job = Job::claim(input, owner, lease_secs, at);
-        job.key = part.key.clone();
-        job.part_of = Some(PartOf {
-            parent: parent.key.clone(),
+        job.common.key = part.key.clone();
+        job.common.part_of = Some(PartOf {
+            parent: parent.common.key.clone(),
             index: part.index,
             line_offset: part.first_line - 1,
         });
-        job.facts = parent.facts.clone().map(|f| InputFacts {
+        job.common.facts = parent.common.facts.clone().map(|f| InputFacts {
             lines: part.requests,
             ..f
         });
@@ -382,7 +368,7 @@ impl Job<Submitting> {
             format!(
                 "part {} of {}: input lines {}–{}",
                 part.index,
-                parent.key,
+                parent.common.key,
                 part.first_line,
                 part.last_line()
             ),
@@ -423,7 +409,7 @@ impl Job<Submitting> {
                 facts.lines, facts.endpoint, facts.model
             ),
         );
-        self.facts.insert(facts)
+        self.common.facts.insert(facts)
     }
 
     /// Notes that a create call is about to be sent. Until `window_secs` have passed the call
@@ -445,7 +431,7 @@ impl Job<Submitting> {
         if let Some(create) = &mut self.state.create {
             create.in_flight_until = None;
         }
-        self.last_error = Some(error.to_string());
+        self.common.last_error = Some(error.to_string());
         self.note(at, format!("released after a transient fault: {error}"));
     }
 
@@ -454,7 +440,7 @@ impl Job<Submitting> {
         let mut job = self.map_state(|_| Running {
             batch: BatchSeen::of(batch),
         });
-        job.last_error = None;
+        job.common.last_error = None;
         job.note(
             at,
             if adopted {
@@ -488,13 +474,13 @@ impl<S: CanQueue> Job<S> {
         let mut job = self.map_state(|_| Queued {
             next_attempt_at: at + delay_secs as i64,
         });
-        job.quota_attempts += 1;
-        job.last_error = Some(reason.to_string());
+        job.common.quota_attempts += 1;
+        job.common.last_error = Some(reason.to_string());
         job.note(
             at,
             format!(
                 "queued for quota (attempt {}), next try in {delay_secs} s",
-                job.quota_attempts
+                job.common.quota_attempts
             ),
         );
         job
@@ -611,7 +597,7 @@ impl<S: MovesResults> Job<S> {
     }
     /// Chosen once, at the first harvest step; kept for follow-up rounds.
     pub fn choose_results_folder(&mut self, folder: String) {
-        self.results_folder = Some(folder);
+        self.common.results_folder = Some(folder);
     }
 }
 
@@ -631,7 +617,7 @@ impl Job<Harvesting> {
         at: i64,
     ) -> Job<Submitting> {
         let batch = &self.state.batch;
-        self.rounds.push(RoundRecord {
+        self.common.rounds.push(RoundRecord {
             batch_id: batch.id.clone(),
             status: batch.status.to_string(),
             request_counts: batch.request_counts.clone(),
@@ -641,13 +627,13 @@ impl Job<Harvesting> {
             lease_until: at + lease_secs as i64,
             create: None,
         });
-        job.round += 1;
-        job.followup_url = Some(staged_url);
+        job.common.round += 1;
+        job.common.followup_url = Some(staged_url);
         job.note(
             at,
             format!(
                 "follow-up round {}: resubmitting {lines} unanswered request(s)",
-                job.round
+                job.common.round
             ),
         );
         job
@@ -712,7 +698,12 @@ impl Job<Finished> {
     }
     /// Every batch the job had, oldest first: earlier rounds', then the last.
     pub fn batch_ids(&self) -> Vec<String> {
-        let mut ids: Vec<String> = self.rounds.iter().map(|r| r.batch_id.clone()).collect();
+        let mut ids: Vec<String> = self
+            .common
+            .rounds
+            .iter()
+            .map(|r| r.batch_id.clone())
+            .collect();
         ids.extend(self.state.batch.as_ref().map(|b| b.id.clone()));
         ids
     }

@@ -156,18 +156,12 @@ impl JobStore {
                 "application/json",
             )
             .await?;
-        self.store
-            .delete(&self.container, &Self::active(rec.key()), Some(etag))
-            .await
-            .or_else(|e| match e {
-                // Someone updated it after we read it; our finished copy stands in done/.
-                StorageError::ConditionNotMet { .. } => Ok(false),
-                e => Err(e),
-            })?;
-        Ok(())
+        // Someone updated it after we read it: our finished copy stands in done/.
+        self.abandon(rec.key(), etag).await
     }
 
-    /// Drops a claim that turned out to be for nothing (input gone or replaced).
+    /// Drops the active record if it is still the version read (input gone or replaced, or
+    /// filed under done/); someone else's newer version stays.
     pub async fn abandon(&self, key: &str, etag: &str) -> Result<(), JobStoreError> {
         self.store
             .delete(&self.container, &Self::active(key), Some(etag))

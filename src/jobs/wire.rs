@@ -15,8 +15,8 @@ use super::{
     HarvestProgress, HistoryEntry, InputFacts, InputRef, JobState, Outcome, PartOf, PartRef,
     RoundRecord,
     record::{
-        AnyJob, BatchSeen, Combining, CreateCall, Finished, Harvesting, Job, Queued, Running,
-        Split, State, Submitting,
+        AnyJob, BatchSeen, Combining, Common, CreateCall, Finished, Harvesting, Job, Queued,
+        Running, Split, State, Submitting,
     },
 };
 
@@ -88,11 +88,11 @@ pub trait WireState: Sized {
 impl<S: State> Job<S> {
     fn to_wire(&self) -> Wire {
         let mut w = Wire {
-            key: self.key.clone(),
-            input: self.input.clone(),
+            key: self.common.key.clone(),
+            input: self.common.input.clone(),
             state: S::NAME,
             outcome: None,
-            facts: self.facts.clone(),
+            facts: self.common.facts.clone(),
             batch_id: None,
             batch_status: None,
             request_counts: None,
@@ -100,19 +100,19 @@ impl<S: State> Job<S> {
             lease_until: None,
             create_started_at: None,
             create_in_flight_until: None,
-            quota_attempts: self.quota_attempts,
+            quota_attempts: self.common.quota_attempts,
             next_attempt_at: None,
-            last_error: self.last_error.clone(),
-            round: self.round,
-            rounds: self.rounds.clone(),
-            followup_url: self.followup_url.clone(),
+            last_error: self.common.last_error.clone(),
+            round: self.common.round,
+            rounds: self.common.rounds.clone(),
+            followup_url: self.common.followup_url.clone(),
             harvest: None,
-            results_folder: self.results_folder.clone(),
+            results_folder: self.common.results_folder.clone(),
             parts: Vec::new(),
-            part_of: self.part_of.clone(),
-            created_at: self.created_at,
-            updated_at: self.updated_at,
-            history: self.history.clone(),
+            part_of: self.common.part_of.clone(),
+            created_at: self.common.created_at,
+            updated_at: self.common.updated_at,
+            history: self.common.history.clone(),
         };
         self.state.put(&mut w);
         w
@@ -124,19 +124,21 @@ impl<S: State> Job<S> {
             problem,
         })?;
         Ok(Job {
-            key: w.key,
-            input: w.input,
-            facts: w.facts,
-            part_of: w.part_of,
-            quota_attempts: w.quota_attempts,
-            last_error: w.last_error,
-            round: w.round,
-            rounds: w.rounds,
-            followup_url: w.followup_url,
-            results_folder: w.results_folder,
-            created_at: w.created_at,
-            updated_at: w.updated_at,
-            history: w.history,
+            common: Common {
+                key: w.key,
+                input: w.input,
+                facts: w.facts,
+                part_of: w.part_of,
+                quota_attempts: w.quota_attempts,
+                last_error: w.last_error,
+                round: w.round,
+                rounds: w.rounds,
+                followup_url: w.followup_url,
+                results_folder: w.results_folder,
+                created_at: w.created_at,
+                updated_at: w.updated_at,
+                history: w.history,
+            },
             state,
         })
     }
