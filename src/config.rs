@@ -236,6 +236,24 @@ impl Config {
             }
         };
 
+        let ranged = |name: &'static str,
+                      default: u64,
+                      range: std::ops::RangeInclusive<u64>,
+                      what: &str|
+         -> Result<u64, ConfigError> {
+            match number(name, default)? {
+                v if range.contains(&v) => Ok(v),
+                v => Err(ConfigError::Malformed {
+                    name,
+                    reason: format!(
+                        "{v} is outside {}..={} ({what})",
+                        range.start(),
+                        range.end()
+                    ),
+                }),
+            }
+        };
+
         let flag = |name: &'static str, default: bool| -> Result<bool, ConfigError> {
             match get(name).map(|v| v.to_ascii_lowercase()) {
                 None => Ok(default),
@@ -257,32 +275,56 @@ impl Config {
             input_container,
             output_container,
             state_container,
-            submit_lease: Duration::from_secs(number(names::SUBMIT_LEASE_SECONDS, 300)?),
-            create_timeout: Duration::from_secs(number(names::CREATE_TIMEOUT_SECONDS, 120)?.max(1)),
-            queue_max_attempts: number(names::QUEUE_MAX_ATTEMPTS, 10)? as u32,
-            queue_initial_delay: Duration::from_secs(number(
+            // A lease of 0 would lapse every claim at once, and a count cast down from a
+            // huge number would wrap: each number is checked against a sane range.
+            submit_lease: Duration::from_secs(ranged(
+                names::SUBMIT_LEASE_SECONDS,
+                300,
+                1..=DAY,
+                "a claim must last at least a second",
+            )?),
+            create_timeout: Duration::from_secs(ranged(
+                names::CREATE_TIMEOUT_SECONDS,
+                120,
+                1..=DAY,
+                "a create call needs time to answer",
+            )?),
+            queue_max_attempts: ranged(
+                names::QUEUE_MAX_ATTEMPTS,
+                10,
+                1..=1000,
+                "tries before a quota wait gives up",
+            )? as u32,
+            queue_initial_delay: Duration::from_secs(ranged(
                 names::QUEUE_INITIAL_DELAY_SECONDS,
                 300,
+                1..=DAY,
+                "the first wait for quota",
             )?),
             resubmit_expired: flag(names::RESUBMIT_EXPIRED, true)?,
             resubmit_cancelled: flag(names::RESUBMIT_CANCELLED, false)?,
-            max_followups: number(names::MAX_FOLLOWUPS, 3)? as u32,
+            max_followups: ranged(
+                names::MAX_FOLLOWUPS,
+                3,
+                0..=100,
+                "follow-up batches per input",
+            )? as u32,
             split_limits: {
                 let service = crate::validate::Limits::default();
-                let within = |name: &'static str, max: u64| -> Result<u64, ConfigError> {
-                    match number(name, max)? {
-                        v if (1..=max).contains(&v) => Ok(v),
-                        v => Err(ConfigError::Malformed {
-                            name,
-                            reason: format!(
-                                "{v} is outside 1..={max} (the service refuses larger batch files)"
-                            ),
-                        }),
-                    }
-                };
+                let why = "the service refuses larger batch files";
                 crate::validate::Limits {
-                    max_lines: within(names::SPLIT_MAX_REQUESTS, service.max_lines)?,
-                    max_bytes: within(names::SPLIT_MAX_BYTES, service.max_bytes)?,
+                    max_lines: ranged(
+                        names::SPLIT_MAX_REQUESTS,
+                        service.max_lines,
+                        1..=service.max_lines,
+                        why,
+                    )?,
+                    max_bytes: ranged(
+                        names::SPLIT_MAX_BYTES,
+                        service.max_bytes,
+                        1..=service.max_bytes,
+                        why,
+                    )?,
                     ..service
                 }
             },
@@ -290,6 +332,8 @@ impl Config {
         })
     }
 }
+
+const DAY: u64 = 24 * 3600;
 
 fn parse_http_url(name: &'static str, text: &str) -> Result<Url, ConfigError> {
     let url = Url::parse(text).map_err(|e| ConfigError::Malformed {
@@ -388,6 +432,35 @@ mod tests {
         env.remove(names::STORAGE_ACCOUNT_URL);
         let err = Config::from_map(&env).unwrap_err().to_string();
         assert!(err.contains("BATCH_STORAGE_ACCOUNT_URL"), "{err}");
+    }
+
+    #[test]
+    fn numbers_out_of_their_range_are_refused_by_name() {
+        for (name, value) in [
+            // Every claim would lapse at once.
+            (names::SUBMIT_LEASE_SECONDS, "0"),
+            // `as u32` would have wrapped this to 0 attempts.
+            (names::QUEUE_MAX_ATTEMPTS, "4294967296"),
+            (names::QUEUE_MAX_ATTEMPTS, "0"),
+            (names::MAX_FOLLOWUPS, "4294967299"),
+            (names::CREATE_TIMEOUT_SECONDS, "0"),
+            (names::QUEUE_INITIAL_DELAY_SECONDS, "0"),
+        ] {
+            let mut env = base();
+            env.insert(name.into(), value.into());
+            let err = Config::from_map(&env).unwrap_err().to_string();
+            assert!(
+                err.contains(name) && err.contains("outside"),
+                "{name}={value}: {err}"
+            );
+        }
+        let mut env = base();
+        env.insert(names::MAX_FOLLOWUPS.into(), "0".into());
+        assert_eq!(
+            Config::from_map(&env).unwrap().max_followups,
+            0,
+            "no follow-ups is a choice"
+        );
     }
 
     #[test]
