@@ -51,7 +51,7 @@ impl TokenCredential for FakeManagedIdentity {
 #[tokio::test]
 async fn the_managed_identity_path_reads_writes_and_copies() {
     let dir = tempfile::tempdir().unwrap();
-    let (azurite, cert) = Azurite::start_https_oauth(dir.path());
+    let (azurite, cert) = azurite_https_oauth(dir.path());
     // The only test in this binary: trusting the test certificate cannot affect another test.
     unsafe { std::env::set_var("SSL_CERT_FILE", &cert) };
 

@@ -38,7 +38,7 @@ async fn every_corpus_file_through_the_handler() {
     let azurite = Azurite::start();
     // Slow lifecycle: the valid files' batches just need to exist.
     let emulator = Emulator::start(&azurite, &["--step-ms", "60000"]);
-    let handler = Handler::start(Handler::env(&azurite, &emulator));
+    let handler = Handler::start(handler_env(&azurite, &emulator));
     let store = azurite.store();
     let (mut rejected, mut accepted) = (0, 0);
     for (file, expected) in manifest() {
@@ -135,7 +135,7 @@ fn odd_names() -> Vec<String> {
 async fn odd_blob_names_are_handled_in_the_right_folder() {
     let s_azurite = Azurite::start();
     let emulator = Emulator::start(&s_azurite, &["--step-ms", "50"]);
-    let handler = Handler::start(Handler::env(&s_azurite, &emulator));
+    let handler = Handler::start(handler_env(&s_azurite, &emulator));
     let store = s_azurite.store();
     let body = format!(
         "{}\n{}\n",
@@ -210,7 +210,7 @@ async fn odd_blob_names_are_handled_in_the_right_folder() {
 async fn a_name_too_long_for_its_results_is_refused_clearly() {
     let azurite = Azurite::start();
     let emulator = Emulator::start(&azurite, &["--step-ms", "50"]);
-    let handler = Handler::start(Handler::env(&azurite, &emulator));
+    let handler = Handler::start(handler_env(&azurite, &emulator));
     let store = azurite.store();
     let longest = aoai_blob_batch::submit::MAX_INPUT_NAME_CHARS;
     let body = chat_line("x", "q") + "\n";
@@ -260,7 +260,7 @@ async fn a_name_too_long_for_its_results_is_refused_clearly() {
 async fn dot_segments_never_send_another_blob_to_the_service() {
     let azurite = Azurite::start();
     let emulator = Emulator::start(&azurite, &["--step-ms", "50"]);
-    let handler = Handler::start(Handler::env(&azurite, &emulator));
+    let handler = Handler::start(handler_env(&azurite, &emulator));
     let store = azurite.store();
     let file = |ids: &[&str]| {
         ids.iter()

@@ -339,7 +339,7 @@ async fn crash_at_every_fault_point() {
         ],
     );
     let store = azurite.store();
-    let mut healthy_env = Handler::env(&azurite, &emulator);
+    let mut healthy_env = handler_env(&azurite, &emulator);
     // A claim whose create may have been in flight is held for the create timeout before
     // anyone looks for its batch: 5 s here instead of the default 120 s.
     healthy_env.push(("BATCH_CREATE_TIMEOUT_SECONDS".into(), "5".into()));
@@ -496,7 +496,7 @@ async fn storage_outage() {
     let mut azurite = Azurite::start_persistent(dir.path(), 0);
     let port = azurite.port;
     let emulator = Emulator::start(&azurite, &["--step-ms", "300", "--lines-per-step", "3"]);
-    let handler = Handler::start(Handler::env(&azurite, &emulator));
+    let handler = Handler::start(handler_env(&azurite, &emulator));
     let store = azurite.store();
     let mut inputs = Vec::new();
     for i in 0..5 {
@@ -820,7 +820,7 @@ async fn a_lapsed_lease_during_a_slow_create_still_makes_one_batch() {
     let s = stack(&["--step-ms", "60000"], &[]);
     let store = s.azurite.store();
     let proxy = slow_proxy(s.emulator.port, Duration::from_secs(5)).await;
-    let mut env_a = Handler::env(&s.azurite, &s.emulator);
+    let mut env_a = handler_env(&s.azurite, &s.emulator);
     for (k, v) in env_a.iter_mut() {
         if k == "AZURE_OPENAI_ENDPOINT" {
             *v = format!("http://127.0.0.1:{proxy}");

@@ -50,7 +50,7 @@ async fn the_handler_listens_on_loopback_only() {
 
     let azurite = Azurite::start();
     let emulator = Emulator::start(&azurite, &[]);
-    let handler = Handler::start(Handler::env(&azurite, &emulator));
+    let handler = Handler::start(handler_env(&azurite, &emulator));
     assert_eq!(
         listening_on(handler.port),
         ["127.0.0.1"],
@@ -97,7 +97,7 @@ impl Trap {
 async fn events_for_blobs_elsewhere_contact_nothing() {
     let azurite = Azurite::start();
     let emulator = Emulator::start(&azurite, &["--step-ms", "60000"]);
-    let handler = Handler::start(Handler::env(&azurite, &emulator));
+    let handler = Handler::start(handler_env(&azurite, &emulator));
     let store = azurite.store();
     let body = format!("{}\n", chat_line("a", "q"));
     let (own_url, etag) = upload_input(&store, "test.jsonl", body.as_bytes()).await;
@@ -279,7 +279,7 @@ async fn a_full_run_leaks_no_secret() {
             "3",
         ],
     );
-    let mut env = Handler::env(&azurite, &emulator);
+    let mut env = handler_env(&azurite, &emulator);
     for (k, v) in env.iter_mut() {
         if k == "AZURE_OPENAI_API_KEY" {
             *v = SECRET_API_KEY.to_string();
@@ -413,7 +413,7 @@ async fn a_payload_that_is_not_an_event_reads_nothing() {
     // Host payloads that try to smuggle a URL in another field: only `data.url` counts.
     let azurite = Azurite::start();
     let emulator = Emulator::start(&azurite, &["--step-ms", "60000"]);
-    let handler = Handler::start(Handler::env(&azurite, &emulator));
+    let handler = Handler::start(handler_env(&azurite, &emulator));
     let trap = Trap::bind("127.0.0.1:0").unwrap();
     let t = trap.port();
     let foreign = format!("http://127.0.0.1:{t}/devstoreaccount1/batch-input/x.jsonl");
@@ -434,7 +434,7 @@ async fn a_payload_that_is_not_an_event_reads_nothing() {
 async fn an_event_url_password_is_not_logged() {
     let azurite = Azurite::start();
     let emulator = Emulator::start(&azurite, &["--step-ms", "60000"]);
-    let handler = Handler::start(Handler::env(&azurite, &emulator));
+    let handler = Handler::start(handler_env(&azurite, &emulator));
     let url = format!(
         "http://user:pa55w0rd@127.0.0.1:{}/devstoreaccount1/batch-input/test.jsonl",
         azurite.port

@@ -228,7 +228,7 @@ async fn a_crash_at_every_split_step_still_gives_one_batch_per_part() {
     let azurite = Azurite::start();
     let emulator = Emulator::start(&azurite, &["--step-ms", "50"]);
     let store = azurite.store();
-    let mut env = Handler::env(&azurite, &emulator);
+    let mut env = handler_env(&azurite, &emulator);
     env.push(("BATCH_SPLIT_MAX_REQUESTS".into(), "10".into()));
     // A crash before the create can have been sent: no need to wait out the default 120 s.
     env.push(("BATCH_CREATE_TIMEOUT_SECONDS".into(), "5".into()));
@@ -375,7 +375,7 @@ async fn parts_staged_before_a_crash_are_removed_when_the_limits_changed() {
     let azurite = Azurite::start();
     let emulator = Emulator::start(&azurite, &["--step-ms", "50"]);
     let store = azurite.store();
-    let env = Handler::env(&azurite, &emulator);
+    let env = handler_env(&azurite, &emulator);
     let body = input(25, &[]);
     let (url, etag) = upload_input(&store, "relimited.jsonl", &body).await;
     let event = trigger_payload(blob_created_event(&url, &etag, body.len() as u64));

@@ -154,7 +154,7 @@ async fn a_crash_between_create_and_record_still_makes_one_batch() {
     let payload = trigger_payload(blob_created_event(&url, &etag, 10));
 
     // A create may be in flight for BATCH_CREATE_TIMEOUT_SECONDS; 2 s here, like the lease.
-    let mut env = Handler::env(&azurite, &emulator);
+    let mut env = handler_env(&azurite, &emulator);
     env.push(("BATCH_CREATE_TIMEOUT_SECONDS".into(), "2".into()));
     let mut faulty = env.clone();
     faulty.push(("BATCH_TEST_FAULT".into(), "submit:after-create".into()));

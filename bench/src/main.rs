@@ -255,15 +255,15 @@ async fn run(args: RunArgs) -> Result<()> {
     }
     if want("pipeline") || want("tick") || want("startup") {
         eprintln!("\n== starting Azurite (in memory) and two batch emulators");
-        let azurite = Azurite::start(&cfg.bins.azurite, &cfg.work)?;
+        let azurite = stack::start_azurite(&cfg.bins.azurite, &cfg.work)?;
         let store = stack::store(azurite.port)?;
-        let slow = Emulator::start(
+        let slow = stack::start_emulator(
             &cfg.bins.emulator,
             azurite.port,
             86_400_000,
             cfg.work.join("emulator-slow.log"),
         )?;
-        let fast = Emulator::start(
+        let fast = stack::start_emulator(
             &cfg.bins.emulator,
             azurite.port,
             500,

@@ -9,6 +9,7 @@ use futures::StreamExt;
 
 use crate::{
     Config, Inputs, Stack,
+    procs::Stats,
     proxy::{Proxy, Record},
     report::{Report, list, mb, median, secs, verdict},
     stack::{self, Containers, Handler, batch_id_in, wait_batch_end},
@@ -173,7 +174,7 @@ pub async fn submit_valid(
         if status != 200 || batch_id_in(&logs).is_none() {
             bail!("submit did not create a batch: HTTP {status}: {logs:?}");
         }
-        let peak = h.svc.peak_rss()? as f64;
+        let peak = h.proc.peak_rss()? as f64;
         drop(h);
         let c_secs: f64 = proxy
             .take()
@@ -303,11 +304,11 @@ pub async fn submit_big(
             &extra,
         )?;
         proxy.take();
-        let cpu0 = h.svc.cpu_secs()?;
+        let cpu0 = h.proc.cpu_secs()?;
         let (status, logs, t) = h.event(&url, &etag, size).await?;
-        let peak = h.svc.peak_rss()? as f64;
-        let cpu1 = h.svc.cpu_secs()?;
-        let log_text = h.svc.log_text();
+        let peak = h.proc.peak_rss()? as f64;
+        let cpu1 = h.proc.cpu_secs()?;
+        let log_text = h.proc.logs();
         drop(h);
         let Some((parts, started)) = split_counts(&logs) else {
             bail!("the big input was not split: HTTP {status}: {logs:?}");
@@ -450,7 +451,7 @@ pub async fn harvest(cfg: &Config, stack: &Stack, rep: &mut Report) -> Result<()
         Duration::ZERO,
     )
     .await?;
-    let proxied_emulator = stack::Emulator::start(
+    let proxied_emulator = stack::start_emulator(
         &cfg.bins.emulator,
         proxy.port,
         500,
@@ -511,10 +512,10 @@ pub async fn harvest(cfg: &Config, stack: &Stack, rep: &mut Report) -> Result<()
             cfg.work.join(format!("handler-hv-tick-{r}.log")),
         )?;
         proxy.take();
-        let io0 = h.svc.io()?;
+        let io0 = h.proc.io()?;
         let (status, logs, secs_taken) = h.tick().await?;
-        let io1 = h.svc.io()?;
-        let peak = h.svc.peak_rss()? as f64;
+        let io1 = h.proc.io()?;
+        let peak = h.proc.peak_rss()? as f64;
         drop(h);
         let records = proxy.take();
         if status != 200 || !logs.iter().any(|l| l.contains("results in")) {

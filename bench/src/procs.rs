@@ -1,30 +1,16 @@
 //! Child processes: one-shot commands measured with `wait4` (wall time, CPU, peak RSS), and
-//! long-running services (Azurite, the emulator, the handler) killed when dropped, and also
-//! when this process dies (`PR_SET_PDEATHSIG`).
+//! what the driver reads of the long-running services (Azurite, the emulator, the handler)
+//! that `aoai-stack` starts: memory, CPU and I/O from `/proc`.
 
 use std::{
     fs::File,
-    io::{Read, Write},
-    net::TcpStream,
-    os::unix::process::CommandExt,
-    path::{Path, PathBuf},
-    process::{Child, Command, Stdio},
-    time::{Duration, Instant},
+    path::Path,
+    process::{Command, Stdio},
+    time::Instant,
 };
 
 use anyhow::{Context, Result, bail};
-
-/// Children die with us, even on SIGKILL. Only call from the main thread: the signal is tied
-/// to the thread that forked, and the driver's runtime runs on the main thread only.
-pub fn die_with_parent(cmd: &mut Command) {
-    // SAFETY: prctl is async-signal-safe; nothing else runs between fork and exec.
-    unsafe {
-        cmd.pre_exec(|| {
-            libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL);
-            Ok(())
-        });
-    }
-}
+use aoai_stack::{Proc, die_with_parent};
 
 /// What a finished one-shot command cost.
 #[derive(Debug, Clone)]
@@ -84,75 +70,28 @@ pub fn run_measured(mut cmd: Command, scratch: &Path) -> Result<Run> {
     })
 }
 
-/// A long-running child, killed on drop. Its output goes to `log`.
-pub struct Service {
-    pub name: String,
-    pub child: Child,
-    pub log: PathBuf,
-}
-
-impl Drop for Service {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-impl Service {
-    pub fn spawn(name: &str, mut cmd: Command, log: PathBuf) -> Result<Service> {
-        let file = File::create(&log)?;
-        cmd.stdin(Stdio::null())
-            .stdout(file.try_clone()?)
-            .stderr(file);
-        die_with_parent(&mut cmd);
-        let child = cmd
-            .spawn()
-            .with_context(|| format!("cannot start {name}"))?;
-        Ok(Service {
-            name: name.to_string(),
-            child,
-            log,
-        })
-    }
-
-    pub fn pid(&self) -> u32 {
-        self.child.id()
-    }
-
-    /// Waits until a line of the log contains `marker`; returns that line.
-    pub fn wait_for_line(&mut self, marker: &str, timeout: Duration) -> Result<String> {
-        let deadline = Instant::now() + timeout;
-        loop {
-            let text = std::fs::read_to_string(&self.log).unwrap_or_default();
-            if let Some(line) = text.lines().find(|l| l.contains(marker)) {
-                return Ok(line.to_string());
-            }
-            if let Ok(Some(status)) = self.child.try_wait() {
-                bail!("{} exited ({status}) during start-up:\n{text}", self.name);
-            }
-            if Instant::now() > deadline {
-                bail!("{} did not start within {timeout:?}:\n{text}", self.name);
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
-    }
-
-    pub fn log_text(&self) -> String {
-        std::fs::read_to_string(&self.log).unwrap_or_default()
-    }
-
+/// What the driver reads of a running service.
+pub trait Stats {
     /// `VmHWM` (peak RSS) of the running process, bytes.
-    pub fn peak_rss(&self) -> Result<u64> {
+    fn peak_rss(&self) -> Result<u64>;
+    /// `VmRSS` (current RSS) of the running process, bytes.
+    fn rss(&self) -> Result<u64>;
+    /// CPU time (user + system) the process has used so far, seconds.
+    fn cpu_secs(&self) -> Result<f64>;
+    /// `/proc/PID/io` counters of the whole process (all threads).
+    fn io(&self) -> Result<Io>;
+}
+
+impl Stats for Proc {
+    fn peak_rss(&self) -> Result<u64> {
         status_kb(self.pid(), "VmHWM:").map(|kb| kb * 1024)
     }
 
-    /// `VmRSS` (current RSS) of the running process, bytes.
-    pub fn rss(&self) -> Result<u64> {
+    fn rss(&self) -> Result<u64> {
         status_kb(self.pid(), "VmRSS:").map(|kb| kb * 1024)
     }
 
-    /// CPU time (user + system) the process has used so far, seconds.
-    pub fn cpu_secs(&self) -> Result<f64> {
+    fn cpu_secs(&self) -> Result<f64> {
         let text = std::fs::read_to_string(format!("/proc/{}/stat", self.pid()))?;
         // Fields after the command name (which may hold spaces): state is field 3,
         // utime 14 and stime 15.
@@ -168,8 +107,7 @@ impl Service {
         Ok((ticks(14) + ticks(15)) / hz)
     }
 
-    /// `/proc/PID/io` counters of the whole process (all threads).
-    pub fn io(&self) -> Result<Io> {
+    fn io(&self) -> Result<Io> {
         let text = std::fs::read_to_string(format!("/proc/{}/io", self.pid()))?;
         let get = |k: &str| {
             text.lines()
@@ -179,7 +117,6 @@ impl Service {
         };
         Ok(Io {
             rchar: get("rchar:"),
-            wchar: get("wchar:"),
         })
     }
 }
@@ -188,7 +125,6 @@ impl Service {
 pub struct Io {
     /// Bytes the process received from read-like calls: sockets, pipes and files alike.
     pub rchar: u64,
-    pub wchar: u64,
 }
 
 fn status_kb(pid: u32, key: &str) -> Result<u64> {
@@ -197,51 +133,4 @@ fn status_kb(pid: u32, key: &str) -> Result<u64> {
         .find_map(|l| l.strip_prefix(key))
         .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
         .with_context(|| format!("no {key} in /proc/{pid}/status"))
-}
-
-pub fn free_port() -> Result<u16> {
-    Ok(std::net::TcpListener::bind("127.0.0.1:0")?
-        .local_addr()?
-        .port())
-}
-
-/// One `GET /` over a fresh connection; `Ok(true)` on a 200.
-pub fn get_root(port: u16) -> std::io::Result<bool> {
-    let mut s = TcpStream::connect(("127.0.0.1", port))?;
-    s.set_read_timeout(Some(Duration::from_secs(5)))?;
-    s.write_all(b"GET / HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n")?;
-    let mut buf = [0u8; 64];
-    let mut n = 0;
-    while n < 12 {
-        match s.read(&mut buf[n..])? {
-            0 => break,
-            k => n += k,
-        }
-    }
-    Ok(buf[..n].starts_with(b"HTTP/1.1 200"))
-}
-
-/// Polls `GET /` until it answers 200; returns the time since `since`.
-pub fn wait_ready(
-    port: u16,
-    since: Instant,
-    svc: &mut Service,
-    timeout: Duration,
-) -> Result<Duration> {
-    loop {
-        if let Ok(true) = get_root(port) {
-            return Ok(since.elapsed());
-        }
-        if let Ok(Some(status)) = svc.child.try_wait() {
-            bail!(
-                "{} exited ({status}) during start-up:\n{}",
-                svc.name,
-                svc.log_text()
-            );
-        }
-        if since.elapsed() > timeout {
-            bail!("{} did not answer GET / within {timeout:?}", svc.name);
-        }
-        std::thread::sleep(Duration::from_micros(250));
-    }
 }

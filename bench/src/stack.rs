@@ -1,42 +1,26 @@
 //! The services a measurement runs against: Azurite (in memory), the batch emulator, and
-//! fresh `handler` processes, each on a free loopback port; plus the host's payloads.
+//! fresh `handler` processes, each on a free loopback port, started by `aoai-stack` as the
+//! integration tests start them; their output goes to log files in the work directory, and
+//! they die with the driver.
 
 use std::{
+    ops::Deref,
     path::{Path, PathBuf},
-    process::Command,
     time::{Duration, Instant},
 };
 
-use anyhow::{Context, Result, bail};
+use anyhow::{Result, bail};
 use aoai_blob_batch::{
     config::{ApiStyle, Secret},
     openai::{Auth, BatchClient, RetryConfig},
     storage::{BlobStore, RetryPolicy, WriteCondition},
 };
-use serde_json::{Value, json};
+pub use aoai_stack::{API_KEY, Azurite, Bins, Emulator, connection_string};
+use aoai_stack::{Options, Output, Storage, blob_created_event, timer_payload, trigger_payload};
+use serde_json::Value;
 
-use crate::procs::{Service, free_port, wait_ready};
-
-/// Azurite's documented development account key (public, not a secret).
-pub const ACCOUNT_KEY: &str =
-    "Eby8vdM02xNOcqFlqUwJPLlmEtlCDXJ1OUzFT50uSRZ6IFsuFq2UVErCz4I6tq/K1SZFPTOtr/KBHBeksoGMGw==";
-pub const API_KEY: &str = "bench-api-key";
 /// The handler's default API style (`AZURE_OPENAI_API_VERSION` unset).
 pub const API_VERSION: &str = "2025-04-01-preview";
-
-/// Where the binaries are.
-#[derive(Debug, Clone)]
-pub struct Bins {
-    pub handler: PathBuf,
-    pub emulator: PathBuf,
-    pub azurite: PathBuf,
-}
-
-pub fn connection_string(blob_port: u16) -> String {
-    format!(
-        "DefaultEndpointsProtocol=http;AccountName=devstoreaccount1;AccountKey={ACCOUNT_KEY};BlobEndpoint=http://127.0.0.1:{blob_port}/devstoreaccount1;"
-    )
-}
 
 pub fn store(blob_port: u16) -> Result<BlobStore> {
     Ok(BlobStore::from_connection_string(
@@ -45,62 +29,30 @@ pub fn store(blob_port: u16) -> Result<BlobStore> {
     )?)
 }
 
-fn port_after_last_colon(line: &str) -> Result<u16> {
-    let tail = line.rsplit(':').next().unwrap_or_default();
-    let digits: String = tail.chars().take_while(char::is_ascii_digit).collect();
-    digits
-        .parse()
-        .with_context(|| format!("no port in {line:?}"))
-}
-
-pub struct Azurite {
-    pub svc: Service,
-    pub port: u16,
-}
-
-impl Azurite {
-    pub fn start(bin: &Path, dir: &Path) -> Result<Azurite> {
-        let mut cmd = Command::new(bin);
-        cmd.args([
-            "--blobHost",
-            "127.0.0.1",
-            "--blobPort",
-            "0",
-            "--inMemoryPersistence",
-            "--disableTelemetry",
-            "--skipApiVersionCheck",
-            "--loose",
-        ])
-        .current_dir(dir);
-        let mut svc = Service::spawn("Azurite", cmd, dir.join("azurite.log"))?;
-        let line = svc.wait_for_line("successfully listens on", Duration::from_secs(60))?;
-        let port = port_after_last_colon(line.trim_end_matches('/'))?;
-        Ok(Azurite { svc, port })
+/// How the driver starts a service: output to `log`, killed if the driver dies.
+fn logged(log: PathBuf) -> Options {
+    Options {
+        output: Output::File(log),
+        die_with_parent: true,
     }
 }
 
-pub struct Emulator {
-    pub svc: Service,
-    pub port: u16,
+/// Azurite in memory, its log in `dir`.
+pub fn start_azurite(bin: &Path, dir: &Path) -> Result<Azurite> {
+    let options = logged(dir.join("azurite.log"));
+    Ok(Azurite::launch(bin, 0, Storage::Memory, &options, |cmd| {
+        cmd.current_dir(dir);
+    })?)
 }
 
-impl Emulator {
-    pub fn start(bin: &Path, blob_port: u16, step_ms: u64, log: PathBuf) -> Result<Emulator> {
-        let mut cmd = Command::new(bin);
-        cmd.args(["--listen", "127.0.0.1:0", "--storage-connection-string"])
-            .arg(connection_string(blob_port))
-            .args(["--deployment", crate::generate::MODEL])
+/// The emulator against the storage at `blob_port`, one lifecycle step per `step_ms`.
+pub fn start_emulator(bin: &Path, blob_port: u16, step_ms: u64, log: PathBuf) -> Result<Emulator> {
+    let conn = connection_string(blob_port);
+    Ok(Emulator::launch(bin, &conn, &logged(log), |cmd| {
+        cmd.args(["--deployment", crate::generate::MODEL])
             .args(["--step-ms", &step_ms.to_string()])
             .env("RUST_LOG", "warn");
-        let mut svc = Service::spawn("the batch emulator", cmd, log)?;
-        let line = svc.wait_for_line("listening on http://", Duration::from_secs(60))?;
-        let port = port_after_last_colon(&line)?;
-        Ok(Emulator { svc, port })
-    }
-
-    pub fn endpoint(&self) -> String {
-        format!("http://127.0.0.1:{}", self.port)
-    }
+    })?)
 }
 
 /// A batch client like the handler's (classic API style, API key).
@@ -140,12 +92,14 @@ impl Containers {
     }
 }
 
-/// A fresh handler process.
-pub struct Handler {
-    pub svc: Service,
-    pub port: u16,
-    pub started_in: Duration,
-    http: reqwest::Client,
+/// A fresh handler process, with the calls a measurement makes.
+pub struct Handler(aoai_stack::Handler);
+
+impl Deref for Handler {
+    type Target = aoai_stack::Handler;
+    fn deref(&self) -> &aoai_stack::Handler {
+        &self.0
+    }
 }
 
 impl Handler {
@@ -170,48 +124,29 @@ impl Handler {
         log: PathBuf,
         extra: &[(&str, String)],
     ) -> Result<Handler> {
-        let port = free_port()?;
-        let mut cmd = Command::new(bin);
-        cmd.env_clear()
-            .env("PATH", std::env::var("PATH").unwrap_or_default())
-            .env("FUNCTIONS_CUSTOMHANDLER_PORT", port.to_string())
-            .env("AZURE_OPENAI_ENDPOINT", openai_endpoint)
-            .env("AZURE_OPENAI_API_KEY", API_KEY)
-            .env(
-                "BATCH_STORAGE_CONNECTION_STRING",
+        let mut env: Vec<(String, String)> = vec![
+            ("AZURE_OPENAI_ENDPOINT".into(), openai_endpoint.into()),
+            ("AZURE_OPENAI_API_KEY".into(), API_KEY.into()),
+            (
+                "BATCH_STORAGE_CONNECTION_STRING".into(),
                 connection_string(blob_port),
-            )
-            .env("BATCH_INPUT_CONTAINER", &containers.input)
-            .env("BATCH_OUTPUT_CONTAINER", &containers.output)
-            .env("BATCH_STATE_CONTAINER", &containers.state)
-            .envs(extra.iter().map(|(k, v)| (k, v)));
-        let t0 = Instant::now();
-        let mut svc = Service::spawn("the handler", cmd, log)?;
-        let started_in = wait_ready(port, t0, &mut svc, Duration::from_secs(30))?;
-        Ok(Handler {
-            svc,
-            port,
-            started_in,
-            http: reqwest::Client::builder()
-                .timeout(Duration::from_secs(1800))
-                .build()?,
-        })
+            ),
+            ("BATCH_INPUT_CONTAINER".into(), containers.input.clone()),
+            ("BATCH_OUTPUT_CONTAINER".into(), containers.output.clone()),
+            ("BATCH_STATE_CONTAINER".into(), containers.state.clone()),
+        ];
+        env.extend(extra.iter().map(|(k, v)| (k.to_string(), v.clone())));
+        Ok(Handler(aoai_stack::Handler::launch(
+            bin,
+            &env,
+            &logged(log),
+        )?))
     }
 
     /// POSTs a host payload; returns the status, the `Logs` lines and the seconds it took.
     pub async fn invoke(&self, function: &str, payload: &Value) -> Result<(u16, Vec<String>, f64)> {
         let t0 = Instant::now();
-        let resp = self
-            .http
-            .post(format!("http://127.0.0.1:{}/{function}", self.port))
-            .header(
-                "X-Azure-Functions-InvocationId",
-                uuid::Uuid::new_v4().to_string(),
-            )
-            .header("User-Agent", "Azure-Functions-Host/4.1040.0")
-            .json(payload)
-            .send()
-            .await?;
+        let resp = self.post(function, payload).await?;
         let status = resp.status().as_u16();
         let body: Value = resp.json().await?;
         let secs = t0.elapsed().as_secs_f64();
@@ -237,54 +172,6 @@ impl Handler {
     pub async fn tick(&self) -> Result<(u16, Vec<String>, f64)> {
         self.invoke("function-timer", &timer_payload()).await
     }
-}
-
-/// The documented BlobCreated event (Event Grid schema).
-pub fn blob_created_event(url: &str, etag: &str, size: u64) -> Value {
-    let path = url::Url::parse(url)
-        .map(|u| u.path().to_string())
-        .unwrap_or_default();
-    let mut parts = path.trim_start_matches('/').splitn(3, '/').skip(1);
-    let container = parts.next().unwrap_or_default().to_string();
-    let name = parts.next().unwrap_or_default().to_string();
-    json!({
-        "topic": "/subscriptions/00000000-0000-0000-0000-000000000000/resourceGroups/rg/providers/Microsoft.Storage/storageAccounts/devstoreaccount1",
-        "subject": format!("/blobServices/default/containers/{container}/blobs/{name}"),
-        "eventType": "Microsoft.Storage.BlobCreated",
-        "eventTime": "2026-11-28T08:00:00.0000000Z",
-        "id": uuid::Uuid::new_v4().to_string(),
-        "data": {
-            "api": "PutBlockList",
-            "clientRequestId": uuid::Uuid::new_v4().to_string(),
-            "requestId": uuid::Uuid::new_v4().to_string(),
-            "eTag": etag,
-            "contentType": "application/jsonl",
-            "contentLength": size,
-            "blobType": "BlockBlob",
-            "url": url,
-            "sequencer": "00000000000004420000000000028963",
-            "storageDiagnostics": { "batchId": uuid::Uuid::new_v4().to_string() }
-        },
-        "dataVersion": "",
-        "metadataVersion": "1"
-    })
-}
-
-pub fn trigger_payload(event: Value) -> Value {
-    json!({
-        "Data": { "event": event.clone() },
-        "Metadata": {
-            "data": event["data"].clone(),
-            "sys": { "MethodName": "function-trigger", "UtcNow": "2026-11-28T08:00:01.1234567Z", "RandGuid": uuid::Uuid::new_v4().to_string() }
-        }
-    })
-}
-
-pub fn timer_payload() -> Value {
-    json!({
-        "Data": { "timer": { "Schedule": { "AdjustForDST": true }, "ScheduleStatus": null, "IsPastDue": false } },
-        "Metadata": { "sys": { "MethodName": "function-timer", "UtcNow": "2026-11-28T08:05:00.0000000Z", "RandGuid": uuid::Uuid::new_v4().to_string() } }
-    })
 }
 
 /// Streams a local file into a blob in 4 MiB blocks; returns (ETag, bytes).

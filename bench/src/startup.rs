@@ -7,7 +7,7 @@ use anyhow::Result;
 
 use crate::{
     Config, Stack,
-    procs::run_measured,
+    procs::{Stats, run_measured},
     report::{Report, list, mb, median, secs, verdict},
     stack::{Containers, Handler},
 };
@@ -30,11 +30,11 @@ fn boot(cfg: &Config, stack: &Stack, bin: &Path, tag: &str) -> Result<Boot> {
             &c,
             cfg.work.join(format!("handler-boot-{tag}.log")),
         )?;
-        start.push(h.started_in.as_secs_f64());
+        start.push(h.ready_in.as_secs_f64());
         // Idle: after start-up work (the containers check) is over, nothing else happening.
         if i < cfg.runs {
             std::thread::sleep(Duration::from_millis(1500));
-            idle.push(h.svc.rss()? as f64);
+            idle.push(h.proc.rss()? as f64);
         }
     }
     Ok(Boot { start, idle })

@@ -9,6 +9,7 @@ use futures::StreamExt;
 use crate::{
     Config, Stack,
     generate::small_input,
+    procs::Stats,
     proxy::Proxy,
     report::{Report, list, median, secs, verdict},
     stack::{self, Containers, Handler},
@@ -106,9 +107,9 @@ pub async fn run(cfg: &Config, stack: &Stack, rep: &mut Report) -> Result<()> {
     );
     let cpu = |h: &Handler| -> Result<[f64; 3]> {
         Ok([
-            h.svc.cpu_secs()?,
-            stack.azurite.svc.cpu_secs()?,
-            stack.slow.svc.cpu_secs()?,
+            h.proc.cpu_secs()?,
+            stack.azurite.proc.cpu_secs()?,
+            stack.slow.proc.cpu_secs()?,
         ])
     };
     let before = cpu(&h)?;
@@ -117,7 +118,7 @@ pub async fn run(cfg: &Config, stack: &Stack, rep: &mut Report) -> Result<()> {
     let per_tick: Vec<f64> = (0..3)
         .map(|i| (after[i] - before[i]) / ticks.len() as f64)
         .collect();
-    let peak = h.svc.peak_rss()? as f64;
+    let peak = h.proc.peak_rss()? as f64;
     drop(h);
 
     let client = stack::batch_client(&stack.slow.endpoint())?;

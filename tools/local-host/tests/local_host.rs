@@ -3,18 +3,14 @@
 //! never outlives local-host.
 
 use std::{
-    io::{BufRead, BufReader},
     path::{Path, PathBuf},
-    process::{Child, Command, ExitStatus, Stdio},
-    sync::{Arc, Mutex, mpsc},
+    process::{Command, ExitStatus},
     time::{Duration, Instant},
 };
 
 use aoai_blob_batch::storage::{BlobStore, RetryPolicy, WriteCondition};
+use aoai_stack::{Azurite, Options, Proc};
 use serde_json::Value;
-
-const ACCOUNT_KEY: &str =
-    "Eby8vdM02xNOcqFlqUwJPLlmEtlCDXJ1OUzFT50uSRZ6IFsuFq2UVErCz4I6tq/K1SZFPTOtr/KBHBeksoGMGw==";
 
 fn crate_dir() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
@@ -24,138 +20,10 @@ fn repo_root() -> PathBuf {
     crate_dir().join("../..").canonicalize().unwrap()
 }
 
-/// A child process with its output collected, killed on drop.
-struct Proc {
-    child: Child,
-    output: Arc<Mutex<Vec<String>>>,
-    lines: mpsc::Receiver<String>,
-}
-
-impl Drop for Proc {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-impl Proc {
-    fn spawn(mut cmd: Command) -> Proc {
-        cmd.stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .stdin(Stdio::null());
-        let mut child = cmd.spawn().expect("spawn");
-        let output = Arc::new(Mutex::new(Vec::new()));
-        let (tx, lines) = mpsc::channel();
-        let streams: [Box<dyn std::io::Read + Send>; 2] = [
-            Box::new(child.stdout.take().unwrap()),
-            Box::new(child.stderr.take().unwrap()),
-        ];
-        for stream in streams {
-            let (output, tx) = (output.clone(), tx.clone());
-            std::thread::spawn(move || {
-                for line in BufReader::new(stream).lines().map_while(Result::ok) {
-                    if std::env::var_os("TEST_SHOW_LOGS").is_some() {
-                        eprintln!("{line}");
-                    }
-                    output.lock().unwrap().push(line.clone());
-                    let _ = tx.send(line);
-                }
-            });
-        }
-        Proc {
-            child,
-            output,
-            lines,
-        }
-    }
-
-    fn wait_for_line(&self, marker: &str, timeout: Duration) -> String {
-        let deadline = Instant::now() + timeout;
-        loop {
-            let left = deadline.saturating_duration_since(Instant::now());
-            match self.lines.recv_timeout(left) {
-                Ok(line) if line.contains(marker) => return line,
-                Ok(_) => {}
-                Err(_) => panic!("no line with {marker:?}; output:\n{}", self.logs()),
-            }
-        }
-    }
-
-    fn wait_exit(&mut self, timeout: Duration) -> ExitStatus {
-        let deadline = Instant::now() + timeout;
-        loop {
-            if let Some(status) = self.child.try_wait().unwrap() {
-                // Let the reader threads take the last lines.
-                std::thread::sleep(Duration::from_millis(200));
-                return status;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "still running; output:\n{}",
-                self.logs()
-            );
-            std::thread::sleep(Duration::from_millis(50));
-        }
-    }
-
-    fn logs(&self) -> String {
-        self.output.lock().unwrap().join("\n")
-    }
-}
-
-struct Azurite {
-    _proc: Proc,
-    _dir: tempfile::TempDir,
-    port: u16,
-}
-
-impl Azurite {
-    fn start() -> Azurite {
-        let bin = repo_root().join("node_modules/.bin/azurite-blob");
-        assert!(
-            bin.exists(),
-            "Azurite is not installed: run `npm ci` in the repository root"
-        );
-        let dir = tempfile::tempdir().unwrap();
-        let mut cmd = Command::new(bin);
-        cmd.current_dir(dir.path()).args([
-            "--blobHost",
-            "127.0.0.1",
-            "--blobPort",
-            "0",
-            "--inMemoryPersistence",
-            "--disableTelemetry",
-            "--skipApiVersionCheck",
-            "--loose",
-        ]);
-        let proc = Proc::spawn(cmd);
-        let line = proc.wait_for_line("successfully listens on", Duration::from_secs(60));
-        let port = line
-            .rsplit(':')
-            .next()
-            .unwrap()
-            .trim()
-            .trim_end_matches('/')
-            .parse()
-            .unwrap();
-        Azurite {
-            _proc: proc,
-            _dir: dir,
-            port,
-        }
-    }
-
-    fn connection_string(&self) -> String {
-        format!(
-            "DefaultEndpointsProtocol=http;AccountName=devstoreaccount1;AccountKey={ACCOUNT_KEY};BlobEndpoint=http://127.0.0.1:{}/devstoreaccount1;",
-            self.port
-        )
-    }
-
-    fn store(&self) -> BlobStore {
-        BlobStore::from_connection_string(&self.connection_string(), RetryPolicy::default())
-            .unwrap()
-    }
+/// Waits for local-host to exit; panics with its output if it is still running.
+fn exited(proc: &mut Proc, timeout: Duration) -> ExitStatus {
+    proc.wait_exit(timeout)
+        .unwrap_or_else(|| panic!("still running; output:\n{}", proc.logs()))
 }
 
 /// An app root like the repository's, with the fake handler as the executable.
@@ -204,7 +72,7 @@ fn local_host(args: &[&str], env: &[(&str, &str)]) -> Run {
         .env("FAKE_PIDFILE", &pidfile)
         .envs(env.iter().copied());
     Run {
-        proc: Proc::spawn(cmd),
+        proc: Proc::spawn("local-host", cmd, &Options::default()).unwrap(),
         record,
         pidfile,
         _app: app,
@@ -281,7 +149,7 @@ fn upload(rt: &tokio::runtime::Runtime, store: &BlobStore, container: &str, name
 fn delivers_events_and_timer_ticks_then_exits_when_the_blob_exists() {
     let rt = tokio::runtime::Runtime::new().unwrap();
     let azurite = Azurite::start();
-    let store = azurite.store();
+    let store = azurite.store_with(RetryPolicy::default());
     let before_etag = upload(&rt, &store, "batch-input", "before.jsonl");
     upload(&rt, &store, "batch-input", "ignored.txt");
 
@@ -304,7 +172,8 @@ fn delivers_events_and_timer_ticks_then_exits_when_the_blob_exists() {
         &[("FAKE_FAIL_FIRST", "1"), ("FAKE_TIMER_SLEEP", "0.4")],
     );
     run.proc
-        .wait_for_line("handler ready", Duration::from_secs(60));
+        .wait_for_line("handler ready", Duration::from_secs(60))
+        .unwrap();
     let before_subject = "/blobServices/default/containers/batch-input/blobs/before.jsonl";
     run.wait_records("the redelivered event for before.jsonl", |r| {
         for_function(r, "function-trigger")
@@ -319,7 +188,7 @@ fn delivers_events_and_timer_ticks_then_exits_when_the_blob_exists() {
             && for_function(r, "function-timer").len() >= 3
     });
     upload(&rt, &store, "batch-output", "done/summary.json");
-    let status = run.proc.wait_exit(Duration::from_secs(20));
+    let status = exited(&mut run.proc, Duration::from_secs(20));
     assert_eq!(status.code(), Some(0), "{}", run.proc.logs());
     run.assert_handler_gone();
 
@@ -448,7 +317,7 @@ fn delivers_events_and_timer_ticks_then_exits_when_the_blob_exists() {
 fn skip_existing_then_timeout_stops_the_handler() {
     let rt = tokio::runtime::Runtime::new().unwrap();
     let azurite = Azurite::start();
-    let store = azurite.store();
+    let store = azurite.store_with(RetryPolicy::default());
     upload(&rt, &store, "batch-input", "old.jsonl");
     let cs = azurite.connection_string();
     let mut run = local_host(
@@ -464,7 +333,7 @@ fn skip_existing_then_timeout_stops_the_handler() {
         // The connection string through the environment this time.
         &[("BATCH_STORAGE_CONNECTION_STRING", cs.as_str())],
     );
-    let status = run.proc.wait_exit(Duration::from_secs(60));
+    let status = exited(&mut run.proc, Duration::from_secs(60));
     assert_eq!(status.code(), Some(1), "{}", run.proc.logs());
     assert!(run.proc.logs().contains("timed out after 4 s"));
     assert!(run.proc.logs().contains("old.jsonl was there before start"));
@@ -479,11 +348,12 @@ fn skip_existing_then_timeout_stops_the_handler() {
 fn sigterm_stops_the_handler() {
     let mut run = local_host(&[], &[]);
     run.proc
-        .wait_for_line("handler ready", Duration::from_secs(60));
-    let pid = i32::try_from(run.proc.child.id()).unwrap();
+        .wait_for_line("handler ready", Duration::from_secs(60))
+        .unwrap();
+    let pid = i32::try_from(run.proc.pid()).unwrap();
     // SAFETY: signalling our own child process.
     unsafe { libc::kill(pid, libc::SIGTERM) };
-    let status = run.proc.wait_exit(Duration::from_secs(20));
+    let status = exited(&mut run.proc, Duration::from_secs(20));
     assert_eq!(status.code(), Some(130), "{}", run.proc.logs());
     assert!(run.proc.logs().contains("handler stopped"));
     run.assert_handler_gone();
@@ -492,7 +362,7 @@ fn sigterm_stops_the_handler() {
 #[test]
 fn a_handler_that_exits_at_start_fails_the_run() {
     let mut run = local_host(&["--timeout-secs", "30"], &[("FAKE_EXIT_AT_ONCE", "1")]);
-    let status = run.proc.wait_exit(Duration::from_secs(30));
+    let status = exited(&mut run.proc, Duration::from_secs(30));
     assert_eq!(status.code(), Some(1));
     let logs = run.proc.logs();
     assert!(
@@ -508,7 +378,7 @@ fn a_handler_that_exits_at_start_fails_the_run() {
 #[test]
 fn a_bad_schedule_stops_before_starting_anything() {
     let mut run = local_host(&[], &[("BATCH_TIMER_SCHEDULE", "*/5 * * * *")]);
-    let status = run.proc.wait_exit(Duration::from_secs(10));
+    let status = exited(&mut run.proc, Duration::from_secs(10));
     assert_eq!(status.code(), Some(1));
     let logs = run.proc.logs();
     assert!(logs.contains("function-timer"), "{logs}");

@@ -1,0 +1,411 @@
+//! The local stack, started one way for the integration tests and the benchmarks: real
+//! Azurite, the batch emulator and the `handler` binary, each a child process on a free
+//! loopback port, killed when its handle drops; plus the Functions host's payloads.
+//!
+//! - [`Azurite::launch`], [`Emulator::launch`], [`Handler::launch`] take the binary and
+//!   [`Options`] (output captured in memory or written to a log file); the `start`
+//!   functions are the tests' defaults ([`Bins::local`], captured output) and panic with the
+//!   process's output when it does not come up.
+//! - [`blob_created_event`], [`trigger_payload`] and [`timer_payload`] build the payloads the
+//!   host POSTs; [`Handler::post`] sends one as it does.
+//!
+//! What a test asserts, or a benchmark measures, stays with it.
+
+mod host;
+mod proc;
+
+use std::{
+    ffi::OsStr,
+    path::{Path, PathBuf},
+    process::Command,
+    sync::OnceLock,
+    time::{Duration, Instant},
+};
+
+use aoai_blob_batch::{
+    config::{ApiStyle, Secret},
+    openai::{Auth, Batch, BatchClient, RetryConfig},
+    storage::{BlobStore, RetryPolicy},
+};
+use serde_json::Value;
+
+pub use host::{blob_created_event, timer_payload, trigger_payload};
+pub use proc::{Options, Output, Proc, die_with_parent};
+
+/// Azurite's documented development account key (public, not a secret).
+pub const ACCOUNT_KEY: &str =
+    "Eby8vdM02xNOcqFlqUwJPLlmEtlCDXJ1OUzFT50uSRZ6IFsuFq2UVErCz4I6tq/K1SZFPTOtr/KBHBeksoGMGw==";
+/// The API key the handler sends to the emulator (which accepts any).
+pub const API_KEY: &str = "test-api-key-0123456789";
+/// The deployment [`Emulator::start`] declares: the model name of the seed's sample lines.
+pub const DEPLOYMENT: &str = "REPLACE-WITH-MODEL-DEPLOYMENT-NAME";
+/// The line the handler logs once it serves its port.
+const HANDLER_READY: &str = "handler listening";
+
+/// A process of the stack did not come up; carries what it printed.
+#[derive(Debug)]
+pub struct Error {
+    message: String,
+    output: String,
+}
+
+impl Error {
+    fn new(message: String) -> Error {
+        Error {
+            message,
+            output: String::new(),
+        }
+    }
+
+    fn with_output(message: String, output: String) -> Error {
+        Error { message, output }
+    }
+
+    /// What the process printed before it failed.
+    pub fn output(&self) -> &str {
+        &self.output
+    }
+}
+
+impl std::fmt::Display for Error {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        if self.output.is_empty() {
+            write!(f, "{}", self.message)
+        } else {
+            write!(f, "{}; output:\n{}", self.message, self.output)
+        }
+    }
+}
+
+impl std::error::Error for Error {}
+
+/// The workspace's root directory.
+pub fn root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../..")
+}
+
+/// A port free right now on 127.0.0.1 (another process may take it before it is used).
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("a free loopback port")
+        .port()
+}
+
+/// The connection string of Azurite's development account on `port`.
+pub fn connection_string(port: u16) -> String {
+    format!(
+        "DefaultEndpointsProtocol=http;AccountName=devstoreaccount1;AccountKey={ACCOUNT_KEY};BlobEndpoint=http://127.0.0.1:{port}/devstoreaccount1;"
+    )
+}
+
+/// Where the binaries are.
+#[derive(Debug, Clone)]
+pub struct Bins {
+    pub handler: PathBuf,
+    pub emulator: PathBuf,
+    pub azurite: PathBuf,
+}
+
+impl Bins {
+    /// The workspace's binaries of the running executable's profile, found as Cargo lays
+    /// them out: `target/<profile>/` holds the binaries and `deps/` the test executables.
+    /// `cargo test -p aoai-blob-batch` builds only that package's binaries, so the emulator
+    /// is built here, once per process. Azurite is the npm package's.
+    pub fn local() -> &'static Bins {
+        static BINS: OnceLock<Bins> = OnceLock::new();
+        BINS.get_or_init(|| {
+            let exe = std::env::current_exe().expect("the running executable");
+            let mut dir = exe.parent().expect("its directory").to_path_buf();
+            if dir.ends_with("deps") {
+                dir.pop();
+            }
+            let mut build = Command::new(std::env::var_os("CARGO").unwrap_or("cargo".into()));
+            build.args(["build", "--quiet", "-p", "aoai-batch-emulator"]);
+            match dir.file_name().and_then(OsStr::to_str) {
+                Some("debug") | None => {}
+                Some(profile) => {
+                    build.args(["--profile", profile]);
+                }
+            }
+            let status = build.current_dir(root()).status().expect("cargo runs");
+            assert!(status.success(), "building the emulator failed");
+            Bins {
+                handler: dir.join("handler"),
+                emulator: dir.join("aoai-batch-emulator"),
+                azurite: azurite_bin(),
+            }
+        })
+    }
+}
+
+/// The npm package's Azurite (`npm ci` installs it).
+pub fn azurite_bin() -> PathBuf {
+    root().join("node_modules/.bin/azurite-blob")
+}
+
+/// Starts a service that picks its own port and names it in its output: waits for the line
+/// with `marker` ("… listening on http://127.0.0.1:PORT[/]") and reads the port off its end.
+fn listening(
+    name: &str,
+    cmd: Command,
+    options: &Options,
+    marker: &str,
+) -> Result<(Proc, u16), Error> {
+    let mut proc = Proc::spawn(name, cmd, options)?;
+    let line = proc.wait_for_line(marker, Duration::from_secs(60))?;
+    let tail = line.trim_end().trim_end_matches('/').rsplit(':').next();
+    let port = tail
+        .and_then(|t| t.parse().ok())
+        .ok_or_else(|| Error::new(format!("no port in {line:?}")))?;
+    Ok((proc, port))
+}
+
+fn or_panic<T>(what: &str, r: Result<T, Error>) -> T {
+    r.unwrap_or_else(|e| panic!("{what} did not start: {e}"))
+}
+
+/// How Azurite keeps its data.
+#[derive(Debug, Clone, Copy)]
+pub enum Storage<'a> {
+    Memory,
+    /// `--location`: stopped with [`Proc::terminate`] and started again on the same port and
+    /// directory, it comes back with every blob.
+    Disk(&'a Path),
+}
+
+pub struct Azurite {
+    pub proc: Proc,
+    pub port: u16,
+}
+
+impl Azurite {
+    /// Starts `bin` (`azurite-blob`) on 127.0.0.1:`port` (0: a free one); `adjust` may add
+    /// arguments, environment or a working directory. Waits for its "listens on" line.
+    pub fn launch(
+        bin: &Path,
+        port: u16,
+        storage: Storage,
+        options: &Options,
+        adjust: impl FnOnce(&mut Command),
+    ) -> Result<Azurite, Error> {
+        if !bin.exists() {
+            return Err(Error::new(format!(
+                "Azurite is not installed ({}): run `npm ci` in {}",
+                bin.display(),
+                root().display()
+            )));
+        }
+        let mut cmd = Command::new(bin);
+        cmd.args(["--blobHost", "127.0.0.1", "--blobPort", &port.to_string()]);
+        match storage {
+            Storage::Memory => cmd.arg("--inMemoryPersistence"),
+            Storage::Disk(dir) => cmd.arg("--location").arg(dir),
+        };
+        cmd.args(["--disableTelemetry", "--skipApiVersionCheck", "--loose"]);
+        adjust(&mut cmd);
+        let (proc, port) = listening("Azurite", cmd, options, "successfully listens on")?;
+        Ok(Azurite { proc, port })
+    }
+
+    /// Azurite in memory on a free port.
+    pub fn start() -> Azurite {
+        Azurite::start_on(0, Storage::Memory)
+    }
+
+    /// Azurite on `port` (0: a free one) keeping its data in `dir`.
+    pub fn start_persistent(dir: &Path, port: u16) -> Azurite {
+        Azurite::start_on(port, Storage::Disk(dir))
+    }
+
+    fn start_on(port: u16, storage: Storage) -> Azurite {
+        or_panic(
+            "Azurite",
+            Azurite::launch(&azurite_bin(), port, storage, &Options::default(), |_| {}),
+        )
+    }
+
+    pub fn connection_string(&self) -> String {
+        connection_string(self.port)
+    }
+
+    /// A storage client with no retries: a test sees every fault.
+    pub fn store(&self) -> BlobStore {
+        self.store_with(RetryPolicy { max_retries: 0 })
+    }
+
+    pub fn store_with(&self, retry: RetryPolicy) -> BlobStore {
+        BlobStore::from_connection_string(&self.connection_string(), retry)
+            .expect("Azurite's connection string")
+    }
+}
+
+pub struct Emulator {
+    pub proc: Proc,
+    pub port: u16,
+}
+
+impl Emulator {
+    /// Starts the emulator `bin` on a free port against the storage account of
+    /// `connection_string`; `adjust` adds its arguments (`--deployment`, `--step-ms`, …) and
+    /// environment.
+    pub fn launch(
+        bin: &Path,
+        connection_string: &str,
+        options: &Options,
+        adjust: impl FnOnce(&mut Command),
+    ) -> Result<Emulator, Error> {
+        let mut cmd = Command::new(bin);
+        cmd.args(["--listen", "127.0.0.1:0", "--storage-connection-string"])
+            .arg(connection_string);
+        adjust(&mut cmd);
+        let (proc, port) = listening("the batch emulator", cmd, options, "listening on http://")?;
+        Ok(Emulator { proc, port })
+    }
+
+    /// The emulator against `azurite`, deployment [`DEPLOYMENT`], with `extra` arguments.
+    pub fn start(azurite: &Azurite, extra: &[&str]) -> Emulator {
+        or_panic(
+            "the batch emulator",
+            Emulator::launch(
+                &Bins::local().emulator,
+                &azurite.connection_string(),
+                &Options::default(),
+                |cmd| {
+                    cmd.args(["--deployment", DEPLOYMENT]).args(extra);
+                },
+            ),
+        )
+    }
+
+    pub fn endpoint(&self) -> String {
+        format!("http://127.0.0.1:{}", self.port)
+    }
+
+    /// A client of the emulator's `/openai/v1/` API.
+    pub fn client(&self) -> BatchClient {
+        BatchClient::new(
+            url::Url::parse(&self.endpoint()).expect("a URL"),
+            ApiStyle::V1,
+            Auth::ApiKey(Secret::new(API_KEY)),
+            RetryConfig::default(),
+        )
+    }
+
+    /// Every batch the emulator holds, newest first.
+    pub async fn batches(&self) -> Vec<Batch> {
+        let client = self.client();
+        let mut all = Vec::new();
+        let mut after = None;
+        loop {
+            let page = client
+                .list_page(after.as_deref(), 100)
+                .await
+                .expect("the emulator lists its batches");
+            all.extend(page.data.iter().cloned());
+            if !page.has_more || page.data.is_empty() {
+                return all;
+            }
+            after = page.data.last().map(|b| b.id.clone());
+        }
+    }
+}
+
+pub struct Handler {
+    pub proc: Proc,
+    pub port: u16,
+    /// The settings it was started with (besides its port).
+    pub env: Vec<(String, String)>,
+    /// From starting the process to its first `GET /` answered 200.
+    pub ready_in: Duration,
+    http: reqwest::Client,
+}
+
+impl Handler {
+    /// Starts `bin` with only `env` (and `PATH`) as its environment, on a free port, as the
+    /// host does, and waits until it logs that it listens and answers `GET /`. The port must
+    /// be chosen before the handler binds it, and another process can take it in between:
+    /// then the start is retried on a fresh port.
+    pub fn launch(
+        bin: &Path,
+        env: &[(String, String)],
+        options: &Options,
+    ) -> Result<Handler, Error> {
+        let mut last = None;
+        for _ in 0..5 {
+            let port = free_port();
+            let mut cmd = Command::new(bin);
+            cmd.env_clear()
+                .env("PATH", std::env::var_os("PATH").unwrap_or_default())
+                .env("FUNCTIONS_CUSTOMHANDLER_PORT", port.to_string())
+                .envs(env.iter().map(|(k, v)| (k, v)));
+            let started = Instant::now();
+            let mut proc = Proc::spawn("the handler", cmd, options)?;
+            match proc.wait_ready(
+                HANDLER_READY,
+                Some(port),
+                Duration::from_micros(250),
+                Duration::from_secs(60),
+            ) {
+                Ok(_) => {
+                    return Ok(Handler {
+                        proc,
+                        port,
+                        env: env.to_vec(),
+                        ready_in: started.elapsed(),
+                        http: reqwest::Client::new(),
+                    });
+                }
+                Err(e) if e.output().contains("Address already in use") => last = Some(e),
+                Err(e) => return Err(e),
+            }
+        }
+        Err(Error::new(format!(
+            "the handler found no free port in 5 tries; last: {}",
+            last.map(|e| e.to_string()).unwrap_or_default()
+        )))
+    }
+
+    /// The workspace's handler ([`Bins::local`]) with `env`.
+    pub fn start(env: Vec<(String, String)>) -> Handler {
+        or_panic(
+            "the handler",
+            Handler::launch(&Bins::local().handler, &env, &Options::default()),
+        )
+    }
+
+    /// The Contract's settings pointing at this stack: the emulator as the Azure OpenAI
+    /// endpoint (with [`API_KEY`]) and Azurite as the storage.
+    pub fn settings(azurite: &Azurite, emulator: &Emulator) -> Vec<(String, String)> {
+        vec![
+            ("AZURE_OPENAI_ENDPOINT".into(), emulator.endpoint()),
+            ("AZURE_OPENAI_API_KEY".into(), API_KEY.into()),
+            (
+                "BATCH_STORAGE_CONNECTION_STRING".into(),
+                azurite.connection_string(),
+            ),
+        ]
+    }
+
+    pub fn url(&self, path: &str) -> String {
+        format!("http://127.0.0.1:{}{path}", self.port)
+    }
+
+    /// POSTs a host payload to a function route with the host's headers.
+    pub async fn post(
+        &self,
+        function: &str,
+        payload: &Value,
+    ) -> reqwest::Result<reqwest::Response> {
+        self.http
+            .post(self.url(&format!("/{function}")))
+            .header(
+                "X-Azure-Functions-InvocationId",
+                uuid::Uuid::new_v4().to_string(),
+            )
+            .header("User-Agent", "Azure-Functions-Host/4.1040.0")
+            .json(payload)
+            .send()
+            .await
+    }
+}
