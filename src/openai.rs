@@ -183,9 +183,14 @@ pub enum OpenAiError {
     /// The deployment's enqueued-token quota is full: the job waits and is resubmitted later.
     #[error("token_limit_exceeded: {message}")]
     TokenLimitExceeded { message: String },
-    /// Throttled, 5xx, timeouts, connection failures, after our retries: try again later.
+    /// Throttled, 5xx, connection failures, after our retries: try again later. The service
+    /// answered (or never got the request), so it is not acting on it now.
     #[error("Azure OpenAI is unavailable ({what}): {message}")]
     Transient { what: String, message: String },
+    /// Sent, but no answer came (a timeout, a connection dropped mid-request): the service
+    /// may have got the request and may still act on it. For a create, a batch may appear.
+    #[error("no answer from Azure OpenAI ({what}): {message}")]
+    Unanswered { what: String, message: String },
     /// The service refused the request; trying again will not help.
     #[error("Azure OpenAI refused the request (HTTP {status}, {code}): {message}")]
     Rejected {
@@ -203,7 +208,17 @@ pub enum OpenAiError {
 
 impl OpenAiError {
     pub fn is_transient(&self) -> bool {
-        matches!(self, Self::Transient { .. } | Self::Auth(_))
+        matches!(
+            self,
+            Self::Transient { .. } | Self::Unanswered { .. } | Self::Auth(_)
+        )
+    }
+
+    /// Whether a create that ended with this error might still have made a batch later:
+    /// only when no answer came. Every other error is the service's own answer (or a
+    /// request that never left), and the call is over.
+    pub fn may_still_create(&self) -> bool {
+        matches!(self, Self::Unanswered { .. })
     }
 }
 
@@ -284,10 +299,12 @@ impl BatchClient {
         url
     }
 
-    /// Creates a batch. Retried only on 429 (the service did not take it). A 5xx or timeout
-    /// may have created the batch after all, so those come back as `Transient` and the caller
-    /// looks the batch up by `input_blob` before creating again: that is what keeps it to one.
-    pub async fn create(&self, req: &CreateBatch) -> Result<Batch, OpenAiError> {
+    /// Creates a batch. Retried only on 429 (the service did not take it). A 5xx or a lost
+    /// answer may have created the batch after all, so those are not retried here, and the
+    /// caller looks the batch up by `input_blob` before creating again: that is what keeps it
+    /// to one. `timeout` bounds each attempt: the caller's in-flight window, so the client
+    /// never gives up on a request the caller still counts as on its way.
+    pub async fn create(&self, req: &CreateBatch, timeout: Duration) -> Result<Batch, OpenAiError> {
         let body = serde_json::json!({
             "input_file_id": null,
             "endpoint": req.endpoint,
@@ -295,8 +312,14 @@ impl BatchClient {
             "input_blob": req.input_blob,
             "output_folder": { "url": req.output_folder_url },
         });
-        self.send(Method::POST, self.url("batches", &[]), Some(body), false)
-            .await
+        self.send_with(
+            Method::POST,
+            self.url("batches", &[]),
+            Some(body),
+            false,
+            Some(timeout),
+        )
+        .await
     }
 
     pub async fn retrieve(&self, id: &str) -> Result<Batch, OpenAiError> {
@@ -370,11 +393,27 @@ impl BatchClient {
         body: Option<Value>,
         retry_server_errors: bool,
     ) -> Result<T, OpenAiError> {
+        self.send_with(method, url, body, retry_server_errors, None)
+            .await
+    }
+
+    /// `send`, with a timeout per attempt other than the client's 60 s.
+    async fn send_with<T: for<'de> Deserialize<'de>>(
+        &self,
+        method: Method,
+        url: Url,
+        body: Option<Value>,
+        retry_server_errors: bool,
+        timeout: Option<Duration>,
+    ) -> Result<T, OpenAiError> {
         let what = format!("{} {}", method, url.path());
         let mut attempt = 0;
         loop {
             attempt += 1;
             let mut req = self.http.request(method.clone(), url.clone());
+            if let Some(t) = timeout {
+                req = req.timeout(t);
+            }
             req = match &self.auth {
                 Auth::ApiKey(key) => req.header("api-key", key.expose()),
                 Auth::Entra(cred) => {
@@ -404,10 +443,20 @@ impl BatchClient {
                     }
                     let throttled = status == StatusCode::TOO_MANY_REQUESTS;
                     let server = status.is_server_error() || status == StatusCode::REQUEST_TIMEOUT;
-                    let err = if throttled || server {
+                    let message = format!("HTTP {} {code}: {message}", status.as_u16());
+                    // A gateway that timed out waiting on the backend answers for it, but not
+                    // with the backend's answer: the request may still be acted on.
+                    let gateway_timeout = status == StatusCode::GATEWAY_TIMEOUT
+                        || status == StatusCode::REQUEST_TIMEOUT;
+                    let err = if gateway_timeout {
+                        OpenAiError::Unanswered {
+                            what: what.clone(),
+                            message,
+                        }
+                    } else if throttled || server {
                         OpenAiError::Transient {
                             what: what.clone(),
-                            message: format!("HTTP {} {code}: {message}", status.as_u16()),
+                            message,
                         }
                     } else {
                         return Err(OpenAiError::Rejected {
@@ -424,16 +473,21 @@ impl BatchClient {
                 }
                 Err(e) => {
                     // A request that never reached the service is safe to send again even for
-                    // create; one that may have (a timeout) is not.
-                    let safe = e.is_connect() || retry_server_errors;
-                    (
-                        safe,
-                        None,
+                    // create; one that may have (a timeout, a dropped connection) is not.
+                    let connect = e.is_connect();
+                    let message = e.without_url().to_string();
+                    let err = if connect {
                         OpenAiError::Transient {
                             what: what.clone(),
-                            message: e.without_url().to_string(),
-                        },
-                    )
+                            message,
+                        }
+                    } else {
+                        OpenAiError::Unanswered {
+                            what: what.clone(),
+                            message,
+                        }
+                    };
+                    (connect || retry_server_errors, None, err)
                 }
             };
             if !retryable || attempt >= self.retry.max_attempts {

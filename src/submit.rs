@@ -278,11 +278,13 @@ pub async fn run_claimed(
         input_blob: job.batch_input_url().to_string(),
         output_folder_url: app.store.container_url(&app.config.output_container),
     };
-    // Bounded, so that the in-flight window noted in the record really ends.
-    let created = tokio::time::timeout(window, app.openai.create(&request))
+    // Bounded, so that the in-flight window noted in the record really ends; each attempt
+    // is given the whole window, so the client never gives up on a request the record still
+    // counts as on its way.
+    let created = tokio::time::timeout(window, app.openai.create(&request, window))
         .await
         .unwrap_or_else(|_| {
-            Err(OpenAiError::Transient {
+            Err(OpenAiError::Unanswered {
                 what: "create".into(),
                 message: format!("no answer within {} s", window.as_secs()),
             })
@@ -331,7 +333,18 @@ pub async fn run_claimed(
             fail_job(app, job, &etag, &code, message).await?;
             Ok(Intake::Refused)
         }
-        Err(e) => Err(release(app, job, &etag, e.into(), j).await),
+        Err(e) => {
+            if e.may_still_create() {
+                j.warn(format!(
+                    "job={key}: the create call got no answer; a batch may still appear, so \
+                     nobody creates another for {} s; then its batch is looked for first",
+                    window.as_secs()
+                ));
+            } else {
+                job.create_answered();
+            }
+            Err(release(app, job, &etag, e.into(), j).await)
+        }
     }
 }
 

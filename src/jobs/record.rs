@@ -424,13 +424,19 @@ impl Job<Submitting> {
         self.note(at, "creating batch");
     }
 
-    /// A transient fault: keep the job as it is but let the next invocation take it at once.
-    pub fn release(&mut self, error: &str, at: i64) {
-        self.state.lease_until = at;
-        // The create call (if any) has returned: the next holder may look for its batch.
+    /// The service answered the create call (with an error): nothing is on its way any
+    /// more, and the next holder may look for its batch at once.
+    pub fn create_answered(&mut self) {
         if let Some(create) = &mut self.state.create {
             create.in_flight_until = None;
         }
+    }
+
+    /// A transient fault: keep the job as it is but let the next invocation take it at once,
+    /// unless a create call may still be on its way (sent, never answered): then the claim
+    /// holds until its window ends, for a batch may still appear.
+    pub fn release(&mut self, error: &str, at: i64) {
+        self.state.lease_until = at;
         self.common.last_error = Some(error.to_string());
         self.note(at, format!("released after a transient fault: {error}"));
     }
@@ -775,10 +781,16 @@ mod tests {
         r.begin_create(2, 120, T);
         assert!(r.is_leased(T + 60), "the create may still be on its way");
         assert!(!r.is_leased(T + 121));
-        r.release("HTTP 500", T + 1);
+        r.release("no answer", T + 1);
         assert!(
-            !r.is_leased(T + 2),
-            "a returned create frees the claim at once"
+            r.is_leased(T + 60),
+            "an unanswered create may still make a batch: the claim holds"
+        );
+        r.create_answered();
+        r.release("HTTP 500", T + 61);
+        assert!(
+            !r.is_leased(T + 62),
+            "an answered create frees the claim at once"
         );
         assert_eq!(
             r.create_started_at(),

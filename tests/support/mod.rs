@@ -28,12 +28,27 @@ pub fn root() -> PathBuf {
 }
 
 /// The Contract's settings pointing at this stack, and the tests' short timings: a 2 s
-/// claim lease and a 1 s first quota backoff.
+/// claim lease and a 1 s first quota backoff. The debug build's test hooks are on, so a
+/// test can move the handler's clock ([`advance_clock`]).
 pub fn handler_env(azurite: &Azurite, emulator: &Emulator) -> Vec<(String, String)> {
     let mut env = Handler::settings(azurite, emulator);
     env.push(("BATCH_SUBMIT_LEASE_SECONDS".into(), "2".into()));
     env.push(("BATCH_QUEUE_INITIAL_DELAY_SECONDS".into(), "1".into()));
+    env.push(("BATCH_TEST_HOOKS".into(), "1".into()));
     env
+}
+
+/// Moves the handler's clock `secs` ahead, so that a lease or a create window lapses without
+/// the test sleeping until it does. Returns the handler's new time (unix seconds).
+pub async fn advance_clock(handler: &Handler, secs: i64) -> i64 {
+    let resp = reqwest::Client::new()
+        .post(handler.url(&format!("/_test/clock?advance={secs}")))
+        .send()
+        .await
+        .expect("the handler answers");
+    assert_eq!(resp.status(), 200, "the handler's test hooks are on");
+    let body: Value = resp.json().await.expect("JSON");
+    body["now"].as_i64().expect("the new time")
 }
 
 /// Azurite over HTTPS with OAuth (`--oauth basic`): the production code path, bearer

@@ -1,0 +1,139 @@
+//! Faults the stand-ins never produce on their own, made on purpose: a create whose answer
+//! is lost on the way back, a storage account that refuses the handler, a storage answer
+//! without an ETag. Each test failed before the fix it guards (issue 13).
+
+mod support;
+
+use std::{sync::Arc, time::Duration};
+
+use serde_json::Value;
+use support::*;
+use tokio::{
+    io::{AsyncReadExt, AsyncWriteExt},
+    net::{TcpListener, TcpStream},
+    sync::Mutex,
+};
+
+/// Reads one HTTP/1.1 request (head and `Content-Length` body) off `conn`.
+async fn read_request(conn: &mut TcpStream) -> Option<Vec<u8>> {
+    let mut buf = Vec::new();
+    let mut chunk = [0u8; 8192];
+    loop {
+        let n = conn.read(&mut chunk).await.ok()?;
+        if n == 0 {
+            return None;
+        }
+        buf.extend_from_slice(&chunk[..n]);
+        let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") else {
+            continue;
+        };
+        let head = String::from_utf8_lossy(&buf[..end]).to_ascii_lowercase();
+        let length: usize = head
+            .lines()
+            .find_map(|l| l.strip_prefix("content-length:"))
+            .and_then(|v| v.trim().parse().ok())
+            .unwrap_or(0);
+        if buf.len() >= end + 4 + length {
+            return Some(buf);
+        }
+    }
+}
+
+/// A proxy in front of the emulator that loses the answer to every create: it takes the
+/// request, closes the connection without answering, and delivers the request `delay`
+/// later, as a request stuck on the way would arrive after its client gave up. Everything
+/// else passes through. Returns its port and the creates it delivered.
+async fn answer_losing_proxy(upstream: u16, delay: Duration) -> (u16, Arc<Mutex<Vec<u16>>>) {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let delivered = Arc::new(Mutex::new(Vec::new()));
+    let log = delivered.clone();
+    tokio::spawn(async move {
+        loop {
+            let Ok((mut client, _)) = listener.accept().await else {
+                return;
+            };
+            let log = log.clone();
+            tokio::spawn(async move {
+                let Some(request) = read_request(&mut client).await else {
+                    return;
+                };
+                let mut server = TcpStream::connect(("127.0.0.1", upstream)).await.unwrap();
+                if request.starts_with(b"POST ") && !request.starts_with(b"POST /_") {
+                    drop(client); // the answer is lost
+                    tokio::time::sleep(delay).await;
+                    server.write_all(&request).await.unwrap();
+                    let mut head = [0u8; 12];
+                    let _ = server.read_exact(&mut head).await;
+                    let status = String::from_utf8_lossy(&head[9..12]).parse().unwrap_or(0);
+                    log.lock().await.push(status);
+                } else {
+                    server.write_all(&request).await.unwrap();
+                    let _ = tokio::io::copy_bidirectional(&mut client, &mut server).await;
+                }
+            });
+        }
+    });
+    (port, delivered)
+}
+
+#[tokio::test]
+async fn a_create_whose_answer_is_lost_keeps_its_window_and_makes_one_batch() {
+    let azurite = Azurite::start();
+    let emulator = Emulator::start(&azurite, &["--step-ms", "60000"]);
+    let store = azurite.store();
+    // A reaches the service through a path that loses create answers; B directly. A's
+    // create window is 30 s.
+    let (proxy, delivered) = answer_losing_proxy(emulator.port, Duration::from_secs(2)).await;
+    let mut env_a = handler_env(&azurite, &emulator);
+    env_a.push(("BATCH_CREATE_TIMEOUT_SECONDS".into(), "30".into()));
+    for (k, v) in env_a.iter_mut() {
+        if k == "AZURE_OPENAI_ENDPOINT" {
+            *v = format!("http://127.0.0.1:{proxy}");
+        }
+    }
+    let a = Handler::start(env_a);
+    let b = Handler::start(handler_env(&azurite, &emulator));
+    let body = format!("{}\n", chat_line("lost-1", "where did the answer go?"));
+    let (url, etag) = upload_input(&store, "lost/answer.jsonl", body.as_bytes()).await;
+    let event = trigger_payload(blob_created_event(&url, &etag, body.len() as u64));
+
+    // A's create is sent and its answer lost: a fault worth a redelivery.
+    let (status, answer) = a.invoke("function-trigger", &event).await;
+    assert_eq!(status, 500, "{:?}", answer.logs);
+
+    // Event Grid redelivers at once, to B. The create may still be on its way: B must not
+    // create another.
+    let (status, answer) = b.invoke("function-trigger", &event).await;
+    assert_eq!(status, 200, "{:?}", answer.logs);
+    eventually(Duration::from_secs(10), "A's create delivered", || async {
+        (!delivered.lock().await.is_empty()).then_some(())
+    })
+    .await;
+    assert_eq!(
+        delivered.lock().await.as_slice(),
+        [201],
+        "A's create arrived (201 Created)"
+    );
+    assert_eq!(
+        emulator.batches().await.len(),
+        1,
+        "B created a second batch while A's create was on its way: {:?}",
+        answer.logs
+    );
+
+    // Once the window is over, the next delivery looks for the batch and adopts it.
+    advance_clock(&b, 31).await;
+    let (status, answer) = b.invoke("function-trigger", &event).await;
+    assert_eq!(status, 200, "{:?}", answer.logs);
+    let logs = answer.logs.join("\n");
+    assert!(logs.contains("adopted"), "{logs}");
+    let batches = emulator.batches().await;
+    assert_eq!(batches.len(), 1, "{batches:?}");
+    let key = format!("lost/answer.jsonl@{}", etag.trim_matches('"'));
+    let record: Value = read_json(&store, "batch-jobs", &format!("active/{key}.json"))
+        .await
+        .unwrap();
+    assert_eq!(record["state"], "running");
+    assert_eq!(record["batch_id"], batches[0].id.as_str());
+}
