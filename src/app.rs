@@ -80,6 +80,19 @@ pub enum StepError {
     OpenAi(#[from] OpenAiError),
 }
 
+impl StepError {
+    /// Whether trying the same step again later can help (storage or the service
+    /// unavailable, an answer lost), as opposed to a fault that a redelivery meets again
+    /// (access refused, an answer that cannot be read, a record that cannot be read).
+    pub fn is_transient(&self) -> bool {
+        match self {
+            StepError::Jobs(e) => e.is_transient(),
+            StepError::Storage(e) => e.is_transient(),
+            StepError::OpenAi(e) => e.is_transient(),
+        }
+    }
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum StartError {
     #[error("cannot set up the managed identity credential: {0}")]

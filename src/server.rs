@@ -134,10 +134,16 @@ async fn function_trigger(State(app): State<Arc<App>>, headers: HeaderMap, body:
         }
         match submit::intake(&app, &name, &journal).await {
             Ok(outcome) => log_outcome(&journal, &container, &name, &outcome),
-            Err(e) => {
+            // Event Grid redelivers a 5xx for up to a day: worth it only when the fault
+            // can pass.
+            Err(e) if e.is_transient() => {
                 journal.error(format!("blob={container}/{name}: will be retried: {e}"));
                 status = StatusCode::INTERNAL_SERVER_ERROR;
             }
+            Err(e) => journal.error(format!(
+                "blob={container}/{name}: not retried, a redelivery would meet the same \
+                 fault; fix it and the timer's sweep takes the file in: {e}"
+            )),
         }
     }
     answer(status, &journal)

@@ -106,12 +106,16 @@ impl StorageError {
                     },
                 }
             }
-            // Connection refused, DNS, TLS, timeouts: the request never got an answer.
-            ErrorKind::Io | ErrorKind::Connection => StorageError::Transient {
-                op,
-                target,
-                message: redact(&err.to_string()),
-            },
+            // Connection refused, DNS, TLS, timeouts: the request never got an answer. A
+            // token the identity endpoint could not issue just now (it is briefly away at a
+            // cold start) is worth another try too.
+            ErrorKind::Io | ErrorKind::Connection | ErrorKind::Credential => {
+                StorageError::Transient {
+                    op,
+                    target,
+                    message: redact(&err.to_string()),
+                }
+            }
             _ => StorageError::Failed {
                 op,
                 target,

@@ -137,3 +137,54 @@ async fn a_create_whose_answer_is_lost_keeps_its_window_and_makes_one_batch() {
     assert_eq!(record["state"], "running");
     assert_eq!(record["batch_id"], batches[0].id.as_str());
 }
+
+/// An event for `name` in this stack's input container (the blob need not exist).
+fn event_for(azurite: &Azurite, name: &str) -> Value {
+    let url = format!(
+        "http://127.0.0.1:{}/devstoreaccount1/batch-input/{name}",
+        azurite.port
+    );
+    trigger_payload(blob_created_event(&url, "\"0x8D0000000000001\"", 100))
+}
+
+#[tokio::test]
+async fn a_fault_a_redelivery_would_meet_again_is_answered_2xx_and_said_once() {
+    let azurite = Azurite::start();
+    let emulator = Emulator::start(&azurite, &["--step-ms", "60000"]);
+    // The account refuses this handler: its key is not the account's (403 on every call).
+    let wrong_key = "d3Jvbmcta2V5LXdyb25nLWtleS13cm9uZy1rZXktd3Jvbmcta2V5LXdyb25nLWtleQ==";
+    let mut env = handler_env(&azurite, &emulator);
+    for (k, v) in env.iter_mut() {
+        if k == "BATCH_STORAGE_CONNECTION_STRING" {
+            *v = v.replace(ACCOUNT_KEY, wrong_key);
+        }
+    }
+    let handler = Handler::start(env);
+    let (status, answer) = handler
+        .invoke("function-trigger", &event_for(&azurite, "refused.jsonl"))
+        .await;
+    let logs = answer.logs.join("\n");
+    assert_eq!(
+        status, 200,
+        "Event Grid would redeliver a 5xx for a day, meeting the same 403: {logs}"
+    );
+    assert!(logs.contains("not retried"), "{logs}");
+    assert!(logs.contains("403"), "the log line names the fault: {logs}");
+    assert!(
+        !logs.contains(wrong_key) && !logs.contains("sig="),
+        "{logs}"
+    );
+}
+
+#[tokio::test]
+async fn a_fault_that_can_pass_is_answered_5xx_for_a_redelivery() {
+    let mut azurite = Azurite::start();
+    let emulator = Emulator::start(&azurite, &["--step-ms", "60000"]);
+    let handler = Handler::start(handler_env(&azurite, &emulator));
+    let event = event_for(&azurite, "outage.jsonl");
+    azurite.proc.kill(); // storage unreachable: connection refused
+    let (status, answer) = handler.invoke("function-trigger", &event).await;
+    let logs = answer.logs.join("\n");
+    assert_eq!(status, 500, "{logs}");
+    assert!(logs.contains("will be retried"), "{logs}");
+}
