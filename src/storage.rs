@@ -125,6 +125,25 @@ impl StorageError {
     }
 }
 
+/// Every version of a blob has an ETag, and the handler keys jobs and conditions writes on
+/// it: an answer without one (a proxy stripping headers?) must stop the step, not become
+/// `""`, which would make every version of a blob one job.
+fn required_etag(
+    etag: Option<String>,
+    op: &'static str,
+    container: &str,
+    name: &str,
+) -> Result<String> {
+    etag.filter(|e| !e.is_empty())
+        .ok_or_else(|| StorageError::Failed {
+            op,
+            target: format!("{container}/{name}"),
+            message: "the storage service answered without an ETag (a proxy in between \
+                      stripping headers?)"
+                .into(),
+        })
+}
+
 /// SDK error texts can quote the request URL; make sure a SAS signature never leaves here.
 fn redact(text: &str) -> String {
     match text.find("sig=") {
@@ -515,11 +534,14 @@ impl BlobStore {
         let blob = self.service.blob_client(container, name);
         match blob.get_properties(None).await {
             Ok(r) => {
-                let etag = r
-                    .etag()
-                    .map_err(|e| StorageError::from_sdk("read properties", container, name, e))?
-                    .map(|e| e.to_string())
-                    .unwrap_or_default();
+                let etag = required_etag(
+                    r.etag()
+                        .map_err(|e| StorageError::from_sdk("read properties", container, name, e))?
+                        .map(|e| e.to_string()),
+                    "read properties",
+                    container,
+                    name,
+                )?;
                 let size = r
                     .content_length()
                     .map_err(|e| StorageError::from_sdk("read properties", container, name, e))?
@@ -562,12 +584,12 @@ impl BlobStore {
             .map_err(|e| StorageError::from_sdk("download", container, name, e))?;
         let info = BlobInfo {
             name: name.to_string(),
-            etag: res
-                .properties
-                .etag
-                .as_ref()
-                .map(|e| e.to_string())
-                .unwrap_or_default(),
+            etag: required_etag(
+                res.properties.etag.as_ref().map(|e| e.to_string()),
+                "download",
+                container,
+                name,
+            )?,
             size: res.properties.content_length.unwrap_or(0),
         };
         let (c, n) = (container.to_string(), name.to_string());
@@ -611,7 +633,7 @@ impl BlobStore {
             .upload(RequestContent::from(data.to_vec()), Some(options))
             .await
             .map_err(|e| StorageError::from_sdk("write", container, name, e))?;
-        Ok(res.etag.map(|e| e.to_string()).unwrap_or_default())
+        required_etag(res.etag.map(|e| e.to_string()), "write", container, name)
     }
 
     /// Starts a streamed upload: blocks are staged as they come and committed at the end, so a
@@ -675,9 +697,15 @@ impl BlobStore {
                     pager.map(move |item| {
                         let item = item.map_err(|e| StorageError::from_sdk("list", &c, "", e))?;
                         let props = item.properties.unwrap_or_default();
+                        let name = item.name.unwrap_or_default();
                         Ok(BlobInfo {
-                            name: item.name.unwrap_or_default(),
-                            etag: props.etag.map(|e| e.to_string()).unwrap_or_default(),
+                            etag: required_etag(
+                                props.etag.map(|e| e.to_string()),
+                                "list",
+                                &c,
+                                &name,
+                            )?,
+                            name,
                             size: props.content_length.unwrap_or(0),
                         })
                     })
@@ -876,12 +904,12 @@ impl BlobWriter {
             .await
             .map_err(|e| StorageError::from_sdk("commit", &self.container, &self.name, e))?;
         use azure_storage_blob::models::BlockBlobClientCommitBlockListResultHeaders;
-        Ok(res
-            .etag()
-            .ok()
-            .flatten()
-            .map(|e| e.to_string())
-            .unwrap_or_default())
+        required_etag(
+            res.etag().ok().flatten().map(|e| e.to_string()),
+            "commit",
+            &self.container,
+            &self.name,
+        )
     }
 }
 

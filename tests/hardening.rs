@@ -138,12 +138,10 @@ async fn a_create_whose_answer_is_lost_keeps_its_window_and_makes_one_batch() {
     assert_eq!(record["batch_id"], batches[0].id.as_str());
 }
 
-/// An event for `name` in this stack's input container (the blob need not exist).
-fn event_for(azurite: &Azurite, name: &str) -> Value {
-    let url = format!(
-        "http://127.0.0.1:{}/devstoreaccount1/batch-input/{name}",
-        azurite.port
-    );
+/// An event for `name` in the input container of the storage at `port` (the blob need not
+/// exist).
+fn event_for(port: u16, name: &str) -> Value {
+    let url = format!("http://127.0.0.1:{port}/devstoreaccount1/batch-input/{name}");
     trigger_payload(blob_created_event(&url, "\"0x8D0000000000001\"", 100))
 }
 
@@ -161,7 +159,10 @@ async fn a_fault_a_redelivery_would_meet_again_is_answered_2xx_and_said_once() {
     }
     let handler = Handler::start(env);
     let (status, answer) = handler
-        .invoke("function-trigger", &event_for(&azurite, "refused.jsonl"))
+        .invoke(
+            "function-trigger",
+            &event_for(azurite.port, "refused.jsonl"),
+        )
         .await;
     let logs = answer.logs.join("\n");
     assert_eq!(
@@ -181,10 +182,77 @@ async fn a_fault_that_can_pass_is_answered_5xx_for_a_redelivery() {
     let mut azurite = Azurite::start();
     let emulator = Emulator::start(&azurite, &["--step-ms", "60000"]);
     let handler = Handler::start(handler_env(&azurite, &emulator));
-    let event = event_for(&azurite, "outage.jsonl");
+    let event = event_for(azurite.port, "outage.jsonl");
     azurite.proc.kill(); // storage unreachable: connection refused
     let (status, answer) = handler.invoke("function-trigger", &event).await;
     let logs = answer.logs.join("\n");
     assert_eq!(status, 500, "{logs}");
     assert!(logs.contains("will be retried"), "{logs}");
+}
+
+/// A reverse proxy in front of Azurite that drops every `ETag` header from its answers.
+async fn etag_stripping_proxy(upstream: u16) -> u16 {
+    use axum::{body::Bytes, extract::Request, http::HeaderMap, response::Response};
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let client = reqwest::Client::new();
+    let forward = move |req: Request| {
+        let client = client.clone();
+        async move {
+            let (parts, body) = req.into_parts();
+            let body: Bytes = axum::body::to_bytes(body, usize::MAX).await.unwrap();
+            let url = format!("http://127.0.0.1:{upstream}{}", parts.uri);
+            let mut headers = HeaderMap::new();
+            for (k, v) in &parts.headers {
+                if k != "host" && k != "content-length" {
+                    headers.append(k, v.clone());
+                }
+            }
+            let resp = client
+                .request(parts.method, url)
+                .headers(headers)
+                .body(body)
+                .send()
+                .await
+                .unwrap();
+            let mut out = Response::builder().status(resp.status());
+            for (k, v) in resp.headers() {
+                if k != "etag" && k != "content-length" && k != "transfer-encoding" {
+                    out = out.header(k, v);
+                }
+            }
+            out.body(axum::body::Body::from(resp.bytes().await.unwrap()))
+                .unwrap()
+        }
+    };
+    let app = axum::Router::new().fallback(forward);
+    tokio::spawn(async move { axum::serve(listener, app).await });
+    port
+}
+
+#[tokio::test]
+async fn a_blob_answered_without_an_etag_gets_no_job() {
+    let azurite = Azurite::start();
+    let emulator = Emulator::start(&azurite, &["--step-ms", "60000"]);
+    let store = azurite.store();
+    let body = format!("{}\n", chat_line("e-1", "which version am I?"));
+    upload_input(&store, "no-etag.jsonl", body.as_bytes()).await;
+    let proxy = etag_stripping_proxy(azurite.port).await;
+    let mut env = handler_env(&azurite, &emulator);
+    for (k, v) in env.iter_mut() {
+        if k == "BATCH_STORAGE_CONNECTION_STRING" {
+            *v = v.replace(&format!(":{}/", azurite.port), &format!(":{proxy}/"));
+        }
+    }
+    let handler = Handler::start(env);
+    let (status, answer) = handler
+        .invoke("function-trigger", &event_for(proxy, "no-etag.jsonl"))
+        .await;
+    let logs = answer.logs.join("\n");
+    assert_eq!(status, 200, "{logs}");
+    assert!(logs.contains("without an ETag"), "{logs}");
+    // Keyed on `name@` (no ETag), every version of the blob would have been one job.
+    let records = blob_names(&store, "batch-jobs", "").await;
+    assert!(records.is_empty(), "{records:?}");
+    assert!(emulator.batches().await.is_empty());
 }
