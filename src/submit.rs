@@ -433,15 +433,27 @@ async fn release(
 }
 
 async fn validate_input(app: &App, input: &InputRef) -> Result<Report, StorageError> {
-    let (_, mut body) = app
+    let (_, body) = app
         .store
         .download(&input.container, &input.name, Some(&input.etag))
         .await?;
-    // The download runs in its own task, a few chunks ahead, so checking a chunk overlaps
-    // fetching the next instead of adding to it (BENCHMARKS.md, submit latency). Memory
-    // stays bounded by the channel.
+    // The limits bound each batch, not the input: beyond them, it is split.
+    validate_read_ahead(body, app.config.split_limits, &input.name).await
+}
+
+/// Validates a blob's body while it downloads: the download runs in its own task, a few
+/// chunks ahead, so checking a chunk overlaps fetching the next instead of adding to it
+/// (BENCHMARKS.md, submit latency). Memory stays bounded by the channel.
+async fn validate_read_ahead<S>(
+    mut body: S,
+    limits: crate::validate::Limits,
+    name: &str,
+) -> Result<Report, StorageError>
+where
+    S: futures::Stream<Item = Result<bytes::Bytes, StorageError>> + Send + Unpin + 'static,
+{
     let (tx, mut chunks) = tokio::sync::mpsc::channel(READ_AHEAD_CHUNKS);
-    tokio::spawn(async move {
+    let reader = tokio::spawn(async move {
         while let Some(chunk) = body.next().await {
             let failed = chunk.is_err();
             if tx.send(chunk).await.is_err() || failed {
@@ -449,10 +461,18 @@ async fn validate_input(app: &App, input: &InputRef) -> Result<Report, StorageEr
             }
         }
     });
-    // The limits bound each batch, not the input: beyond them, it is split.
-    let mut validator = Validator::splitting(app.config.split_limits);
+    let mut validator = Validator::splitting(limits);
     while let Some(chunk) = chunks.recv().await {
         validator.feed(&chunk?);
+    }
+    // The channel closes when the reader ends: at the end of the blob, or because it died,
+    // and then what was read is only a prefix of the input.
+    if let Err(e) = reader.await {
+        return Err(StorageError::Failed {
+            op: "download",
+            target: name.to_string(),
+            message: format!("the download stopped before the end of the blob: {e}"),
+        });
     }
     Ok(validator.finish())
 }
@@ -649,4 +669,43 @@ async fn start_part(
     ));
     // Boxed: intake reaches here through `run_claimed` itself (claim, validate, split).
     Box::pin(run_claimed(app, job, etag, j)).await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use bytes::Bytes;
+    use futures::stream;
+
+    fn line(id: &str) -> String {
+        format!(
+            "{{\"custom_id\":\"{id}\",\"method\":\"POST\",\"url\":\"/chat/completions\",\"body\":{{\"model\":\"m\",\"messages\":[]}}}}\n"
+        )
+    }
+
+    #[tokio::test]
+    async fn a_download_that_dies_is_not_taken_for_the_end_of_the_input() {
+        let first = Bytes::from(line("a") + &line("b"));
+        let body = stream::iter([Ok(first)]).chain(stream::once(async {
+            panic!("the SDK's stream broke");
+            #[allow(unreachable_code)]
+            Ok(Bytes::new())
+        }));
+        let got = validate_read_ahead(Box::pin(body), Default::default(), "x.jsonl").await;
+        let err = got.expect_err("two lines of a longer file are not the file");
+        assert!(
+            err.to_string().contains("before the end of the blob"),
+            "{err}"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_whole_download_is_validated() {
+        let body = stream::iter([Ok(Bytes::from(line("a"))), Ok(Bytes::from(line("b")))]);
+        let report = validate_read_ahead(body, Default::default(), "x.jsonl")
+            .await
+            .unwrap();
+        assert!(report.is_ok(), "{:?}", report.problems);
+        assert_eq!(report.lines, 2);
+    }
 }
