@@ -78,6 +78,35 @@ pub enum StepError {
     Storage(#[from] StorageError),
     #[error(transparent)]
     OpenAi(#[from] OpenAiError),
+    /// A bug: the step panicked. Caught where the step was started (`guarded`), so the
+    /// panic is reported with what it was working on and the other steps go on.
+    #[error("{what}: the handler panicked (a bug; please report it): {message}")]
+    Panicked { what: String, message: String },
+}
+
+/// Runs one step so that a panic in it ends that step with `StepError::Panicked` naming
+/// `what` (a blob, a job), instead of unwinding through the tick or the route that ran it.
+pub async fn guarded<T>(
+    what: impl Into<String>,
+    step: impl std::future::Future<Output = Result<T, StepError>>,
+) -> Result<T, StepError> {
+    use futures::FutureExt;
+    match std::panic::AssertUnwindSafe(step).catch_unwind().await {
+        Ok(result) => result,
+        Err(payload) => Err(StepError::Panicked {
+            what: what.into(),
+            message: panic_message(payload.as_ref()),
+        }),
+    }
+}
+
+/// The text a panic was raised with, where it has one.
+pub fn panic_message(payload: &(dyn std::any::Any + Send)) -> String {
+    payload
+        .downcast_ref::<&str>()
+        .map(|s| s.to_string())
+        .or_else(|| payload.downcast_ref::<String>().cloned())
+        .unwrap_or_else(|| "(no message)".into())
 }
 
 impl StepError {
@@ -89,6 +118,7 @@ impl StepError {
             StepError::Jobs(e) => e.is_transient(),
             StepError::Storage(e) => e.is_transient(),
             StepError::OpenAi(e) => e.is_transient(),
+            StepError::Panicked { .. } => false,
         }
     }
 }
@@ -231,5 +261,27 @@ impl Journal {
 
     pub fn lines(&self) -> Vec<String> {
         self.lines.lock().expect("journal lock").clone()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn a_panicking_step_ends_as_an_error_naming_what_it_worked_on() {
+        let got: Result<(), StepError> = guarded("job=a.jsonl@0x1", async {
+            if true {
+                panic!("index out of bounds");
+            }
+            Ok(())
+        })
+        .await;
+        let err = got.unwrap_err();
+        assert!(!err.is_transient(), "the same input panics again");
+        let text = err.to_string();
+        assert!(text.contains("job=a.jsonl@0x1"), "{text}");
+        assert!(text.contains("index out of bounds"), "{text}");
+        assert_eq!(guarded("x", async { Ok(7) }).await.unwrap(), 7);
     }
 }

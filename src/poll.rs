@@ -16,7 +16,7 @@ use std::collections::HashSet;
 use futures::{StreamExt, TryStreamExt};
 
 use crate::{
-    app::{App, Journal, StepError},
+    app::{App, Journal, StepError, guarded},
     harvest,
     jobs::{AnyJob, InputRef, Job, Observed, Outcome, Queued, Running, job_key},
     openai::{BatchStatus, OpenAiError},
@@ -49,7 +49,7 @@ pub async fn tick(app: &App, j: &Journal) -> Result<TickStats, StepError> {
     let keys = app.jobs.active_keys().await?;
     stats.active = keys.len();
     let results: Vec<Result<bool, StepError>> = futures::stream::iter(keys)
-        .map(|key| async move { step(app, &key, j).await })
+        .map(|key| async move { guarded(format!("job={key}"), step(app, &key, j)).await })
         .buffer_unordered(TICK_CONCURRENCY)
         .collect()
         .await;
@@ -126,7 +126,10 @@ async fn sweep(app: &App, active: &HashSet<String>, j: &Journal) -> Result<usize
         ));
     }
     let results: Vec<_> = futures::stream::iter(missing)
-        .map(|b| async move { submit::intake(app, &b.name, j).await })
+        .map(|b| async move {
+            let what = format!("blob={}/{}", app.config.input_container, b.name);
+            guarded(what, submit::intake(app, &b.name, j)).await
+        })
         .buffer_unordered(TICK_CONCURRENCY)
         .collect()
         .await;

@@ -17,8 +17,10 @@ use axum::{
     routing::{get, post},
 };
 
+use tower_http::catch_panic::CatchPanicLayer;
+
 use crate::{
-    app::{App, Journal},
+    app::{App, Journal, guarded, panic_message},
     poll,
     protocol::{self, INVOCATION_ID_HEADER, InvocationRequest, InvocationResponse, StorageEvent},
     submit::{self, Intake},
@@ -39,7 +41,27 @@ pub fn router(app: Arc<App>) -> Router {
     } else {
         router
     };
-    router.with_state(app)
+    with_panic_boundary(router.with_state(app))
+}
+
+/// The last boundary: a panic anywhere in a route (the workflows catch their own, naming
+/// the job, see `app::guarded`) is answered with the host's JSON and a logged error line,
+/// instead of a dropped connection the host can only redeliver into the same panic.
+fn with_panic_boundary(router: Router) -> Router {
+    router.layer(CatchPanicLayer::custom(
+        |payload: Box<dyn std::any::Any + Send>| {
+            let line = format!(
+                "the handler panicked (a bug; please report it): {}",
+                panic_message(payload.as_ref())
+            );
+            tracing::error!("{line}");
+            let body = InvocationResponse::with_logs(vec![format!("error: {line}")]);
+            axum::response::IntoResponse::into_response((
+                StatusCode::INTERNAL_SERVER_ERROR,
+                Json(body),
+            ))
+        },
+    ))
 }
 
 fn test_hooks_enabled() -> bool {
@@ -132,7 +154,8 @@ async fn function_trigger(State(app): State<Arc<App>>, headers: HeaderMap, body:
             ));
             continue;
         }
-        match submit::intake(&app, &name, &journal).await {
+        let what = format!("blob={container}/{name}");
+        match guarded(what, submit::intake(&app, &name, &journal)).await {
             Ok(outcome) => log_outcome(&journal, &container, &name, &outcome),
             // Event Grid redelivers a 5xx for up to a day: worth it only when the fault
             // can pass.
@@ -213,5 +236,31 @@ async fn function_timer(State(app): State<Arc<App>>, headers: HeaderMap, body: B
             journal.error(format!("tick stopped early: {e}"));
             answer(StatusCode::OK, &journal)
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use axum::body::Body;
+    use tower::ServiceExt;
+
+    #[tokio::test]
+    async fn a_panic_in_a_route_is_answered_with_the_hosts_json() {
+        async fn buggy() -> &'static str {
+            panic!("boom")
+        }
+        let router = with_panic_boundary(Router::new().route("/function-trigger", post(buggy)));
+        let request = axum::http::Request::post("/function-trigger")
+            .body(Body::empty())
+            .unwrap();
+        let answer = router.oneshot(request).await.unwrap();
+        assert_eq!(answer.status(), StatusCode::INTERNAL_SERVER_ERROR);
+        let body = axum::body::to_bytes(answer.into_body(), 1 << 20)
+            .await
+            .unwrap();
+        let body: InvocationResponse = serde_json::from_slice(&body).unwrap();
+        assert!(body.logs[0].contains("panicked"), "{:?}", body.logs);
+        assert!(body.logs[0].contains("boom"), "{:?}", body.logs);
     }
 }
