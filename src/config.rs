@@ -28,8 +28,16 @@ pub mod names {
     pub const MANAGED_IDENTITY_CLIENT_ID: &str = "AZURE_CLIENT_ID";
     pub const HANDLER_PORT: &str = "FUNCTIONS_CUSTOMHANDLER_PORT";
     /// Test-only: makes the process abort at a named step, to prove crash recovery.
+    /// Debug builds only: the release build (the one published) ignores it.
     pub const TEST_FAULT: &str = "BATCH_TEST_FAULT";
+    /// Test-only: `1` serves the test hooks (`server`). Debug builds only.
+    pub const TEST_HOOKS: &str = "BATCH_TEST_HOOKS";
 }
+
+/// Whether this build honours the test-only settings: debug builds (every test's), not the
+/// release build a deployment runs, where a stray `BATCH_TEST_FAULT` in the app settings
+/// would otherwise abort the app on every invocation.
+pub const TEST_SWITCHES_COMPILED: bool = cfg!(debug_assertions);
 
 pub const DEFAULT_API_VERSION: &str = "2025-04-01-preview";
 
@@ -328,7 +336,7 @@ impl Config {
                     ..service
                 }
             },
-            test_fault: get(names::TEST_FAULT),
+            test_fault: get(names::TEST_FAULT).filter(|_| TEST_SWITCHES_COMPILED),
         })
     }
 }

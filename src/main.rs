@@ -100,6 +100,15 @@ fn serve() -> ExitCode {
             return ExitCode::from(2);
         }
     };
+    if !aoai_blob_batch::config::TEST_SWITCHES_COMPILED {
+        for name in [names::TEST_FAULT, names::TEST_HOOKS] {
+            if std::env::var_os(name).is_some() {
+                tracing::warn!(
+                    "setting {name} is for tests of a debug build; this release build ignores it"
+                );
+            }
+        }
+    }
     let port = match std::env::var(names::HANDLER_PORT)
         .ok()
         .map(|p| p.trim().parse::<u16>())

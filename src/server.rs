@@ -21,6 +21,7 @@ use tower_http::catch_panic::CatchPanicLayer;
 
 use crate::{
     app::{App, Journal, guarded, panic_message},
+    config::{TEST_SWITCHES_COMPILED, names},
     poll,
     protocol::{self, INVOCATION_ID_HEADER, InvocationRequest, InvocationResponse, StorageEvent},
     submit::{self, Intake},
@@ -35,7 +36,7 @@ pub fn router(app: Arc<App>) -> Router {
         .route("/", get(ready))
         .route("/function-trigger", post(function_trigger))
         .route("/function-timer", post(function_timer));
-    let router = if cfg!(debug_assertions) && test_hooks_enabled() {
+    let router = if TEST_SWITCHES_COMPILED && test_hooks_enabled() {
         tracing::warn!("test hooks are on (BATCH_TEST_HOOKS=1): the clock can be moved");
         router.route("/_test/clock", post(advance_clock))
     } else {
@@ -65,7 +66,7 @@ fn with_panic_boundary(router: Router) -> Router {
 }
 
 fn test_hooks_enabled() -> bool {
-    std::env::var("BATCH_TEST_HOOKS").is_ok_and(|v| v == "1")
+    std::env::var(names::TEST_HOOKS).is_ok_and(|v| v == "1")
 }
 
 #[derive(serde::Deserialize)]

@@ -391,7 +391,7 @@ async fn parts_staged_before_a_crash_are_removed_when_the_limits_changed() {
 
     // Redeployed with the default limits: the file is one batch, and the parts go.
     let healthy = Handler::start(env);
-    tokio::time::sleep(Duration::from_secs(3)).await; // the dead holder's 2 s lease
+    advance_clock(&healthy, 3).await; // past the dead holder's 2 s lease
     let (status, answer) = healthy.invoke("function-trigger", &event).await;
     assert_eq!(status, 200, "{:?}", answer.logs);
     let summary = eventually(Duration::from_secs(60), "summary", || async {

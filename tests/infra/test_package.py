@@ -163,3 +163,54 @@ def test_funcignore_keeps_sources_and_build_output_out() -> None:
         assert must in patterns, must
     for keep in allowed:
         assert not any(fnmatch.fnmatchcase(keep, p) for p in patterns), f".funcignore hides {keep}"
+
+
+@package_test
+def test_the_published_handler_ignores_the_test_switches(publish_dir: Path) -> None:
+    """A stray BATCH_TEST_FAULT in the app settings must not abort the deployed app, nor
+    BATCH_TEST_HOOKS open a route that moves its clock: the release build ignores both and
+    says so at start-up."""
+    import socket
+    import time
+    import urllib.error
+    import urllib.request
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    key = "Eby8vdM02xNOcqFlqUwJPLlmEtlCDXJ1OUzFT50uSRZ6IFsuFq2UVErCz4I6tq/K1SZFPTOtr/KBHBeksoGMGw=="
+    env = {
+        "PATH": os.environ.get("PATH", ""),
+        "FUNCTIONS_CUSTOMHANDLER_PORT": str(port),
+        "AZURE_OPENAI_ENDPOINT": "http://127.0.0.1:9",
+        "AZURE_OPENAI_API_KEY": "k",
+        "BATCH_STORAGE_CONNECTION_STRING": (
+            "DefaultEndpointsProtocol=http;AccountName=devstoreaccount1;"
+            f"AccountKey={key};BlobEndpoint=http://127.0.0.1:9/devstoreaccount1;"
+        ),
+        "BATCH_TEST_FAULT": "submit:after-claim",
+        "BATCH_TEST_HOOKS": "1",
+    }
+    proc = subprocess.Popen(
+        [str(publish_dir / "handler")], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
+    try:
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                urllib.request.urlopen(f"http://127.0.0.1:{port}/", timeout=2)
+                break
+            except (urllib.error.URLError, ConnectionError):
+                assert proc.poll() is None, "the handler exited"
+                assert time.monotonic() < deadline, "the handler did not answer GET /"
+                time.sleep(0.1)
+        request = urllib.request.Request(f"http://127.0.0.1:{port}/_test/clock?advance=60", method="POST")
+        with pytest.raises(urllib.error.HTTPError) as refused:
+            urllib.request.urlopen(request, timeout=5)
+        assert refused.value.code == 404
+    finally:
+        proc.terminate()
+        out, err = proc.communicate(timeout=10)
+    logs = out + err
+    assert "BATCH_TEST_FAULT is for tests of a debug build; this release build ignores it" in logs, logs
+    assert "BATCH_TEST_HOOKS is for tests of a debug build" in logs, logs
