@@ -8,7 +8,7 @@
 //!  workflows     poll (a timer tick) ──▶ harvest ──▶ submit ──▶ split ──▶ outputs
 //!                   (each a module of functions taking `&App`; the arrows are who calls whom)
 //!                   │
-//!  context       app (App: settings, clients, clock; Journal; StepError; fault points)
+//!  context       app (App: settings, clients, clock; Journal; StepError; guarded; fault points)
 //!                   │
 //!  job model     summary ──▶ jobs (records, their typed states and transitions, their store)
 //!                   │
