@@ -55,8 +55,9 @@ fn assert_accepted(out: &Output, what: &str) {
         "{what}: exit code\nstdout:\n{stdout}\nstderr:\n{}",
         text(&out.stderr)
     );
+    // Warnings (a placeholder model) may come first; the verdict is the last line.
     assert!(
-        stdout.starts_with("OK: "),
+        stdout.lines().last().is_some_and(|l| l.starts_with("OK: ")),
         "{what}: expected an OK verdict, got:\n{stdout}"
     );
 }
@@ -227,4 +228,37 @@ fn file_over_200_mb() {
     let f = write_lines((0..100_000).map(|i| request(i, &content)));
     let out = validate(f.path());
     assert_rejected(&out, "file: file_too_large", "210 MB");
+}
+
+#[test]
+fn the_samples_placeholder_model_is_warned_about_but_accepted() {
+    let out = validate(&PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("samples/test.jsonl"));
+    let stdout = text(&out.stdout);
+    assert_eq!(out.status.code(), Some(0), "{stdout}");
+    assert!(
+        stdout.starts_with("warning: body.model is the placeholder `REPLACE-WITH-"),
+        "{stdout}"
+    );
+    assert!(stdout.contains("OK: 3 requests"), "{stdout}");
+
+    let mut named = tempfile::NamedTempFile::new().unwrap();
+    let line = r#"{"custom_id":"a","method":"POST","url":"/chat/completions","body":{"model":"gpt-4o-mini","messages":[]}}"#;
+    writeln!(named, "{line}").unwrap();
+    let out = validate(named.path());
+    assert_eq!(out.status.code(), Some(0));
+    assert!(text(&out.stdout).contains("looks like a model's name"));
+
+    let mut deployment = tempfile::NamedTempFile::new().unwrap();
+    writeln!(
+        deployment,
+        "{}",
+        line.replace("gpt-4o-mini", "my-batch-deployment")
+    )
+    .unwrap();
+    let out = validate(deployment.path());
+    assert!(
+        !text(&out.stdout).contains("warning"),
+        "{}",
+        text(&out.stdout)
+    );
 }

@@ -52,7 +52,7 @@ mod test_support;
 mod validator;
 
 pub use parts::PartSpan;
-pub use print::print_report;
+pub use print::{model_warning, print_report};
 pub use validator::Validator;
 
 /// The service's limits for one input file.

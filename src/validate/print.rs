@@ -25,6 +25,9 @@ fn write_report(report: &Report, out: &mut impl std::io::Write) -> std::io::Resu
             plural(report.more_problems, "problem")
         )?;
     }
+    if let Some(warning) = report.model.as_deref().and_then(model_warning) {
+        writeln!(out, "warning: {warning}")?;
+    }
     if report.is_ok() {
         writeln!(
             out,
@@ -45,6 +48,30 @@ fn write_report(report: &Report, out: &mut impl std::io::Write) -> std::io::Resu
             report.bytes,
         )
     }
+}
+
+/// A warning when `body.model` is a placeholder, or looks like a model's name where the
+/// service wants a deployment's: the file is valid, but the batch would fail with
+/// `model_not_found` unless a deployment is really named so.
+pub fn model_warning(model: &str) -> Option<String> {
+    let lower = model.to_ascii_lowercase();
+    if lower.contains("replace-with") || lower.contains("your-deployment") || model.contains('<') {
+        return Some(format!(
+            "body.model is the placeholder `{model}`: replace it with the name of your batch \
+             deployment (GlobalBatch or DataZoneBatch) before uploading"
+        ));
+    }
+    let o_series = lower.len() > 1
+        && lower.starts_with('o')
+        && lower[1..].starts_with(|c: char| c.is_ascii_digit());
+    let model_like = lower.starts_with("gpt-") || lower.starts_with("text-embedding-") || o_series;
+    model_like.then(|| {
+        format!(
+            "body.model `{model}` looks like a model's name; the service wants the name of a \
+             batch deployment (GlobalBatch or DataZoneBatch) of your resource, and answers \
+             model_not_found otherwise. Ignore this if your deployment is named so."
+        )
+    })
 }
 
 fn plural(n: u64, word: &str) -> String {
@@ -93,5 +120,30 @@ mod tests {
         let text = String::from_utf8(out).unwrap();
         assert!(text.starts_with("file: empty_file: "), "{text}");
         assert!(text.contains("REJECTED: 1 problem "), "{text}");
+    }
+
+    #[test]
+    fn placeholders_and_model_names_are_warned_about_deployment_names_are_not() {
+        let placeholder = model_warning("REPLACE-WITH-MODEL-DEPLOYMENT-NAME").unwrap();
+        assert!(placeholder.contains("placeholder"), "{placeholder}");
+        for model in [
+            "gpt-4o-mini",
+            "GPT-4.1",
+            "o3-mini",
+            "o1",
+            "text-embedding-3-small",
+        ] {
+            let w = model_warning(model).unwrap_or_else(|| panic!("{model}"));
+            assert!(w.contains("looks like a model's name"), "{w}");
+        }
+        for deployment in [
+            "my-batch",
+            "batch-gpt4o",
+            "prod_summaries",
+            "o",
+            "openai-batch",
+        ] {
+            assert_eq!(model_warning(deployment), None, "{deployment}");
+        }
     }
 }
