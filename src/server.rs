@@ -16,7 +16,6 @@ use axum::{
     http::{HeaderMap, StatusCode},
     routing::{get, post},
 };
-
 use tower_http::catch_panic::CatchPanicLayer;
 
 use crate::{

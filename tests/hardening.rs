@@ -237,6 +237,8 @@ async fn a_blob_answered_without_an_etag_gets_no_job() {
     let store = azurite.store();
     let body = format!("{}\n", chat_line("e-1", "which version am I?"));
     upload_input(&store, "no-etag.jsonl", body.as_bytes()).await;
+    // Made here, not left to the handler's start (which runs it in the background).
+    store.ensure_container("batch-jobs").await.unwrap();
     let proxy = etag_stripping_proxy(azurite.port).await;
     let mut env = handler_env(&azurite, &emulator);
     for (k, v) in env.iter_mut() {
