@@ -96,17 +96,22 @@ async fn batches_per_input(emulator: &Emulator) -> HashMap<String, usize> {
     per
 }
 
-async fn batch_for(emulator: &Emulator, url: &str) -> Option<Batch> {
-    emulator
-        .batches()
-        .await
-        .into_iter()
-        .find(|b| b.input_blob.as_deref() == Some(url))
+/// The emulator's batches reading `url`, newest first.
+async fn batches_for(emulator: &Emulator, url: &str) -> Vec<Batch> {
+    let mut all = emulator.batches().await;
+    all.retain(|b| b.input_blob.as_deref() == Some(url));
+    all
 }
 
-/// Ticks until every input has `summary.json`; returns the number of ticks.
+async fn batch_for(emulator: &Emulator, url: &str) -> Option<Batch> {
+    batches_for(emulator, url).await.into_iter().next()
+}
+
+/// Ticks until every input has `summary.json`; returns the number of ticks. An emulator in
+/// manual mode gets one step of every active batch before each tick.
 async fn tick_until_summaries(
     handler: &Handler,
+    emulator: &Emulator,
     store: &BlobStore,
     inputs: &[Input],
     timeout: Duration,
@@ -114,6 +119,7 @@ async fn tick_until_summaries(
     let deadline = Instant::now() + timeout;
     let mut ticks = 0;
     loop {
+        let stepped = emulator.advance().await;
         let (status, answer) = handler.tick().await;
         assert_eq!(
             status, 200,
@@ -141,7 +147,17 @@ async fn tick_until_summaries(
             "after {ticks} ticks still no summary for {missing:?}; last tick: {:?}",
             answer.logs
         );
-        tokio::time::sleep(Duration::from_millis(150)).await;
+        // Stepped batches make the next round worth taking at once.
+        if stepped == 0 {
+            tokio::time::sleep(Duration::from_millis(150)).await;
+        }
+    }
+}
+
+impl Stack {
+    async fn tick_until_summaries(&self, inputs: &[Input], timeout: Duration) -> usize {
+        let store = self.azurite.store();
+        tick_until_summaries(&self.handler, &self.emulator, &store, inputs, timeout).await
     }
 }
 
@@ -294,13 +310,8 @@ async fn duplicates() {
     };
     let (submitted, took_over) = (said("submitted"), said("took over"));
     assert_eq!(submitted, 1, "one delivery created the batch");
-    tick_until_summaries(
-        &s.handler,
-        &store,
-        std::slice::from_ref(&input),
-        Duration::from_secs(30),
-    )
-    .await;
+    s.tick_until_summaries(std::slice::from_ref(&input), Duration::from_secs(30))
+        .await;
     // Late redeliveries after the job finished change nothing either.
     for _ in 0..5 {
         let (status, _) = s.handler.invoke("function-trigger", &payload).await;
@@ -404,7 +415,14 @@ async fn crash_at_every_fault_point() {
         let (status, answer) = healthy.invoke("function-trigger", &i.payload()).await;
         assert_eq!(status, 200, "{}: {:?}", i.name, answer.logs);
     }
-    tick_until_summaries(&healthy, &store, &inputs, Duration::from_secs(120)).await;
+    tick_until_summaries(
+        &healthy,
+        &emulator,
+        &store,
+        &inputs,
+        Duration::from_secs(120),
+    )
+    .await;
     let recovered_in = recovery.elapsed();
     // One more round of redeliveries and a tick: nothing changes.
     for i in &inputs {
@@ -469,7 +487,9 @@ async fn storm() {
         .await;
     let deliveries: usize = delivered.iter().map(|d| d.0).sum();
     let answered_5xx: usize = delivered.iter().map(|d| d.1).sum();
-    let ticks = tick_until_summaries(&s.handler, &store, &inputs, Duration::from_secs(120)).await;
+    let ticks = s
+        .tick_until_summaries(&inputs, Duration::from_secs(120))
+        .await;
     let (lines, lost) = assert_all_complete("storm", &store, &s.emulator, &inputs).await;
     let batches = s.emulator.batches().await.len();
     assert_eq!(batches, 50);
@@ -495,7 +515,8 @@ async fn storage_outage() {
     let dir = tempfile::tempdir().unwrap();
     let mut azurite = Azurite::start_persistent(dir.path(), 0);
     let port = azurite.port;
-    let emulator = Emulator::start(&azurite, &["--step-ms", "300", "--lines-per-step", "3"]);
+    // Manual steps: the batches are exactly half-way when storage goes.
+    let emulator = Emulator::start(&azurite, &["--step-ms", "0", "--lines-per-step", "3"]);
     let handler = Handler::start(handler_env(&azurite, &emulator));
     let store = azurite.store();
     let mut inputs = Vec::new();
@@ -515,12 +536,15 @@ async fn storage_outage() {
     }
     // One file is uploaded now but its event arrives during the outage.
     let late = upload(&store, "outage/late.jsonl", ids("late", 4)).await;
-    // Mid-job: the batches have answered some requests, not all.
-    eventually(Duration::from_secs(20), "batches half-way", || async {
-        let b = batch_for(&emulator, &inputs[0].url).await?;
-        (b.request_counts.completed > 0).then_some(())
-    })
-    .await;
+    // Mid-job: the batches have answered some requests, not all (in_progress, then 3 answers).
+    let stepped = emulator.step(None, 2).await;
+    assert_eq!(stepped.len(), inputs.len());
+    assert!(
+        stepped
+            .iter()
+            .all(|b| b.status == BatchStatus::InProgress && b.request_counts.completed == 3),
+        "{stepped:?}"
+    );
     let before: Vec<String> = emulator
         .batches()
         .await
@@ -533,8 +557,10 @@ async fn storage_outage() {
         azurite.proc.terminate(Duration::from_secs(20)).is_some(),
         "Azurite stops"
     );
-    // While storage is down: the event is answered 5xx (Event Grid redelivers later), and
-    // ticks answer 2xx, reporting faults, without losing anything.
+    // While storage is down: the emulator's steps cannot read the inputs (they change
+    // nothing), the event is answered 5xx (Event Grid redelivers later), and ticks answer
+    // 2xx, reporting faults, without losing anything.
+    emulator.advance().await;
     let (status, answer) = handler.invoke("function-trigger", &late.payload()).await;
     assert!(status >= 500, "{status}: {:?}", answer.logs);
     let mut outage_ticks = 0;
@@ -551,7 +577,14 @@ async fn storage_outage() {
 
     let (deliveries, _) = deliver_until_ok(&handler, &late, 20).await;
     inputs.push(late);
-    let ticks = tick_until_summaries(&handler, &store, &inputs, Duration::from_secs(60)).await;
+    let ticks = tick_until_summaries(
+        &handler,
+        &emulator,
+        &store,
+        &inputs,
+        Duration::from_secs(60),
+    )
+    .await;
     let (lines, lost) = assert_all_complete("outage", &store, &emulator, &inputs).await;
     let batches = emulator.batches().await.len();
     assert_eq!(batches, inputs.len());
@@ -569,8 +602,9 @@ async fn storage_outage() {
 
 #[tokio::test]
 async fn quota() {
-    // Room for one of these files at a time in the enqueued-token quota.
-    let s = stack(&["--step-ms", "200", "--enqueued-token-limit", "3000"], &[]);
+    // Room for one of these files at a time in the enqueued-token quota. Manual steps: no
+    // batch ends while the events are delivered.
+    let s = stack(&["--step-ms", "0", "--enqueued-token-limit", "3000"], &[]);
     let store = s.azurite.store();
     let started = Instant::now();
     let mut inputs = Vec::new();
@@ -593,7 +627,9 @@ async fn quota() {
         }
     }
     assert!(queued >= 2, "the quota was full: {queued} queued");
-    let ticks = tick_until_summaries(&s.handler, &store, &inputs, Duration::from_secs(90)).await;
+    let ticks = s
+        .tick_until_summaries(&inputs, Duration::from_secs(90))
+        .await;
     let (lines, lost) = assert_all_complete("quota", &store, &s.emulator, &inputs).await;
     let batches = s.emulator.batches().await.len();
     assert_eq!(batches, inputs.len());
@@ -625,13 +661,7 @@ async fn check_overwritten(
 ) -> (Batch, Batch) {
     let store = s.azurite.store();
     // Both versions share a URL: the emulator's list is newest first.
-    let all: Vec<Batch> = s
-        .emulator
-        .batches()
-        .await
-        .into_iter()
-        .filter(|b| b.input_blob.as_deref() == Some(old.url.as_str()))
-        .collect();
+    let all = batches_for(&s.emulator, &old.url).await;
     assert_eq!(all.len(), 2, "one batch per version: {all:?}");
     let (new_batch, old_batch) = (all[0].clone(), all[1].clone());
     assert_eq!(old_batch.status, BatchStatus::Failed);
@@ -691,11 +721,10 @@ async fn overwrite_setup(s: &Stack, path: &str) -> (Input, Input) {
     )
     .await;
     deliver_until_ok(&s.handler, &old, 3).await;
-    eventually(Duration::from_secs(20), "old job half-way", || async {
-        let b = batch_for(&s.emulator, &old.url).await?;
-        (b.request_counts.completed > 0).then_some(())
-    })
-    .await;
+    // The old job half-way: in_progress, two answers.
+    let old_batch = batch_for(&s.emulator, &old.url).await.unwrap();
+    let stepped = s.emulator.step(Some(&old_batch.id), 2).await;
+    assert_eq!(stepped[0].request_counts.completed, 2, "{stepped:?}");
     let new = upload(
         &store,
         &format!("{path}.jsonl"),
@@ -717,11 +746,12 @@ async fn summary_state(store: &BlobStore, path: &str) -> Option<(String, Option<
 
 #[tokio::test]
 async fn overwrite() {
-    let s = stack(&["--step-ms", "200", "--lines-per-step", "2"], &[]);
+    let s = stack(&["--step-ms", "0", "--lines-per-step", "2"], &[]);
     let store = s.azurite.store();
 
-    // 1. The timer ticks often: the old version's failed job is harvested while the new
-    //    one runs. Every summary.json seen on the way is recorded.
+    // 1. The timer ticks often (the batches take a step before each tick): the old
+    //    version's failed job is harvested while the new one runs. Every summary.json seen
+    //    on the way is recorded.
     let (old, new) = overwrite_setup(&s, "over/ticking").await;
     let mut seen = HashSet::new();
     let mut ticks = 0;
@@ -733,6 +763,7 @@ async fn overwrite() {
         .is_none()
     {
         assert!(ticks < 200, "the new version's job never finished");
+        s.emulator.advance().await;
         s.handler.tick().await;
         ticks += 1;
         if let Some(state) = summary_state(&store, new.path()).await {
@@ -748,22 +779,18 @@ async fn overwrite() {
     for k in 0..2 {
         pairs.push(overwrite_setup(&s, &format!("over/quiet-{k}")).await);
     }
+    // Enough steps for both versions' batches to end: the old ones fail at their next step,
+    // the new ones (6 lines, 2 a step) take five.
+    s.emulator.step(None, 5).await;
     for (old, _) in &pairs {
-        eventually(Duration::from_secs(30), "both batches ended", || async {
-            let mine: Vec<_> = s
-                .emulator
-                .batches()
-                .await
-                .into_iter()
-                .filter(|b| b.input_blob.as_deref() == Some(old.url.as_str()))
-                .collect();
-            (mine.len() == 2 && mine.iter().all(|b| b.status.is_terminal())).then_some(())
-        })
-        .await;
+        let mine = batches_for(&s.emulator, &old.url).await;
+        assert!(
+            mine.len() == 2 && mine.iter().all(|b| b.status.is_terminal()),
+            "both batches ended: {mine:?}"
+        );
     }
     let news: Vec<Input> = pairs.iter().map(|(_, n)| n.clone()).collect();
-    let quiet_ticks =
-        tick_until_summaries(&s.handler, &store, &news, Duration::from_secs(30)).await;
+    let quiet_ticks = s.tick_until_summaries(&news, Duration::from_secs(30)).await;
     s.handler.tick().await;
     for (old, new) in &pairs {
         check_overwritten(&s, old, new, &HashSet::new()).await;

@@ -148,9 +148,10 @@ async fn a_95_line_input_in_10_line_parts_tells_each_parts_fate() {
 
 #[tokio::test]
 async fn parts_are_submitted_as_quota_allows() {
-    // About one 10-line part fits in the quota at a time.
+    // About one 10-line part fits in the quota at a time. Manual steps: the first part still
+    // holds the quota when the others are submitted.
     let s = Stack::start(
-        &["--step-ms", "100", "--enqueued-token-limit", "1500"],
+        &["--step-ms", "0", "--enqueued-token-limit", "1500"],
         &[("BATCH_SPLIT_MAX_REQUESTS", "10")],
     );
     let logs = s.submit("quota.jsonl", &input(30, &[])).await.logs;

@@ -6,6 +6,7 @@ mod support;
 
 use std::time::Duration;
 
+use aoai_blob_batch::openai::BatchStatus;
 use futures::TryStreamExt;
 use serde_json::Value;
 use support::*;
@@ -199,16 +200,14 @@ async fn a_failed_batch_reports_the_service_errors() {
 
 #[tokio::test]
 async fn a_cancelled_batch_keeps_its_partial_results() {
-    let s = stack(&["--step-ms", "400", "--lines-per-step", "2"]);
+    // Manual steps: the batch is exactly where the test put it when the cancel comes.
+    let s = stack(&["--step-ms", "0", "--lines-per-step", "2"]);
     s.submit("cancel.jsonl", &lines(30, "c")).await;
     let client = s.emulator.client();
     let id = s.emulator.batches().await[0].id.clone();
-    // Wait until some lines are done, then cancel.
-    eventually(Duration::from_secs(30), "progress", || async {
-        let b = client.retrieve(&id).await.ok()?;
-        (b.request_counts.completed > 0).then_some(())
-    })
-    .await;
+    // Two steps (in_progress, then two answers), then cancel.
+    let stepped = s.emulator.step(Some(&id), 2).await;
+    assert_eq!(stepped[0].request_counts.completed, 2, "{stepped:?}");
     client.cancel(&id).await.unwrap();
     let summary = s.harvest("cancel", Duration::from_secs(30)).await;
     assert_eq!(summary["status"], "cancelled", "{summary}");
@@ -219,6 +218,7 @@ async fn a_cancelled_batch_keeps_its_partial_results() {
         answered > 0 && answered < 30,
         "partial results kept: {answered}"
     );
+    assert_eq!(answered, 2, "the answers given before the cancel");
     assert_eq!(
         summary["lines_without_result"].as_u64().unwrap() as usize,
         30 - answered
@@ -228,17 +228,15 @@ async fn a_cancelled_batch_keeps_its_partial_results() {
 #[tokio::test]
 async fn an_expired_batch_keeps_its_partial_results() {
     let s = stack_env(
-        &[
-            "--step-ms",
-            "300",
-            "--lines-per-step",
-            "2",
-            "--expire-after-ms",
-            "1500",
-        ],
+        &["--step-ms", "0", "--lines-per-step", "2"],
         &[("BATCH_RESUBMIT_EXPIRED", "false")],
     );
     s.submit("slow.jsonl", &lines(30, "e")).await;
+    // In progress with six answers when the completion window ends.
+    let id = s.emulator.batches().await[0].id.clone();
+    s.emulator.step(Some(&id), 4).await;
+    let expired = s.emulator.expire(&id).await;
+    assert_eq!(expired.status, BatchStatus::Expired, "{expired:?}");
     let summary = s.harvest("slow", Duration::from_secs(30)).await;
     assert_eq!(summary["status"], "expired", "{summary}");
     let merged = s.merged("slow").await;
@@ -248,6 +246,7 @@ async fn an_expired_batch_keeps_its_partial_results() {
         answered > 0 && answered < 30,
         "partial results kept: {answered}"
     );
+    assert_eq!(answered, 6, "the answers given before the expiry");
     assert_eq!(
         summary["request_counts"]["completed"].as_u64().unwrap() as usize,
         answered
@@ -265,21 +264,24 @@ async fn an_expired_batch_keeps_its_partial_results() {
 
 #[tokio::test]
 async fn requests_an_expired_batch_left_are_resubmitted_and_folded_in() {
-    // Each batch expires after about five steps of five lines: 30 lines need a follow-up.
-    let s = stack(&[
-        "--step-ms",
-        "300",
-        "--lines-per-step",
-        "5",
-        "--expire-after-ms",
-        "1600",
-    ]);
+    // The first batch expires after four steps of five lines: its last 10 lines need a
+    // follow-up, which then runs to its end.
+    let s = stack(&["--step-ms", "0", "--lines-per-step", "5"]);
     s.submit("followup.jsonl", &lines(30, "u")).await;
+    let first = s.emulator.batches().await[0].id.clone();
+    s.emulator.step(Some(&first), 5).await;
+    let expired = s.emulator.expire(&first).await;
+    assert_eq!(expired.request_counts.completed, 20, "{expired:?}");
     let summary = s.harvest("followup", Duration::from_secs(60)).await;
     let batches = s.emulator.batches().await;
     assert!(
         batches.len() >= 2,
         "a follow-up batch was created: {batches:?}"
+    );
+    assert_eq!(
+        batches.len(),
+        2,
+        "one follow-up answers the rest: {batches:?}"
     );
     assert_eq!(
         summary["rounds"].as_array().unwrap().len(),
@@ -298,9 +300,8 @@ async fn requests_an_expired_batch_left_are_resubmitted_and_folded_in() {
         answered > 20,
         "the follow-up answered what the first batch left: {answered}"
     );
-    if summary["status"] == "completed" {
-        assert_eq!(answered, 30);
-    }
+    assert_eq!(summary["status"], "completed", "{summary}");
+    assert_eq!(answered, 30);
     // results.jsonl holds each answered request once, across rounds.
     let results = read_text(&s.azurite.store(), "batch-output", "followup/results.jsonl")
         .await
@@ -355,8 +356,9 @@ async fn a_file_nobody_announced_is_found_by_the_sweep() {
 
 #[tokio::test]
 async fn over_quota_inputs_wait_and_then_complete() {
-    // Room for one of these files at a time in the emulator's enqueued-token quota.
-    let s = stack(&["--step-ms", "200", "--enqueued-token-limit", "3000"]);
+    // Room for one of these files at a time in the emulator's enqueued-token quota. Manual
+    // steps: the first batch still holds the quota when the second file comes.
+    let s = stack(&["--step-ms", "0", "--enqueued-token-limit", "3000"]);
     let a = lines(20, "a");
     let b = lines(20, "b");
     s.submit("quota-a.jsonl", &a).await;

@@ -12,7 +12,9 @@ import subprocess
 import threading
 import time
 from pathlib import Path
-from urllib.parse import urlparse
+import urllib.error
+import urllib.request
+from urllib.parse import urlencode, urlparse
 
 import openai
 from azure.storage.blob import BlobServiceClient
@@ -139,6 +141,18 @@ class Emulator(Service):
     def v1(self, **options) -> openai.OpenAI:
         """The `/openai/v1/` style: the plain OpenAI client pointed at the resource."""
         return openai.OpenAI(base_url=f"{self.endpoint}/openai/v1/", api_key=API_KEY, **options)
+
+    def control(self, what: str, **query) -> tuple[int, dict]:
+        """POSTs to the test control `/_emulator/{what}` (step, expire); (status, body)."""
+        url = f"{self.endpoint}/_emulator/{what}"
+        if query:
+            url += "?" + urlencode(query)
+        request = urllib.request.Request(url, data=b"", method="POST")
+        try:
+            with urllib.request.urlopen(request, timeout=30) as response:
+                return response.status, json.loads(response.read())
+        except urllib.error.HTTPError as e:
+            return e.code, json.loads(e.read())
 
 
 def chat_line(

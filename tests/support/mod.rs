@@ -168,16 +168,25 @@ impl Stack {
         }
     }
 
-    /// Ticks until `batch-output/{path}/summary.json` appears; returns it.
+    /// Ticks until `batch-output/{path}/summary.json` appears; returns it. An emulator in
+    /// manual mode (`--step-ms 0`) gets one step of every active batch before each tick.
     pub async fn harvest(&self, path: &str, timeout: Duration) -> Value {
         let store = self.azurite.store();
-        let summary = format!("{path}/summary.json");
-        eventually(timeout, &summary, || async {
+        let name = format!("{path}/summary.json");
+        let deadline = Instant::now() + timeout;
+        loop {
+            let stepped = self.emulator.advance().await;
             let (status, answer) = self.handler.tick().await;
             assert_eq!(status, 200, "{:?}", answer.logs);
-            read_json(&store, "batch-output", &summary).await
-        })
-        .await
+            if let Some(summary) = read_json(&store, "batch-output", &name).await {
+                return summary;
+            }
+            assert!(Instant::now() < deadline, "timed out waiting for {name}");
+            // Stepped batches make the next round worth taking at once.
+            if stepped == 0 {
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        }
     }
 }
 

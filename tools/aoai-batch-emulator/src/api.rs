@@ -48,6 +48,9 @@ pub fn router(state: AppState) -> Router {
             "/openai",
             batches().route_layer(middleware::from_fn_with_state(state.clone(), gate_classic)),
         )
+        // Test control, outside the Azure API's paths and its gate (no key, no faults).
+        .route("/_emulator/step", post(control_step))
+        .route("/_emulator/expire", post(control_expire))
         .fallback(resource_not_found)
         .method_not_allowed_fallback(method_not_allowed)
         .layer(middleware::from_fn(log_request))
@@ -202,6 +205,23 @@ fn query_value(query: Option<&str>, name: &str) -> Option<String> {
     url.query_pairs()
         .find(|(k, _)| k == name)
         .map(|(_, v)| v.into_owned())
+}
+
+/// The integer query parameter `name`, `default` when absent; `Err` with its text when it is
+/// not a number in `range`.
+fn int_param(
+    query: Option<&str>,
+    name: &str,
+    default: usize,
+    range: std::ops::RangeInclusive<usize>,
+) -> Result<usize, String> {
+    match query_value(query, name) {
+        None => Ok(default),
+        Some(text) => match text.parse() {
+            Ok(n) if range.contains(&n) => Ok(n),
+            _ => Err(text),
+        },
+    }
 }
 
 async fn resource_not_found() -> ApiError {
@@ -447,27 +467,76 @@ fn not_found(id: &str) -> ApiError {
     )
 }
 
+/// The test controls answer only in manual mode: otherwise the batches move by themselves.
+fn manual_only(state: &AppState) -> Result<(), ApiError> {
+    if state.registry.manual() {
+        Ok(())
+    } else {
+        Err(ApiError::new(
+            StatusCode::CONFLICT,
+            "not_manual",
+            "This emulator steps its batches by itself (--step-ms N); start it with \
+             --step-ms 0 to step them with this call.",
+            None,
+        ))
+    }
+}
+
+/// `POST /_emulator/step[?id=ID][&steps=N]`: N (default 1) lifecycle steps of batch ID, or of
+/// every batch active when the call came (oldest first, one step each per round); answers
+/// once they are done, with those batches as they are then.
+async fn control_step(
+    State(state): State<AppState>,
+    RawQuery(query): RawQuery,
+) -> Result<Response, ApiError> {
+    manual_only(&state)?;
+    let q = query.as_deref();
+    let steps = int_param(q, "steps", 1, 1..=1000).map_err(|_| {
+        ApiError::bad_request("invalid_steps", "steps must be 1 to 1000.", Some("steps"))
+    })?;
+    let ids = match query_value(q, "id") {
+        Some(id) if state.registry.get(&id).is_none() => return Err(not_found(&id)),
+        Some(id) => vec![id],
+        None => state.registry.active_ids(),
+    };
+    for _ in 0..steps {
+        for id in &ids {
+            state.registry.step(id, false).await;
+        }
+    }
+    let data: Vec<Batch> = ids.iter().filter_map(|id| state.registry.get(id)).collect();
+    Ok(Json(json!({"object": "list", "data": data})).into_response())
+}
+
+/// `POST /_emulator/expire?id=ID`: one step of batch ID taken as if its completion window
+/// ended now; answers with the batch once the step is done.
+async fn control_expire(
+    State(state): State<AppState>,
+    RawQuery(query): RawQuery,
+) -> Result<Response, ApiError> {
+    manual_only(&state)?;
+    let id = query_value(query.as_deref(), "id")
+        .ok_or_else(|| ApiError::bad_request("missing_id", "id is required.", Some("id")))?;
+    let batch = state
+        .registry
+        .step(&id, true)
+        .await
+        .ok_or_else(|| not_found(&id))?;
+    Ok(Json(batch).into_response())
+}
+
 async fn list(
     State(state): State<AppState>,
     RawQuery(query): RawQuery,
 ) -> Result<Response, ApiError> {
     let q = query.as_deref();
-    let limit = match query_value(q, "limit") {
-        None => 20,
-        Some(text) => text
-            .parse::<usize>()
-            .ok()
-            .filter(|n| (1..=100).contains(n))
-            .ok_or_else(|| {
-                ApiError::bad_request(
-                    "invalid_value",
-                    format!(
-                        "Invalid value for 'limit': '{text}'. It must be an integer from 1 to 100."
-                    ),
-                    Some("limit"),
-                )
-            })?,
-    };
+    let limit = int_param(q, "limit", 20, 1..=100).map_err(|text| {
+        ApiError::bad_request(
+            "invalid_value",
+            format!("Invalid value for 'limit': '{text}'. It must be an integer from 1 to 100."),
+            Some("limit"),
+        )
+    })?;
     let after = query_value(q, "after").filter(|a| !a.is_empty());
     // The classic preview also takes OData `$orderby=created_at asc|desc`; newest first otherwise.
     let ascending = match query_value(q, "$orderby").map(|o| o.to_ascii_lowercase()) {

@@ -12,6 +12,7 @@ use std::{
 
 use aoai_blob_batch::storage::{BlobStore, StorageError};
 use serde::Serialize;
+use tokio::sync::{mpsc, oneshot};
 
 use crate::{
     input::{self, Api, BatchError, InputSummary},
@@ -110,7 +111,8 @@ pub fn now() -> i64 {
 pub struct Settings {
     /// Deployment names that exist; empty means any model name does.
     pub deployments: Vec<String>,
-    pub step: Duration,
+    /// Time between two lifecycle steps; `None`: only when stepped (`--step-ms 0`).
+    pub step: Option<Duration>,
     pub expire_after: Option<Duration>,
     pub enqueued_token_limit: Option<u64>,
     pub line_failure_rate: f64,
@@ -154,6 +156,8 @@ struct Entry {
     /// The deployment and estimated tokens the job holds against the quota while active.
     model: Option<String>,
     tokens: u64,
+    /// Where step requests for the batch's lifecycle go, in manual mode.
+    stepper: Option<mpsc::UnboundedSender<lifecycle::StepRequest>>,
 }
 
 #[derive(Default)]
@@ -241,6 +245,13 @@ impl Registry {
             input_blob: new.input_blob.clone(),
             output_blob: String::new(),
         };
+        let (pace, stepper) = match self.settings.step {
+            Some(period) => (lifecycle::Pace::Every(period), None),
+            None => {
+                let (tx, rx) = mpsc::unbounded_channel();
+                (lifecycle::Pace::Manual(rx), Some(tx))
+            }
+        };
         let enqueued_tokens = {
             let mut inner = self.lock();
             let enqueued: u64 = match &model {
@@ -267,6 +278,7 @@ impl Registry {
                     batch: batch.clone(),
                     model,
                     tokens,
+                    stepper,
                 },
             );
             enqueued + tokens
@@ -280,12 +292,55 @@ impl Registry {
             output: new.output,
             started: Instant::now(),
         };
-        tokio::spawn(lifecycle::run(self.clone(), job));
+        tokio::spawn(lifecycle::run(self.clone(), job, pace));
         Ok(Created {
             batch,
             enqueued_tokens,
             token_limit: self.settings.enqueued_token_limit,
         })
+    }
+
+    /// Whether batches move only when stepped (`--step-ms 0`).
+    pub fn manual(&self) -> bool {
+        self.settings.step.is_none()
+    }
+
+    /// The batches not yet in a terminal state, oldest first.
+    pub fn active_ids(&self) -> Vec<String> {
+        let inner = self.lock();
+        inner
+            .order
+            .iter()
+            .filter(|id| {
+                inner
+                    .batches
+                    .get(*id)
+                    .is_some_and(|e| !e.batch.status.is_terminal())
+            })
+            .cloned()
+            .collect()
+    }
+
+    /// Manual mode: moves the batch one lifecycle step (with `expire`, as if its completion
+    /// window ended now) and answers once the step is done. A batch in a terminal state stays
+    /// as it is. `None`: no such batch.
+    pub async fn step(&self, id: &str, expire: bool) -> Option<Batch> {
+        let (stepper, terminal) = {
+            let inner = self.lock();
+            let entry = inner.batches.get(id)?;
+            (entry.stepper.clone(), entry.batch.status.is_terminal())
+        };
+        if let (Some(stepper), false) = (stepper, terminal) {
+            let (done, stepped) = oneshot::channel();
+            // The lifecycle ends once the batch is terminal; then nothing waits for requests.
+            if stepper
+                .send(lifecycle::StepRequest { expire, done })
+                .is_ok()
+            {
+                let _ = stepped.await;
+            }
+        }
+        self.get(id)
     }
 
     pub fn get(&self, id: &str) -> Option<Batch> {

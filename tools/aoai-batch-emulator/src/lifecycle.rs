@@ -1,15 +1,22 @@
-//! One task per batch moves it through the documented states, one step per `--step-ms`:
+//! One task per batch moves it through the documented states, one step per `--step-ms` (or,
+//! with `--step-ms 0`, one step per [`StepRequest`]):
 //! `validating → in_progress → (a few steps of requests) → finalizing → completed`, with the
 //! branches `failed`, `cancelling → cancelled` and `expired`.
 //!
 //! `in_progress` answers a bounded number of requests per step so that a cancel or an expiry
 //! can catch a job half-way; what was answered by then is kept, as the service does.
 
-use std::{sync::Arc, time::Instant};
+use std::{
+    sync::Arc,
+    time::{Duration, Instant},
+};
 
 use aoai_blob_batch::storage::StorageError;
 use serde_json::Value;
-use tokio::time::MissedTickBehavior;
+use tokio::{
+    sync::{mpsc, oneshot},
+    time::MissedTickBehavior,
+};
 
 use crate::{
     batches::{ErrorList, Registry, Status, now},
@@ -53,27 +60,57 @@ enum StepError {
     Output(StorageError),
 }
 
-pub async fn run(reg: Arc<Registry>, job: Job) {
-    let period = reg.settings.step;
-    let mut ticker = tokio::time::interval_at(tokio::time::Instant::now() + period, period);
-    ticker.set_missed_tick_behavior(MissedTickBehavior::Delay);
+/// What moves a batch on.
+pub enum Pace {
+    /// A step every period.
+    Every(Duration),
+    /// A step per request (`--step-ms 0`).
+    Manual(mpsc::UnboundedReceiver<StepRequest>),
+}
+
+/// A test's request for one step of a batch.
+pub struct StepRequest {
+    /// Take this step as if the completion window had ended.
+    pub expire: bool,
+    /// Told once the step is done.
+    pub done: oneshot::Sender<()>,
+}
+
+pub async fn run(reg: Arc<Registry>, job: Job, pace: Pace) {
     let mut progress = Progress::default();
-    loop {
-        ticker.tick().await;
-        if let Flow::Done = step(&reg, &job, &mut progress).await {
-            return;
+    match pace {
+        Pace::Every(period) => {
+            let start = tokio::time::Instant::now() + period;
+            let mut ticker = tokio::time::interval_at(start, period);
+            ticker.set_missed_tick_behavior(MissedTickBehavior::Delay);
+            loop {
+                ticker.tick().await;
+                if let Flow::Done = step(&reg, &job, &mut progress, false).await {
+                    return;
+                }
+            }
+        }
+        Pace::Manual(mut requests) => {
+            while let Some(request) = requests.recv().await {
+                let flow = step(&reg, &job, &mut progress, request.expire).await;
+                let _ = request.done.send(());
+                if let Flow::Done = flow {
+                    return;
+                }
+            }
         }
     }
 }
 
-async fn step(reg: &Registry, job: &Job, p: &mut Progress) -> Flow {
+async fn step(reg: &Registry, job: &Job, p: &mut Progress, expire: bool) -> Flow {
     let Some(status) = reg.status(&job.id) else {
         return Flow::Done;
     };
-    let expired = reg
-        .settings
-        .expire_after
-        .is_some_and(|limit| job.started.elapsed() >= limit);
+    let expired = expire
+        || reg
+            .settings
+            .expire_after
+            .is_some_and(|limit| job.started.elapsed() >= limit);
     match status {
         Status::Cancelling => finish(reg, job, p, Status::Cancelled).await,
         Status::Validating => {

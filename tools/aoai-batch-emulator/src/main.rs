@@ -4,7 +4,8 @@
 //! It serves the documented batch endpoints (classic `?api-version=` and `/openai/v1/`),
 //! reads the input blob from the storage account it is given (Azurite in tests), validates it
 //! as the service does, and writes `results.jsonl` / `errors.jsonl` into the output folder,
-//! moving each batch through the documented states one step at a time.
+//! moving each batch through the documented states one step at a time (every `--step-ms`, or,
+//! with `--step-ms 0`, when a test asks for the step).
 //!
 //! Batches live in memory: a restart forgets them.
 
@@ -50,8 +51,9 @@ struct Cli {
     #[arg(long = "deployment", value_name = "NAME")]
     deployments: Vec<String>,
 
-    /// Time between two lifecycle steps of a batch, in milliseconds.
-    #[arg(long, default_value_t = 1000, value_parser = clap::value_parser!(u64).range(1..))]
+    /// Time between two lifecycle steps of a batch, in milliseconds. 0: batches move only
+    /// when a test steps them with `POST /_emulator/step` (a test control, see the README).
+    #[arg(long, default_value_t = 1000)]
     step_ms: u64,
 
     /// Requests answered per `in_progress` step; default: a third of the batch (at least 1).
@@ -132,7 +134,7 @@ async fn main() -> anyhow::Result<()> {
 
     let settings = Settings {
         deployments: cli.deployments,
-        step: Duration::from_millis(cli.step_ms),
+        step: (cli.step_ms > 0).then(|| Duration::from_millis(cli.step_ms)),
         expire_after: cli.expire_after_ms.map(Duration::from_millis),
         enqueued_token_limit: cli.enqueued_token_limit,
         line_failure_rate: cli.line_failure_rate,

@@ -243,6 +243,9 @@ impl Azurite {
 pub struct Emulator {
     pub proc: Proc,
     pub port: u16,
+    /// Started with `--step-ms 0`: batches move only when stepped.
+    pub manual: bool,
+    http: reqwest::Client,
 }
 
 impl Emulator {
@@ -259,8 +262,16 @@ impl Emulator {
         cmd.args(["--listen", "127.0.0.1:0", "--storage-connection-string"])
             .arg(connection_string);
         adjust(&mut cmd);
+        let args: Vec<&OsStr> = cmd.get_args().collect();
+        let manual = args.contains(&OsStr::new("--step-ms=0"))
+            || args.windows(2).any(|w| w[0] == "--step-ms" && w[1] == "0");
         let (proc, port) = listening("the batch emulator", cmd, options, "listening on http://")?;
-        Ok(Emulator { proc, port })
+        Ok(Emulator {
+            proc,
+            port,
+            manual,
+            http: reqwest::Client::new(),
+        })
     }
 
     /// The emulator against `azurite`, deployment [`DEPLOYMENT`], with `extra` arguments.
@@ -290,6 +301,57 @@ impl Emulator {
             Auth::ApiKey(Secret::new(API_KEY)),
             RetryConfig::default(),
         )
+    }
+
+    /// Manual mode: `steps` lifecycle steps of batch `id`, or of every batch active now (one
+    /// step each per round), through the emulator's test control `POST /_emulator/step`.
+    /// Returns once they are done, with those batches as they are then.
+    ///
+    /// # Panics
+    /// When the emulator refuses (not in manual mode, no such batch).
+    pub async fn step(&self, id: Option<&str>, steps: u32) -> Vec<Batch> {
+        let mut query = vec![("steps", steps.to_string())];
+        query.extend(id.map(|id| ("id", id.to_string())));
+        let mut page = self.control("step", &query).await;
+        serde_json::from_value(page["data"].take()).expect("a list of batches")
+    }
+
+    /// Manual mode: one step of batch `id` taken as if its completion window ended now
+    /// (`POST /_emulator/expire`): it becomes `expired` with the answers it has (a batch
+    /// already `finalizing` completes). Returns the batch after the step.
+    pub async fn expire(&self, id: &str) -> Batch {
+        let batch = self.control("expire", &[("id", id.to_string())]).await;
+        serde_json::from_value(batch).expect("a batch")
+    }
+
+    /// One step of every active batch in manual mode; nothing otherwise. For loops that wait
+    /// on the handler while the batches run their course. Returns how many batches it
+    /// stepped: while there are some, such a loop need not sleep between rounds.
+    pub async fn advance(&self) -> usize {
+        if self.manual {
+            self.step(None, 1).await.len()
+        } else {
+            0
+        }
+    }
+
+    async fn control(&self, what: &str, query: &[(&str, String)]) -> Value {
+        let mut url =
+            url::Url::parse(&format!("{}/_emulator/{what}", self.endpoint())).expect("a URL");
+        url.query_pairs_mut().extend_pairs(query);
+        let resp = self
+            .http
+            .post(url)
+            .send()
+            .await
+            .unwrap_or_else(|e| panic!("the emulator's {what} control: {e}"));
+        let status = resp.status();
+        let body: Value = resp.json().await.unwrap_or_default();
+        assert!(
+            status.is_success(),
+            "the emulator refused {what} {query:?}: {status} {body}"
+        );
+        body
     }
 
     /// Every batch the emulator holds, newest first.
