@@ -414,3 +414,65 @@ async fn a_blob_whose_copy_is_pending_waits_for_the_sweep() {
          batches; next tick after the copy -> 1 batch"
     );
 }
+
+/// Runs the handler with only `env`; returns its exit code and stderr, or `None` when it is
+/// still running (serving) after `wait`, in which case it is stopped.
+fn start_up(env: &[(&str, &str)], wait: std::time::Duration) -> Option<(i32, String)> {
+    use std::process::{Command, Stdio};
+    let mut child = Command::new(env!("CARGO_BIN_EXE_handler"))
+        .env_clear()
+        .envs(env.iter().copied())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let deadline = std::time::Instant::now() + wait;
+    while std::time::Instant::now() < deadline {
+        if let Some(status) = child.try_wait().unwrap() {
+            let mut stderr = String::new();
+            std::io::Read::read_to_string(&mut child.stderr.take().unwrap(), &mut stderr).unwrap();
+            return Some((status.code().unwrap_or(-1), stderr));
+        }
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    let _ = child.kill();
+    let _ = child.wait();
+    None
+}
+
+#[test]
+fn an_api_version_without_blob_batches_stops_start_up() {
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+        .to_string();
+    let cs = format!(
+        "AccountName={ACCOUNT};AccountKey={ACCOUNT_KEY};BlobEndpoint=http://127.0.0.1:1/{ACCOUNT}"
+    );
+    // The latest GA version: it has Batch, but its create takes `input_file_id` only.
+    let env = [
+        ("AZURE_OPENAI_ENDPOINT", "http://127.0.0.1:1"),
+        ("BATCH_STORAGE_CONNECTION_STRING", cs.as_str()),
+        ("FUNCTIONS_CUSTOMHANDLER_PORT", port.as_str()),
+        ("AZURE_OPENAI_API_VERSION", "2024-10-21"),
+    ];
+    let (code, stderr) = start_up(&env, std::time::Duration::from_secs(10))
+        .expect("start-up accepted AZURE_OPENAI_API_VERSION=2024-10-21 and served");
+    assert_ne!(code, 0);
+    let lines: Vec<&str> = stderr.lines().collect();
+    assert_eq!(lines.len(), 1, "{stderr}");
+    for needle in [
+        "AZURE_OPENAI_API_VERSION",
+        "2024-10-21",
+        "2025-04-01-preview",
+        "v1",
+    ] {
+        assert!(lines[0].contains(needle), "{needle}: {stderr}");
+    }
+    println!(
+        "FIGURE api-version: 2024-10-21 -> exit {code}: {}",
+        lines[0]
+    );
+}
