@@ -3,12 +3,17 @@
 //! - Hierarchical-namespace (ADLS Gen2) accounts: their events name the blob on the account's
 //!   `dfs` endpoint, and announce a file twice, `CreateFile` (empty) then `FlushWithClose`; a
 //!   `CopyBlob` event may come while the copy still runs.
+//! - API versions: a dated version whose Batch create takes no `input_blob` works against the
+//!   emulator and never on Azure, so start-up refuses it.
+//! - Ids in paths: sent as the service wrote them, not with unreserved characters encoded (a
+//!   server or proxy that does not normalise would not find the batch).
 //!
 //! Azurite serves one endpoint on an IP address, so a host-style account
 //! (`devstoreaccount1.blob.core.windows.net`) is reached through [`Proxy`], a recording HTTP
 //! proxy the handler and the emulator are given as `HTTP_PROXY`: it forwards the account's
 //! requests to Azurite and answers anything else 502, after writing down every request, so a
-//! test sees which hosts and blobs the handler touched.
+//! test sees which hosts and blobs the handler touched. In front of the emulator, as the Azure
+//! OpenAI endpoint, it shows the paths exactly as the handler sent them.
 
 mod support;
 
@@ -475,4 +480,46 @@ fn an_api_version_without_blob_batches_stops_start_up() {
         "FIGURE api-version: 2024-10-21 -> exit {code}: {}",
         lines[0]
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn retrieve_names_the_batch_as_the_service_wrote_its_id() {
+    let azurite = Azurite::start();
+    let emulator = Emulator::start(&azurite, &["--step-ms", "60000"]);
+    // The proxy as the Azure OpenAI endpoint: it forwards to the emulator what it was sent,
+    // byte for byte, and writes it down.
+    let proxy = Proxy::start(&[], Some(emulator.endpoint())).await;
+    let mut env = handler_env(&azurite, &emulator);
+    for (k, v) in env.iter_mut() {
+        if k == "AZURE_OPENAI_ENDPOINT" {
+            *v = proxy.url();
+        }
+    }
+    let handler = Handler::start(env);
+    let store = azurite.store();
+    let content = body(&["a"]);
+    let (url, etag) = upload_input(&store, "ids.jsonl", &content).await;
+    let event = blob_created_event(&url, &etag, content.len() as u64);
+    let (status, answer) = handler
+        .invoke("function-trigger", &trigger_payload(event))
+        .await;
+    assert_eq!(status, 200, "{:?}", answer.logs);
+    let id = emulator.batches().await[0].id.clone();
+    // `batch_<uuid>`: `_` and `-`, both unreserved (RFC 3986 §2.3).
+    assert!(id.contains('_') && id.contains('-'), "{id}");
+
+    let (status, answer) = handler.tick().await;
+    assert_eq!(status, 200, "{:?}", answer.logs);
+    let retrieves: Vec<String> = proxy
+        .seen()
+        .into_iter()
+        .filter(|r| r.method == "GET" && r.target.starts_with("/openai/batches/"))
+        .map(|r| r.target)
+        .collect();
+    let expected = format!("/openai/batches/{id}?api-version=2025-04-01-preview");
+    assert!(
+        retrieves.contains(&expected),
+        "retrieve sent {retrieves:?}, not {expected}"
+    );
+    println!("FIGURE ids: retrieve of {id} sent as GET {expected}");
 }
