@@ -55,7 +55,11 @@ param modelSku string = 'GlobalBatch'
 @minValue(1)
 param modelCapacity int = 50
 
-@description('Azure OpenAI data-plane API version the handler uses (`v1` selects /openai/v1/).')
+@description('Azure OpenAI data-plane API version the handler uses (`v1` selects /openai/v1/). Only these create batches from Blob Storage (`input_blob`); the handler refuses any other at start-up.')
+@allowed([
+  '2025-04-01-preview'
+  'v1'
+])
 param openAiApiVersion string = '2025-04-01-preview'
 
 @description('NCRONTAB schedule of function-timer: poll jobs, harvest results, sweep missed inputs.')

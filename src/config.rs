@@ -41,6 +41,23 @@ pub const TEST_SWITCHES_COMPILED: bool = cfg!(debug_assertions);
 
 pub const DEFAULT_API_VERSION: &str = "2025-04-01-preview";
 
+/// The dated api-versions whose Batch create reads its input from a blob (`input_blob`) and
+/// writes to a folder (`output_folder`), per the REST specs in Azure/azure-rest-api-specs,
+/// `specification/cognitiveservices/data-plane/AzureOpenAI/authoring/` (Batch lives in the
+/// authoring spec; the inference spec has none):
+/// - `preview/2025-04-01-preview/azureopenai.json`: `BatchCreateRequest` has `input_blob` and
+///   `output_folder` (`BatchOutputReference`), `input_file_id` is no longer required;
+///   `examples/post_batch_blob.json` creates a batch from a blob;
+/// - `stable/2024-10-21/azureopenai.json` (the latest GA version) and
+///   `preview/2025-03-01-preview/azureopenai.json`: `BatchCreateRequest` requires
+///   `input_file_id` and has no blob fields, nor had the versions before them (Batch came in
+///   2024-07-01-preview). Azure answers such a create with an error; our emulator does not.
+///
+/// No dated version came after 2025-04-01-preview: the v1 API (`v1`, `/openai/v1/batches`)
+/// followed, and takes the same fields (the blob storage how-to's REST sample,
+/// https://learn.microsoft.com/azure/ai-foundry/openai/how-to/batch-blob-storage).
+pub const BLOB_BATCH_API_VERSIONS: &[&str] = &["2025-04-01-preview"];
+
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum ConfigError {
     #[error("setting {name} is required: {hint}")]
@@ -50,6 +67,9 @@ pub enum ConfigError {
     },
     #[error("setting {name} is malformed: {reason}")]
     Malformed { name: &'static str, reason: String },
+    /// Well formed, but a value this program cannot work with.
+    #[error("setting {name} cannot be used: {reason}")]
+    Unsupported { name: &'static str, reason: String },
 }
 
 /// Which Azure OpenAI URL style to call.
@@ -140,25 +160,27 @@ impl Config {
                 api_version: DEFAULT_API_VERSION.to_string(),
             },
             Some(v) if v.eq_ignore_ascii_case("v1") => ApiStyle::V1,
-            Some(v) => {
-                let looks_dated = v.len() >= 10
-                    && v.as_bytes()[..10].iter().enumerate().all(|(i, b)| {
-                        if i == 4 || i == 7 {
-                            *b == b'-'
-                        } else {
-                            b.is_ascii_digit()
-                        }
-                    });
-                if !looks_dated {
-                    return Err(ConfigError::Malformed {
+            Some(v) => match BLOB_BATCH_API_VERSIONS
+                .iter()
+                .find(|known| known.eq_ignore_ascii_case(&v))
+            {
+                Some(known) => ApiStyle::Classic {
+                    api_version: known.to_string(),
+                },
+                // Any other version would be refused by Azure at the first create, file after
+                // file, while our emulator accepts it: say so once, at start-up.
+                None => {
+                    return Err(ConfigError::Unsupported {
                         name: names::OPENAI_API_VERSION,
                         reason: format!(
-                            "`{v}` is neither `v1` nor a dated version like {DEFAULT_API_VERSION}"
+                            "`{v}` has no batches from Blob Storage (`input_blob`, \
+                             `output_folder`); use {} (`/openai/batches?api-version=…`) or `v1` \
+                             (`/openai/v1/batches`)",
+                            BLOB_BATCH_API_VERSIONS.join(", ")
                         ),
                     });
                 }
-                ApiStyle::Classic { api_version: v }
-            }
+            },
         };
 
         let storage = match (
@@ -417,6 +439,28 @@ mod tests {
         let mut env = base();
         env.insert(names::OPENAI_API_VERSION.into(), "v1".into());
         assert_eq!(Config::from_map(&env).unwrap().api_style, ApiStyle::V1);
+    }
+
+    #[test]
+    fn only_api_versions_whose_batches_read_blobs_are_accepted() {
+        for good in ["2025-04-01-preview", "v1", "V1"] {
+            let mut env = base();
+            env.insert(names::OPENAI_API_VERSION.into(), good.into());
+            assert!(Config::from_map(&env).is_ok(), "{good}");
+        }
+        // Dated versions that exist, with Batch, but whose create takes `input_file_id` only:
+        // the latest GA one, and the preview just before blob storage came.
+        for bad in ["2024-10-21", "2025-03-01-preview", "2024-07-01-preview"] {
+            let mut env = base();
+            env.insert(names::OPENAI_API_VERSION.into(), bad.into());
+            let err = Config::from_map(&env)
+                .expect_err(&format!("{bad} cannot create a batch from a blob"))
+                .to_string();
+            assert_eq!(err.lines().count(), 1, "{err}");
+            for needle in [names::OPENAI_API_VERSION, bad, "2025-04-01-preview", "v1"] {
+                assert!(err.contains(needle), "{needle}: {err}");
+            }
+        }
     }
 
     #[test]

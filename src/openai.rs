@@ -546,8 +546,20 @@ fn error_fields(text: &str) -> (String, String) {
     (code, message)
 }
 
+/// What a path segment of ours encodes: every byte but the unreserved characters (RFC 3986
+/// §2.3: ALPHA, DIGIT, `-`, `.`, `_`, `~`), which "should not be created by URI producers"
+/// encoded. Encoding them would be equivalent only to a server that normalises: one that
+/// does not (or a proxy, a gateway routing on the raw path) answers `batch%5Fabc` with 404
+/// for a `batch_abc` that exists. The reserved characters stay encoded, so `/`, `?`, `#`,
+/// `;` and the like in an id cannot change the path's meaning.
+const SEGMENT: &percent_encoding::AsciiSet = &percent_encoding::NON_ALPHANUMERIC
+    .remove(b'-')
+    .remove(b'.')
+    .remove(b'_')
+    .remove(b'~');
+
 fn encode_segment(s: &str) -> String {
-    percent_encoding::utf8_percent_encode(s, percent_encoding::NON_ALPHANUMERIC).to_string()
+    percent_encoding::utf8_percent_encode(s, SEGMENT).to_string()
 }
 
 /// Compares blob URLs the way the service echoes them: scheme and host case-insensitively,
@@ -668,6 +680,36 @@ mod tests {
             "https://acct.blob.core.windows.net/batch-input/a.jsonl",
             "https://acct.blob.core.windows.net/batch-input/b.jsonl"
         ));
+    }
+
+    #[test]
+    fn ids_go_into_paths_as_the_service_writes_them() {
+        let c = BatchClient::new(
+            Url::parse("https://r.openai.azure.com").unwrap(),
+            ApiStyle::V1,
+            Auth::ApiKey(crate::config::Secret::new("k")),
+            RetryConfig::default(),
+        );
+        // What `retrieve` requests (`cancel` adds `/cancel`).
+        let url = |id: &str| {
+            c.url(&format!("batches/{}", encode_segment(id)), &[])
+                .to_string()
+        };
+        let base = "https://r.openai.azure.com/openai/v1/batches/";
+        // The ids the service gives (the spec's example, the blob storage how-to's) and the
+        // unreserved characters RFC 3986 §2.3 asks producers not to encode.
+        for id in [
+            "batch_72a2792ef7d24ba7b82c7fe4a37e379f",
+            "batch_b632a805-797b-49ed-9c9c-86eb4057f2a2",
+            "a_b-c.d~e",
+        ] {
+            assert_eq!(url(id), format!("{base}{id}"));
+        }
+        // What would end the segment, start a query or a fragment, or read as an escape is
+        // encoded, and so is anything beyond ASCII.
+        assert_eq!(url("a/b?c#d%e f"), format!("{base}a%2Fb%3Fc%23d%25e%20f"));
+        assert_eq!(url("a;b=c+d"), format!("{base}a%3Bb%3Dc%2Bd"));
+        assert_eq!(url("é"), format!("{base}%C3%A9"));
     }
 
     #[test]

@@ -62,6 +62,27 @@ pub struct BlobCreated {
     pub etag: Option<String>,
     pub content_length: Option<u64>,
     pub subject: Option<String>,
+    /// The storage operation that raised the event (`data.api`): `PutBlob`, `PutBlockList`,
+    /// `CopyBlob`, `FlushWithClose`, `CreateFile`, …
+    pub api: Option<String>,
+}
+
+/// The `data.api` values that announce a file before anything is written to it, per the Event
+/// Grid blob storage event schema
+/// (https://learn.microsoft.com/azure/event-grid/event-schema-blob-storage): on an account with
+/// a hierarchical namespace, `CreateFile` (Path - Create makes the file empty, with
+/// `contentLength` 0; Append and Flush write it, and the flush that closes it raises
+/// `FlushWithClose`, "only after data is fully committed"), and over SFTP, `SftpCreate` (an
+/// empty blob made when the file is opened; `SftpCommit` follows when it is written).
+const OPENING_APIS: [&str; 2] = ["CreateFile", "SftpCreate"];
+
+impl BlobCreated {
+    /// The operation, when this event announces a file that is still empty and being written:
+    /// acting on it would judge an empty file. The event of the finished file comes later
+    /// (and if the writer never closes the file, the timer's sweep finds it).
+    pub fn opens_file(&self) -> Option<&str> {
+        self.api.as_deref().filter(|api| OPENING_APIS.contains(api))
+    }
 }
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
@@ -151,6 +172,7 @@ fn decode_one(event: Value) -> Result<StorageEvent, DecodeError> {
         etag: str_field(&data, "eTag").or_else(|| str_field(&data, "etag")),
         content_length: data.get("contentLength").and_then(Value::as_u64),
         subject: str_field(obj, "subject"),
+        api: str_field(&data, "api"),
     }))
 }
 
@@ -222,6 +244,7 @@ mod tests {
             subject: Some(
                 "/blobServices/default/containers/batch-input/blobs/new-file.jsonl".into(),
             ),
+            api: Some("PutBlockList".into()),
         })
     }
 
@@ -259,6 +282,47 @@ mod tests {
             decode_events(&request_with(e), "event").unwrap(),
             vec![expected()]
         );
+    }
+
+    #[test]
+    fn only_the_events_of_a_written_file_announce_it() {
+        // "Data Lake Storage Gen 2 events" of event-schema-blob-storage.md: the same event with
+        // `api` CreateFile or FlushWithClose, `contentOffset`, `dataVersion` 2, a dfs URL.
+        let adls = |api: &str, length: u64| {
+            let mut e = blob_event();
+            e["data"]["api"] = json!(api);
+            e["data"]["contentLength"] = json!(length);
+            e["data"]["contentOffset"] = json!(0);
+            e["data"]["url"] = json!(
+                "https://my-storage-account.dfs.core.windows.net/my-file-system/new-file.txt"
+            );
+            e["dataVersion"] = json!("2");
+            e
+        };
+        let decoded = |e: Value| match decode_events(&request_with(e), "event").unwrap().remove(0) {
+            StorageEvent::BlobCreated(c) => c,
+            other => panic!("{other:?}"),
+        };
+        let create = decoded(adls("CreateFile", 0));
+        assert_eq!(create.opens_file(), Some("CreateFile"));
+        assert_eq!(create.content_length, Some(0));
+        let flushed = decoded(adls("FlushWithClose", 524288));
+        assert_eq!(flushed.opens_file(), None);
+        assert_eq!(
+            flushed.url,
+            "https://my-storage-account.dfs.core.windows.net/my-file-system/new-file.txt"
+        );
+        for api in ["PutBlob", "PutBlockList", "CopyBlob", "SftpCommit"] {
+            assert_eq!(decoded(adls(api, 1)).opens_file(), None, "{api}");
+        }
+        assert_eq!(
+            decoded(adls("SftpCreate", 0)).opens_file(),
+            Some("SftpCreate")
+        );
+        // An event without `api` (older payloads, hand-made ones) is taken as it always was.
+        let mut bare = blob_event();
+        bare["data"].as_object_mut().unwrap().remove("api");
+        assert_eq!(decoded(bare).opens_file(), None);
     }
 
     #[test]

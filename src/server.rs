@@ -138,8 +138,9 @@ async fn function_trigger(State(app): State<Arc<App>>, headers: HeaderMap, body:
             }
         };
         // Only blobs in the configured account and input container: the handler's identity
-        // must not be usable to read whatever an event names.
-        let Some((container, name)) = app.store.locate(&created.url) else {
+        // must not be usable to read whatever an event names. (An ADLS Gen2 account's events
+        // name its dfs endpoint: see `locate_event`.)
+        let Some((container, name)) = app.store.locate_event(&created.url) else {
             journal.warn(format!(
                 "ignored event {}: {} is not in the configured storage account",
                 created.id,
@@ -151,6 +152,18 @@ async fn function_trigger(State(app): State<Arc<App>>, headers: HeaderMap, body:
             journal.info(format!(
                 "ignored event {}: container {container} is not the input container {}",
                 created.id, app.config.input_container
+            ));
+            continue;
+        }
+        if let Some(api) = created.opens_file() {
+            journal.info(format!(
+                "ignored event {}: blob={container}/{name}: {api} (contentLength {}) announces \
+                 the file before it is written; the event of its last write (FlushWithClose, \
+                 SftpCommit) takes it in, or else the timer's sweep",
+                created.id,
+                created
+                    .content_length
+                    .map_or_else(|| "-".to_string(), |l| l.to_string())
             ));
             continue;
         }
@@ -176,7 +189,8 @@ fn log_outcome(journal: &Journal, container: &str, name: &str, outcome: &Intake)
     let blob = format!("blob={container}/{name}");
     match outcome {
         Intake::Ignored(why) => journal.info(format!("{blob}: ignored: {why}")),
-        Intake::Gone => {}
+        // Intake said why, in one line.
+        Intake::Gone | Intake::CopyPending => {}
         Intake::AlreadyKnown { state, batch_id } => journal.info(format!(
             "{blob}: already has a job ({state:?}, batch={}); nothing to do",
             batch_id.as_deref().unwrap_or("-")

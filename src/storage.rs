@@ -167,6 +167,16 @@ pub struct BlobInfo {
     pub size: u64,
 }
 
+/// A blob's properties as intake needs them.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BlobProperties {
+    pub info: BlobInfo,
+    /// `x-ms-copy-status: pending`: the blob is the destination of a Copy Blob that has not
+    /// finished, so its content is not all there yet
+    /// (https://learn.microsoft.com/rest/api/storageservices/get-blob-properties).
+    pub copy_pending: bool,
+}
+
 /// Parsed `DefaultEndpointsProtocol=…;AccountName=…;AccountKey=…;BlobEndpoint=…` or
 /// `UseDevelopmentStorage=true`. `Debug` leaves the key out.
 #[derive(Clone)]
@@ -515,6 +525,35 @@ impl BlobStore {
         Some((container, name_parts?.join("/")))
     }
 
+    /// [`locate`](Self::locate) for the URL a storage event names. An account with a
+    /// hierarchical namespace (ADLS Gen2) names its blobs in events on its Data Lake endpoint,
+    /// `{account}.dfs.{suffix}`, with the same container and path as on `{account}.blob.{suffix}`
+    /// ("the `url` key contains the path `dfs.core.windows.net`", event-schema-blob-storage,
+    /// https://learn.microsoft.com/azure/event-grid/event-schema-blob-storage). That endpoint of
+    /// the configured account, and only that one, is read as the blob endpoint; every other
+    /// check of `locate` still applies, and nothing is ever requested from the URL itself.
+    pub fn locate_event(&self, url: &str) -> Option<(String, String)> {
+        let mut parsed = Url::parse(url).ok()?;
+        match self.blob_host_of_dfs(parsed.host_str()?) {
+            Some(blob_host) => {
+                parsed.set_host(Some(&blob_host)).ok()?;
+                self.locate(parsed.as_str())
+            }
+            None => self.locate(url),
+        }
+    }
+
+    /// This account's blob host, when `host` is its Data Lake twin: `acct.dfs.core.windows.net`
+    /// for `acct.blob.core.windows.net`. Endpoints with the account in the path (Azurite, an IP
+    /// address) have no twin.
+    fn blob_host_of_dfs(&self, host: &str) -> Option<String> {
+        let ours = self.account_url.host_str()?;
+        let (account, service_and_suffix) = ours.split_once('.')?;
+        let suffix = service_and_suffix.strip_prefix("blob.")?;
+        let dfs = format!("{account}.dfs.{suffix}");
+        host.eq_ignore_ascii_case(&dfs).then(|| ours.to_string())
+    }
+
     pub async fn ensure_container(&self, container: &str) -> Result<()> {
         let client = self.service.blob_container_client(container);
         match client.create(None).await {
@@ -531,25 +570,39 @@ impl BlobStore {
 
     /// The blob's ETag and size, or `None` when it does not exist.
     pub async fn properties(&self, container: &str, name: &str) -> Result<Option<BlobInfo>> {
+        Ok(self
+            .properties_with_copy(container, name)
+            .await?
+            .map(|p| p.info))
+    }
+
+    /// [`properties`](Self::properties), and whether a copy into the blob is still running.
+    pub async fn properties_with_copy(
+        &self,
+        container: &str,
+        name: &str,
+    ) -> Result<Option<BlobProperties>> {
         let blob = self.service.blob_client(container, name);
+        let sdk = |e| StorageError::from_sdk("read properties", container, name, e);
         match blob.get_properties(None).await {
             Ok(r) => {
                 let etag = required_etag(
-                    r.etag()
-                        .map_err(|e| StorageError::from_sdk("read properties", container, name, e))?
-                        .map(|e| e.to_string()),
+                    r.etag().map_err(sdk)?.map(|e| e.to_string()),
                     "read properties",
                     container,
                     name,
                 )?;
-                let size = r
-                    .content_length()
-                    .map_err(|e| StorageError::from_sdk("read properties", container, name, e))?
-                    .unwrap_or(0);
-                Ok(Some(BlobInfo {
-                    name: name.to_string(),
-                    etag,
-                    size,
+                let size = r.content_length().map_err(sdk)?.unwrap_or(0);
+                Ok(Some(BlobProperties {
+                    info: BlobInfo {
+                        name: name.to_string(),
+                        etag,
+                        size,
+                    },
+                    copy_pending: matches!(
+                        r.copy_status().map_err(sdk)?,
+                        Some(CopyStatus::Pending)
+                    ),
                 }))
             }
             Err(e) => match StorageError::from_sdk("read properties", container, name, e) {
@@ -963,6 +1016,74 @@ mod tests {
             s.locate("https://127.0.0.1:10000/devstoreaccount1/batch-input/x.jsonl"),
             None
         );
+    }
+
+    #[test]
+    fn an_event_on_the_accounts_dfs_endpoint_is_located_on_its_blob_endpoint() {
+        let s = BlobStore::with_credential(
+            Url::parse("https://my-storage-account.blob.core.windows.net").unwrap(),
+            Arc::new(NoToken),
+            RetryPolicy::default(),
+        )
+        .unwrap();
+        // The URL of the docs' ADLS Gen2 BlobCreated example, and its blob endpoint twin.
+        for url in [
+            "https://my-storage-account.dfs.core.windows.net/my-file-system/new-file.txt",
+            "https://MY-STORAGE-ACCOUNT.DFS.core.windows.net/my-file-system/new-file.txt",
+            "https://my-storage-account.blob.core.windows.net/my-file-system/new-file.txt",
+        ] {
+            assert_eq!(
+                s.locate_event(url),
+                Some(("my-file-system".into(), "new-file.txt".into())),
+                "{url}"
+            );
+        }
+        // `locate` itself, which also checks what the batch service echoes, keeps to blob URLs.
+        assert_eq!(
+            s.locate("https://my-storage-account.dfs.core.windows.net/my-file-system/new-file.txt"),
+            None
+        );
+        for url in [
+            "https://other-account.dfs.core.windows.net/my-file-system/new-file.txt",
+            "https://my-storage-account.dfs.core.chinacloudapi.cn/my-file-system/new-file.txt",
+            "https://my-storage-account.dfs.core.windows.net.evil.example/c/new-file.txt",
+            "https://my-storage-account.queue.core.windows.net/my-file-system/new-file.txt",
+            "https://x.my-storage-account.dfs.core.windows.net/my-file-system/new-file.txt",
+            "http://my-storage-account.dfs.core.windows.net/my-file-system/new-file.txt",
+            "https://my-storage-account.dfs.core.windows.net:8443/my-file-system/new-file.txt",
+            "https://u:p@my-storage-account.dfs.core.windows.net/my-file-system/new-file.txt",
+            "https://my-storage-account.dfs.core.windows.net/my-file-system",
+            "https://my-storage-account.dfs.core.windows.net/c/%2E%2E",
+        ] {
+            assert_eq!(s.locate_event(url), None, "{url}");
+        }
+        // An account named in the path (Azurite) has no dfs twin: its URLs are taken as they are.
+        assert_eq!(
+            store().locate_event("http://127.0.0.1:10000/devstoreaccount1/batch-input/x.jsonl"),
+            Some(("batch-input".into(), "x.jsonl".into()))
+        );
+        assert_eq!(
+            store().locate_event("http://devstoreaccount1.dfs.localhost:10000/batch-input/x.jsonl"),
+            None
+        );
+    }
+
+    /// A credential for building clients that never send.
+    #[derive(Debug)]
+    struct NoToken;
+
+    #[async_trait]
+    impl TokenCredential for NoToken {
+        async fn get_token(
+            &self,
+            _: &[&str],
+            _: Option<azure_core::credentials::TokenRequestOptions<'_>>,
+        ) -> azure_core::Result<azure_core::credentials::AccessToken> {
+            Err(azure_core::Error::with_message(
+                ErrorKind::Credential,
+                "not in a unit test",
+            ))
+        }
     }
 
     #[test]

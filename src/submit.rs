@@ -34,6 +34,9 @@ pub enum Intake {
     Ignored(String),
     /// The blob is gone, or was replaced by a newer version (which is its own job).
     Gone,
+    /// A copy into the blob is still running: nothing is recorded, so the timer's sweep
+    /// takes it in once the copy has finished.
+    CopyPending,
     /// This version already has a job that is running or finished.
     AlreadyKnown {
         state: JobState,
@@ -118,12 +121,23 @@ pub async fn intake(app: &App, name: &str, j: &Journal) -> Result<Intake, StepEr
             "{chars}-character name is too long"
         )));
     }
-    let Some(info) = app.store.properties(&container, name).await? else {
+    let Some(props) = app.store.properties_with_copy(&container, name).await? else {
         j.info(format!(
             "blob={container}/{name}: gone before it could be read; nothing to do"
         ));
         return Ok(Intake::Gone);
     };
+    // A CopyBlob event can come when the copy starts, not when it ends (always on an account
+    // with a hierarchical namespace, event-schema-blob-storage; a copy from another account
+    // runs asynchronously, copy-blob): what is there now is not the file yet.
+    if props.copy_pending {
+        j.info(format!(
+            "blob={container}/{name}: a copy into it is still pending (x-ms-copy-status); not \
+             read until it has finished; the timer's sweep takes it in then"
+        ));
+        return Ok(Intake::CopyPending);
+    }
+    let info = props.info;
     let input = InputRef {
         url: app.store.blob_url(&container, name),
         container,
