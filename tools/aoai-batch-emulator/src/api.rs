@@ -6,7 +6,6 @@
 
 use std::sync::Arc;
 
-use aoai_blob_batch::storage::BlobStore;
 use axum::{
     Json, Router,
     body::Bytes,
@@ -21,6 +20,7 @@ use serde_json::{Map, Value, json};
 
 use crate::{
     batches::{Batch, CancelError, CreateError, NewBatch, Registry},
+    blob_url::Account,
     faults::{Fault, FaultInjector},
     input::endpoint_api,
     output::OutputFolder,
@@ -236,7 +236,7 @@ async fn method_not_allowed() -> ApiError {
 }
 
 async fn create(State(state): State<AppState>, body: Bytes) -> Result<Response, ApiError> {
-    let new = parse_create(&state.registry.store, &body)?;
+    let new = parse_create(&state.registry.account, &body)?;
     let created = state.registry.create(new).await.map_err(|e| match e {
         CreateError::TokenLimit { model, limit } => ApiError::bad_request(
             "token_limit_exceeded",
@@ -278,7 +278,7 @@ async fn create(State(state): State<AppState>, body: Bytes) -> Result<Response, 
 
 /// The synchronous checks of a create request; the input file itself is checked later, by
 /// the job, as the service does.
-fn parse_create(store: &BlobStore, body: &[u8]) -> Result<NewBatch, ApiError> {
+fn parse_create(account: &Account, body: &[u8]) -> Result<NewBatch, ApiError> {
     let value: Value = serde_json::from_slice(body).map_err(|_| {
         ApiError::bad_request(
             "invalid_json",
@@ -368,7 +368,7 @@ fn parse_create(store: &BlobStore, body: &[u8]) -> Result<NewBatch, ApiError> {
         .map_err(|_| wrong_type("output_folder.delimiter", "a string"))?
         .filter(|d| !d.is_empty())
         .unwrap_or_else(|| "/".to_string());
-    let output = resolve_folder(store, &url, &delimiter).ok_or_else(|| {
+    let output = resolve_folder(account, &url, &delimiter).ok_or_else(|| {
         // The service writes with its own identity; a folder outside the one storage account
         // it knows here cannot be written. We say so at once rather than fail the job late.
         ApiError::bad_request(
@@ -415,15 +415,8 @@ fn wrong_type(param: &str, expected: &str) -> ApiError {
 
 /// `output_folder.url` as (container, folder) in this account. The URL may name a container or
 /// a folder inside one; a query (a SAS) or fragment is refused, the service uses its identity.
-pub fn resolve_folder(store: &BlobStore, url: &str, delimiter: &str) -> Option<OutputFolder> {
-    let mut probe = Url::parse(url).ok()?;
-    if probe.query().is_some() || probe.fragment().is_some() {
-        return None;
-    }
-    // `locate` understands blob URLs: add a placeholder blob and take it off again.
-    probe.path_segments_mut().ok()?.pop_if_empty().push("x");
-    let (container, name) = store.locate(probe.as_str())?;
-    let prefix = name.strip_suffix('x')?.trim_end_matches('/').to_string();
+pub fn resolve_folder(account: &Account, url: &str, delimiter: &str) -> Option<OutputFolder> {
+    let (container, prefix) = account.locate_folder(url).ok()?;
     Some(OutputFolder {
         container,
         prefix,
@@ -578,17 +571,12 @@ struct ListPage {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use aoai_blob_batch::storage::RetryPolicy;
-
-    fn store() -> BlobStore {
-        BlobStore::from_connection_string(
-            "DefaultEndpointsProtocol=http;AccountName=devstoreaccount1;AccountKey=Eby8vdM02xNOcqFlqUwJPLlmEtlCDXJ1OUzFT50uSRZ6IFsuFq2UVErCz4I6tq/K1SZFPTOtr/KBHBeksoGMGw==;BlobEndpoint=http://127.0.0.1:10000/devstoreaccount1;",
-            RetryPolicy { max_retries: 0 },
-        )
-        .unwrap()
-    }
 
     const ACCOUNT: &str = "http://127.0.0.1:10000/devstoreaccount1";
+
+    fn store() -> Account {
+        Account::new(&Url::parse(ACCOUNT).unwrap())
+    }
 
     fn request(extra: Value) -> Vec<u8> {
         let mut base = json!({

@@ -15,6 +15,7 @@ use serde::Serialize;
 use tokio::sync::{mpsc, oneshot};
 
 use crate::{
+    blob_url::Account,
     input::{self, Api, BatchError, InputSummary},
     lifecycle,
     output::OutputFolder,
@@ -169,6 +170,8 @@ struct Inner {
 
 pub struct Registry {
     pub store: Arc<BlobStore>,
+    /// How URLs into that storage account are read and written (the emulator's own code).
+    pub account: Account,
     pub settings: Settings,
     inner: Mutex<Inner>,
 }
@@ -176,6 +179,7 @@ pub struct Registry {
 impl Registry {
     pub fn new(store: Arc<BlobStore>, settings: Settings) -> Arc<Self> {
         Arc::new(Self {
+            account: Account::new(store.account_url()),
             store,
             settings,
             inner: Mutex::new(Inner::default()),
@@ -190,7 +194,7 @@ impl Registry {
     /// Reads and validates the input now (the quota check needs its token count), registers
     /// the batch in `validating`, and starts its lifecycle.
     pub async fn create(self: &Arc<Self>, new: NewBatch) -> Result<Created, CreateError> {
-        let location = self.store.locate(&new.input_blob);
+        let location = self.account.locate_blob(&new.input_blob).ok();
         let scan: Result<InputSummary, BatchError> = match &location {
             // Another account, or not a blob URL: the service's identity cannot read it.
             None => Err(BatchError::no_permissions()),

@@ -11,6 +11,7 @@
 
 mod api;
 mod batches;
+mod blob_url;
 mod faults;
 mod input;
 mod lifecycle;
