@@ -19,6 +19,14 @@ use crate::config::{ApiStyle, Secret};
 
 const COGNITIVE_SERVICES_SCOPE: &str = "https://cognitiveservices.azure.com/.default";
 
+/// Batches per page when looking for one to adopt: the most the list gives (spec: `limit`
+/// 1–100, default 20).
+const ADOPTION_PAGE_SIZE: u32 = 100;
+
+/// Pages looked through for a batch to adopt before giving up (5,000 batches): bounds the
+/// cost of the walk on `v1`, whose list has no time window.
+pub const ADOPTION_MAX_PAGES: u32 = 50;
+
 /// A batch's status. Parsed case-insensitively; anything unknown is kept, not an error.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "snake_case")]
@@ -204,6 +212,17 @@ pub enum OpenAiError {
     Auth(String),
     #[error("unexpected answer from Azure OpenAI: {0}")]
     Decode(String),
+    /// The batch list was too long to look through for a batch this job may already have:
+    /// creating one now could make a second, so nothing is created.
+    #[error(
+        "looked through {scanned} batches ({ADOPTION_MAX_PAGES} pages of the list) without \
+         reaching its end, for a batch an earlier attempt may have created; not creating \
+         another while one may exist. A dated AZURE_OPENAI_API_VERSION (the default \
+         2025-04-01-preview) lets the list be narrowed to the time of the create; or, once \
+         sure no batch was made for this input, delete the job's record (active/JOB.json in \
+         the state container) and the timer's sweep takes the input in again"
+    )]
+    SearchIncomplete { scanned: usize },
 }
 
 impl OpenAiError {
@@ -344,42 +363,90 @@ impl BatchClient {
         after: Option<&str>,
         limit: u32,
     ) -> Result<BatchPage, OpenAiError> {
+        self.list_page_where(after, limit, None).await
+    }
+
+    /// A page of the list; on the classic route with `since`, only batches created after
+    /// that time (unix seconds), oldest first.
+    async fn list_page_where(
+        &self,
+        after: Option<&str>,
+        limit: u32,
+        since: Option<i64>,
+    ) -> Result<BatchPage, OpenAiError> {
         let mut query = vec![("limit", limit.to_string())];
         if let Some(a) = after {
             query.push(("after", a.to_string()));
+        }
+        if let Some(t) = since {
+            // The spec's own list example (2025-04-01-preview, examples/get_batches.json):
+            // `$filter=created_at gt N and …`, `$orderby=created_at asc`.
+            query.push(("$filter", format!("created_at gt {t}")));
+            query.push(("$orderby", "created_at asc".to_string()));
         }
         self.send(Method::GET, self.url("batches", &query), None, true)
             .await
     }
 
-    /// Finds a batch created for this input blob, newest first, among batches created at or
-    /// after `not_before` (unix seconds). The service lists newest first, so the walk stops at
-    /// the first older batch.
+    /// Finds a batch created for this input blob at or after `not_before` (unix seconds): the
+    /// guard against a second batch after a crash or a lost create answer, so it must not miss
+    /// one, whatever order the service lists in. The spec leaves the default order open (its
+    /// list example asks `created_at asc`; OpenAI's v1 lists newest first), so nothing here
+    /// stops on an order assumption.
+    ///
+    /// On a dated api-version the list is asked for the time window and the order outright
+    /// (`$filter=created_at gt …`, `$orderby=created_at asc`: Batch_List in the
+    /// 2025-04-01-preview spec and the batch how-to's "List batch (Preview)"), so it holds
+    /// only the batches since the create, the sought one first. A service that refuses those
+    /// options (400) is walked without them. On `v1`, which has neither, every page is walked
+    /// until `has_more` is false. Either walk stops after [`ADOPTION_MAX_PAGES`] pages with
+    /// [`OpenAiError::SearchIncomplete`]: the caller must not create blindly then.
     pub async fn find_by_input_blob(
         &self,
         input_blob: &str,
         not_before: i64,
     ) -> Result<Option<Batch>, OpenAiError> {
+        let mut since = matches!(self.style, ApiStyle::Classic { .. }).then(|| not_before - 1);
         let mut after: Option<String> = None;
+        let mut scanned = 0usize;
+        let mut pages = 0u32;
         loop {
-            let page = self.list_page(after.as_deref(), 100).await?;
-            let mut older_seen = false;
-            for b in &page.data {
-                if b.created_at.is_some_and(|t| t < not_before) {
-                    older_seen = true;
+            if pages >= ADOPTION_MAX_PAGES {
+                return Err(OpenAiError::SearchIncomplete { scanned });
+            }
+            let page = match self
+                .list_page_where(after.as_deref(), ADOPTION_PAGE_SIZE, since)
+                .await
+            {
+                Err(OpenAiError::Rejected {
+                    status: 400,
+                    message,
+                    ..
+                }) if since.is_some() && after.is_none() => {
+                    tracing::warn!(
+                        error = %message,
+                        "the batch list refused $filter/$orderby; looking through every batch instead"
+                    );
+                    since = None;
                     continue;
                 }
-                if b.input_blob
-                    .as_deref()
-                    .is_some_and(|u| same_blob_url(u, input_blob))
-                {
-                    return Ok(Some(b.clone()));
-                }
+                other => other?,
+            };
+            pages += 1;
+            scanned += page.data.len();
+            let found = page.data.iter().find(|b| {
+                b.created_at.is_none_or(|t| t >= not_before)
+                    && b.input_blob
+                        .as_deref()
+                        .is_some_and(|u| same_blob_url(u, input_blob))
+            });
+            if let Some(b) = found {
+                return Ok(Some(b.clone()));
             }
             let next = page
                 .last_id
                 .or_else(|| page.data.last().map(|b| b.id.clone()));
-            if !page.has_more || older_seen || next.is_none() || page.data.is_empty() {
+            if !page.has_more || next.is_none() || page.data.is_empty() {
                 return Ok(None);
             }
             after = next;
@@ -710,6 +777,153 @@ mod tests {
         assert_eq!(url("a/b?c#d%e f"), format!("{base}a%2Fb%3Fc%23d%25e%20f"));
         assert_eq!(url("a;b=c+d"), format!("{base}a%3Bb%3Dc%2Bd"));
         assert_eq!(url("é"), format!("{base}%C3%A9"));
+    }
+
+    type Query = Vec<(String, String)>;
+
+    /// A list route that answers each request with `answer(query, n)` (`n`: requests so far)
+    /// and keeps the queries it got.
+    async fn fake_list(
+        answer: impl Fn(&[(String, String)], usize) -> (u16, Value) + Clone + Send + Sync + 'static,
+    ) -> (Url, Arc<std::sync::Mutex<Vec<Query>>>) {
+        let seen: Arc<std::sync::Mutex<Vec<Query>>> = Arc::default();
+        let log = seen.clone();
+        let app = axum::Router::new().fallback(move |q: axum::extract::RawQuery| {
+            let (answer, log) = (answer.clone(), log.clone());
+            async move {
+                let query: Query = url::form_urlencoded::parse(q.0.unwrap_or_default().as_bytes())
+                    .into_owned()
+                    .collect();
+                let n = {
+                    let mut log = log.lock().unwrap();
+                    log.push(query.clone());
+                    log.len() - 1
+                };
+                let (status, body) = answer(&query, n);
+                (
+                    axum::http::StatusCode::from_u16(status).unwrap(),
+                    axum::Json(body),
+                )
+            }
+        });
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url = Url::parse(&format!("http://{}", listener.local_addr().unwrap())).unwrap();
+        tokio::spawn(async move { axum::serve(listener, app).await });
+        (url, seen)
+    }
+
+    fn client(endpoint: Url, style: ApiStyle) -> BatchClient {
+        BatchClient::new(
+            endpoint,
+            style,
+            Auth::ApiKey(crate::config::Secret::new("k")),
+            RetryConfig::default(),
+        )
+    }
+
+    fn classic() -> ApiStyle {
+        ApiStyle::Classic {
+            api_version: "2025-04-01-preview".into(),
+        }
+    }
+
+    const WANTED: &str = "https://a.blob.core.windows.net/in/x.jsonl";
+    const NOT_BEFORE: i64 = 1_000_000;
+
+    /// `n` batches from `first`, created at `at`, for other inputs unless `wanted`.
+    fn batches(first: usize, n: usize, at: i64, wanted: bool) -> Vec<Value> {
+        (first..first + n)
+            .map(|i| {
+                let blob = if wanted { WANTED.to_string() } else { format!("https://a.blob.core.windows.net/in/other-{i}.jsonl") };
+                json!({"id": format!("b{i}"), "status": "in_progress", "created_at": at, "input_blob": blob})
+            })
+            .collect()
+    }
+
+    fn page(data: Vec<Value>, has_more: bool) -> (u16, Value) {
+        let last = data.last().map(|b| b["id"].clone());
+        (
+            200,
+            json!({"object": "list", "data": data, "has_more": has_more, "last_id": last}),
+        )
+    }
+
+    fn get<'a>(query: &'a [(String, String)], name: &str) -> Option<&'a str> {
+        query
+            .iter()
+            .find(|(k, _)| k == name)
+            .map(|(_, v)| v.as_str())
+    }
+
+    #[tokio::test]
+    async fn adoption_asks_a_dated_version_for_the_window_oldest_first() {
+        let (url, seen) = fake_list(|_, _| page(batches(0, 1, NOT_BEFORE + 2, true), false)).await;
+        let found = client(url, classic())
+            .find_by_input_blob(WANTED, NOT_BEFORE)
+            .await;
+        assert_eq!(found.unwrap().unwrap().id, "b0");
+        let seen = seen.lock().unwrap();
+        assert_eq!(get(&seen[0], "$filter"), Some("created_at gt 999999"));
+        assert_eq!(get(&seen[0], "$orderby"), Some("created_at asc"));
+        assert_eq!(get(&seen[0], "api-version"), Some("2025-04-01-preview"));
+    }
+
+    #[tokio::test]
+    async fn adoption_walks_on_past_older_batches_in_any_order() {
+        // Oldest first, with no window (v1; or a dated version that refuses `$filter`): the
+        // first page holds only older batches, the sought one is on the second.
+        let answer = |q: &[(String, String)], _: usize| {
+            if get(q, "$filter").is_some() {
+                return (
+                    400,
+                    json!({"error": {"code": "invalid_value", "message": "no $filter here"}}),
+                );
+            }
+            match get(q, "after") {
+                None => page(batches(0, 100, NOT_BEFORE - 3600, false), true),
+                Some("b99") => page(batches(100, 1, NOT_BEFORE + 1, true), false),
+                Some(other) => panic!("unexpected cursor {other}"),
+            }
+        };
+        for style in [ApiStyle::V1, classic()] {
+            let (url, seen) = fake_list(answer).await;
+            let found = client(url, style.clone())
+                .find_by_input_blob(WANTED, NOT_BEFORE)
+                .await;
+            assert_eq!(found.unwrap().unwrap().id, "b100", "{style:?}");
+            let seen = seen.lock().unwrap();
+            let windowed = seen.iter().filter(|q| get(q, "$filter").is_some()).count();
+            assert_eq!(
+                windowed,
+                usize::from(style != ApiStyle::V1),
+                "{style:?}: {seen:?}"
+            );
+        }
+    }
+
+    #[tokio::test]
+    async fn adoption_ignores_a_match_from_before_the_window_and_ends_with_the_list() {
+        let (url, _) = fake_list(|_, _| page(batches(0, 1, NOT_BEFORE - 1, true), false)).await;
+        let found = client(url, ApiStyle::V1)
+            .find_by_input_blob(WANTED, NOT_BEFORE)
+            .await;
+        assert!(found.unwrap().is_none());
+    }
+
+    #[tokio::test]
+    async fn adoption_gives_up_after_a_bounded_walk_rather_than_say_none() {
+        let (url, seen) =
+            fake_list(|_, n| page(batches(n * 100, 100, NOT_BEFORE + 1, false), true)).await;
+        let err = client(url, ApiStyle::V1)
+            .find_by_input_blob(WANTED, NOT_BEFORE)
+            .await
+            .unwrap_err();
+        assert!(
+            matches!(err, OpenAiError::SearchIncomplete { scanned: 5000 }),
+            "{err}"
+        );
+        assert!(!err.may_still_create() && !err.is_transient());
+        assert_eq!(seen.lock().unwrap().len(), ADOPTION_MAX_PAGES as usize);
     }
 
     #[test]

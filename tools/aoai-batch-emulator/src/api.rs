@@ -9,7 +9,7 @@ use std::sync::Arc;
 use axum::{
     Json, Router,
     body::Bytes,
-    extract::{Path, RawQuery, Request, State},
+    extract::{Extension, Path, RawQuery, Request, State},
     http::{HeaderMap, HeaderName, HeaderValue, StatusCode},
     middleware::{self, Next},
     response::{IntoResponse, Response},
@@ -23,6 +23,7 @@ use crate::{
     blob_url::Account,
     faults::{Fault, FaultInjector},
     input::endpoint_api,
+    list_query::{Filter, parse_orderby},
     output::OutputFolder,
 };
 
@@ -130,9 +131,14 @@ async fn gate_v1(State(state): State<AppState>, req: Request, next: Next) -> Res
     gate(&state, false, req, next).await
 }
 
+/// Which URL style a request came by: the classic list takes OData options, the v1 list not.
+#[derive(Debug, Clone, Copy)]
+struct Classic(bool);
+
 /// What Azure checks before the operation itself: the caller's key or token, the api-version
 /// of the classic style, and the rate limit (here: the injected faults).
-async fn gate(state: &AppState, classic: bool, req: Request, next: Next) -> Response {
+async fn gate(state: &AppState, classic: bool, mut req: Request, next: Next) -> Response {
+    req.extensions_mut().insert(Classic(classic));
     if !authorized(req.headers()) {
         return ApiError::gateway(
             StatusCode::UNAUTHORIZED,
@@ -520,6 +526,7 @@ async fn control_expire(
 
 async fn list(
     State(state): State<AppState>,
+    Extension(Classic(classic)): Extension<Classic>,
     RawQuery(query): RawQuery,
 ) -> Result<Response, ApiError> {
     let q = query.as_deref();
@@ -531,22 +538,21 @@ async fn list(
         )
     })?;
     let after = query_value(q, "after").filter(|a| !a.is_empty());
-    // The classic preview also takes OData `$orderby=created_at asc|desc`; newest first otherwise.
-    let ascending = match query_value(q, "$orderby").map(|o| o.to_ascii_lowercase()) {
-        None => false,
-        Some(o) if o.trim() == "created_at asc" => true,
-        Some(o) if matches!(o.trim(), "created_at desc" | "created_at") => false,
-        Some(o) => {
-            return Err(ApiError::bad_request(
-                "invalid_value",
-                format!(
-                    "Invalid value for '$orderby': '{o}'. Use 'created_at asc' or 'created_at desc'."
-                ),
-                Some("$orderby"),
-            ));
-        }
+    // OData `$orderby` and `$filter` are the classic spec's (list_query); v1 has neither.
+    let odata = |name| classic.then(|| query_value(q, name)).flatten();
+    let order = match odata("$orderby") {
+        None => state.registry.settings.list_order,
+        Some(text) => parse_orderby(&text)
+            .map_err(|m| ApiError::bad_request("invalid_value", m, Some("$orderby")))?,
     };
-    let (data, has_more) = state.registry.list(after.as_deref(), limit, ascending);
+    let filter = match odata("$filter") {
+        None => Filter::default(),
+        Some(text) => Filter::parse(&text)
+            .map_err(|m| ApiError::bad_request("invalid_value", m, Some("$filter")))?,
+    };
+    let (data, has_more) = state
+        .registry
+        .list(after.as_deref(), limit, order, |b| filter.matches(b));
     let first_id = data.first().map(|b| b.id.clone());
     let last_id = data.last().map(|b| b.id.clone());
     Ok(Json(ListPage {

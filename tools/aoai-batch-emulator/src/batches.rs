@@ -18,6 +18,7 @@ use crate::{
     blob_url::Account,
     input::{self, Api, BatchError, InputSummary},
     lifecycle,
+    list_query::Order,
     output::OutputFolder,
 };
 
@@ -118,6 +119,8 @@ pub struct Settings {
     pub enqueued_token_limit: Option<u64>,
     pub line_failure_rate: f64,
     pub lines_per_step: Option<u64>,
+    /// The order of a list that asks for none (`$orderby` on the classic route can).
+    pub list_order: Order,
     pub seed: u64,
     pub markers: input::Markers,
 }
@@ -363,13 +366,19 @@ impl Registry {
         Some(entry.batch.clone())
     }
 
-    /// One page, newest first (or oldest first when `ascending`), starting after `after`.
-    pub fn list(&self, after: Option<&str>, limit: usize, ascending: bool) -> (Vec<Batch>, bool) {
+    /// One page in `order`, of the batches `keep` accepts, starting after the batch `after`
+    /// (its place in that order, whether `keep` accepts it or not); and whether more follow.
+    pub fn list(
+        &self,
+        after: Option<&str>,
+        limit: usize,
+        order: Order,
+        keep: impl Fn(&Batch) -> bool,
+    ) -> (Vec<Batch>, bool) {
         let inner = self.lock();
-        let ids: Box<dyn Iterator<Item = &String>> = if ascending {
-            Box::new(inner.order.iter())
-        } else {
-            Box::new(inner.order.iter().rev())
+        let ids: Box<dyn Iterator<Item = &String>> = match order {
+            Order::OldestFirst => Box::new(inner.order.iter()),
+            Order::NewestFirst => Box::new(inner.order.iter().rev()),
         };
         let mut ids = ids.peekable();
         if let Some(after) = after {
@@ -381,12 +390,12 @@ impl Registry {
                 }
             }
         }
-        let page: Vec<Batch> = ids
-            .by_ref()
-            .take(limit)
-            .filter_map(|id| inner.batches.get(id).map(|e| e.batch.clone()))
-            .collect();
-        let has_more = ids.peek().is_some();
+        let mut kept = ids
+            .filter_map(|id| inner.batches.get(id).map(|e| &e.batch))
+            .filter(|b| keep(b))
+            .peekable();
+        let page: Vec<Batch> = kept.by_ref().take(limit).cloned().collect();
+        let has_more = kept.peek().is_some();
         (page, has_more)
     }
 

@@ -15,6 +15,7 @@ mod blob_url;
 mod faults;
 mod input;
 mod lifecycle;
+mod list_query;
 mod output;
 
 use std::{net::SocketAddr, sync::Arc, time::Duration};
@@ -70,6 +71,12 @@ struct Cli {
     /// `token_limit_exceeded`. Default: no limit.
     #[arg(long)]
     enqueued_token_limit: Option<u64>,
+
+    /// The order of a list that asks for none. The service leaves it undocumented (OpenAI's
+    /// v1 lists newest first; the classic spec's example asks `$orderby=created_at asc`), so a
+    /// client must not depend on it: `oldest-first` tests that it does not.
+    #[arg(long, value_enum, default_value_t = list_query::Order::NewestFirst)]
+    list_order: list_query::Order,
 
     /// Fraction of requests answered with a 500 `server_error` line in `errors.jsonl`, chosen
     /// by hashing `custom_id` with the seed.
@@ -140,6 +147,7 @@ async fn main() -> anyhow::Result<()> {
         enqueued_token_limit: cli.enqueued_token_limit,
         line_failure_rate: cli.line_failure_rate,
         lines_per_step: cli.lines_per_step,
+        list_order: cli.list_order,
         seed: cli.seed,
         markers: input::Markers {
             fail: cli.fail_input_containing,

@@ -1,0 +1,108 @@
+//! The handler against the service's behaviours that the happy path never shows: a list in
+//! an order it does not expect, through the real handler, Azurite and the batch emulator.
+
+mod support;
+
+use std::time::Duration;
+
+use aoai_blob_batch::{openai::CreateBatch, submit::CLOCK_SKEW_SECS};
+use support::*;
+
+fn seed() -> Vec<u8> {
+    std::fs::read(root().join("samples/test.jsonl")).unwrap()
+}
+
+/// More than a page of the list (100 at most): the batch to adopt is never on the first.
+const OLDER_BATCHES: usize = 101;
+
+/// A crash between create and record, with `OLDER_BATCHES` batches of the same deployment
+/// (other inputs) made before it and an emulator that lists oldest first: the retry must
+/// find the batch the crash left, not create a second one. `api_version`: `None` for the
+/// default (classic, dated), or `v1`.
+async fn a_crash_after_create_adopts_among_older_batches(api_version: Option<&str>) {
+    let azurite = Azurite::start();
+    let emulator = Emulator::start(
+        &azurite,
+        &["--step-ms", "60000", "--list-order", "oldest-first"],
+    );
+    let store = azurite.store();
+    let client = emulator.client();
+    let mut others = Vec::new();
+    for i in 0..4 {
+        others.push(
+            upload_input(&store, &format!("older/{i}.jsonl"), &seed())
+                .await
+                .0,
+        );
+    }
+    for i in 0..OLDER_BATCHES {
+        let request = CreateBatch {
+            endpoint: "/chat/completions".into(),
+            input_blob: others[i % others.len()].clone(),
+            output_folder_url: store.container_url("batch-output"),
+        };
+        client
+            .create(&request, Duration::from_secs(30))
+            .await
+            .expect("an older batch");
+    }
+    // The service stamps `created_at` in whole seconds: the next second starts the window.
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+
+    let (url, etag) = upload_input(&store, "test.jsonl", &seed()).await;
+    let payload = trigger_payload(blob_created_event(&url, &etag, 10));
+    let mut env = handler_env(&azurite, &emulator);
+    env.push(("BATCH_CREATE_TIMEOUT_SECONDS".into(), "2".into()));
+    if let Some(v) = api_version {
+        env.push(("AZURE_OPENAI_API_VERSION".into(), v.into()));
+    }
+    let mut faulty = env.clone();
+    faulty.push(("BATCH_TEST_FAULT".into(), "submit:after-create".into()));
+    let mut crashing = Handler::start(faulty);
+    // The adoption window reaches CLOCK_SKEW_SECS before the create. With the crashing
+    // handler's clock that far ahead, the window starts at the real time of its create: the
+    // batches above (a second older) fall outside it, as yesterday's would, while the one the
+    // crash leaves falls inside.
+    advance_clock(&crashing, CLOCK_SKEW_SECS).await;
+    post_to_dying(&crashing, "/function-trigger", &payload).await;
+    assert!(
+        crashing.proc.wait_exit(Duration::from_secs(10)).is_some(),
+        "fault point not reached"
+    );
+    let for_input = |batches: Vec<aoai_blob_batch::openai::Batch>| -> Vec<String> {
+        batches
+            .into_iter()
+            .filter(|b| b.input_blob.as_deref() == Some(url.as_str()))
+            .map(|b| b.id)
+            .collect()
+    };
+    let made = for_input(emulator.batches().await);
+    assert_eq!(made.len(), 1, "the create went through before the crash");
+
+    let handler = Handler::start(env);
+    // The dead claim's lease and create window (2 s each) lapse.
+    advance_clock(&handler, CLOCK_SKEW_SECS + 3).await;
+    let (status, answer) = handler.invoke("function-trigger", &payload).await;
+    assert_eq!(status, 200, "{:?}", answer.logs);
+    let all = emulator.batches().await;
+    assert_eq!(all.len(), OLDER_BATCHES + 1, "no second batch");
+    assert_eq!(for_input(all), made, "{:?}", answer.logs);
+    let logs = answer.logs.join("\n");
+    assert!(logs.contains("adopted"), "{logs}");
+    let key = format!("test.jsonl@{}", etag.trim_matches('"'));
+    let rec = read_json(&store, "batch-jobs", &format!("active/{key}.json"))
+        .await
+        .unwrap();
+    assert_eq!(rec["state"], "running", "{rec}");
+    assert_eq!(rec["batch_id"], made[0].as_str());
+}
+
+#[tokio::test]
+async fn adoption_asks_a_dated_version_for_the_window_and_order() {
+    a_crash_after_create_adopts_among_older_batches(None).await;
+}
+
+#[tokio::test]
+async fn adoption_on_v1_walks_the_whole_list_in_any_order() {
+    a_crash_after_create_adopts_among_older_batches(Some("v1")).await;
+}
