@@ -206,8 +206,20 @@ pub enum OpenAiError {
         code: String,
         message: String,
     },
+    /// The service itself said this batch does not exist: a 404 whose code names a missing
+    /// resource. One such answer is no proof that the batch is gone (`poll` wants it on
+    /// several looks in a row).
     #[error("batch {0} not found")]
     NotFound(String),
+    /// Azure's gateway answered 404 `Resource not found` (code `"404"`): no such route at
+    /// all, as for a wrong or retired api-version, endpoint or path. It says nothing about any
+    /// batch, and every call gets it until the configuration is fixed.
+    #[error(
+        "Azure OpenAI answered {message} to {what}: no such route, so the endpoint, path or \
+         api-version is wrong or retired (check AZURE_OPENAI_ENDPOINT and \
+         AZURE_OPENAI_API_VERSION); it says nothing about any batch"
+    )]
+    NoSuchRoute { what: String, message: String },
     #[error("cannot authenticate to Azure OpenAI: {0}")]
     Auth(String),
     #[error("unexpected answer from Azure OpenAI: {0}")]
@@ -229,7 +241,10 @@ impl OpenAiError {
     pub fn is_transient(&self) -> bool {
         matches!(
             self,
-            Self::Transient { .. } | Self::Unanswered { .. } | Self::Auth(_)
+            Self::Transient { .. }
+                | Self::Unanswered { .. }
+                | Self::Auth(_)
+                | Self::NoSuchRoute { .. }
         )
     }
 
@@ -347,7 +362,9 @@ impl BatchClient {
             .send(Method::GET, self.url(&path, &[]), None, true)
             .await
         {
-            Err(OpenAiError::Rejected { status: 404, .. }) => Err(OpenAiError::NotFound(id.into())),
+            Err(OpenAiError::Rejected {
+                status: 404, code, ..
+            }) if names_missing_resource(&code) => Err(OpenAiError::NotFound(id.into())),
             other => other,
         }
     }
@@ -508,6 +525,12 @@ impl BatchClient {
                     if code == "token_limit_exceeded" || message.contains("token_limit_exceeded") {
                         return Err(OpenAiError::TokenLimitExceeded { message });
                     }
+                    if status == StatusCode::NOT_FOUND && is_gateway_code(&code) {
+                        return Err(OpenAiError::NoSuchRoute {
+                            what: what.clone(),
+                            message: format!("HTTP 404 \"{code}\" {message}"),
+                        });
+                    }
                     let throttled = status == StatusCode::TOO_MANY_REQUESTS;
                     let server = status.is_server_error() || status == StatusCode::REQUEST_TIMEOUT;
                     let message = format!("HTTP {} {code}: {message}", status.as_u16());
@@ -611,6 +634,29 @@ fn error_fields(text: &str) -> (String, String) {
         .map(str::to_string)
         .unwrap_or_else(|| text.chars().take(500).collect());
     (code, message)
+}
+
+/// Whether a 404's error code is the gateway's, not the service's: Azure's front door
+/// answers a route it does not know (a wrong or retired api-version, a wrong path) with
+/// `{"error":{"code":"404","message":"Resource not found"}}`, the status as its code (seen
+/// for every call in openai-python and graphrag reports: vibrantlabsai/ragas#478,
+/// microsoft/graphrag#1863; a missing api-version: MicrosoftDocs/azure-docs#114602); a body
+/// without a code is no service's answer either.
+fn is_gateway_code(code: &str) -> bool {
+    code.is_empty() || code.bytes().all(|b| b.is_ascii_digit())
+}
+
+/// Whether a 404's error code says the resource asked for does not exist: the spec's
+/// `notFound` (ErrorCode in the 2025-04-01-preview spec: "The resource is not found."), or
+/// the `not_found` / `batch_not_found` spellings of OpenAI-style services. Any other code on
+/// a 404 proves nothing about the batch.
+fn names_missing_resource(code: &str) -> bool {
+    let code: String = code
+        .chars()
+        .filter(|c| *c != '_')
+        .flat_map(char::to_lowercase)
+        .collect();
+    matches!(code.as_str(), "notfound" | "batchnotfound")
 }
 
 /// What a path segment of ours encodes: every byte but the unreserved characters (RFC 3986
@@ -924,6 +970,47 @@ mod tests {
         );
         assert!(!err.may_still_create() && !err.is_transient());
         assert_eq!(seen.lock().unwrap().len(), ADOPTION_MAX_PAGES as usize);
+    }
+
+    #[tokio::test]
+    async fn a_404_is_told_apart_by_its_code() {
+        let answer = |body: Value| move |_: &[(String, String)], _: usize| (404, body.clone());
+        // Azure's gateway, for a route it does not know (a retired api-version, a wrong
+        // path), and a 404 that is no service's JSON at all: every call, no batch news.
+        for body in [
+            json!({"error": {"code": "404", "message": "Resource not found"}}),
+            json!("Not Found"),
+        ] {
+            let (url, _) = fake_list(answer(body.clone())).await;
+            let c = client(url, classic());
+            let e = c.retrieve("batch_1").await.unwrap_err();
+            assert!(matches!(e, OpenAiError::NoSuchRoute { .. }), "{body}: {e}");
+            assert!(e.is_transient() && !e.may_still_create(), "{e}");
+            assert!(e.to_string().contains("AZURE_OPENAI_API_VERSION"), "{e}");
+            let e = c.list_page(None, 1).await.unwrap_err();
+            assert!(matches!(e, OpenAiError::NoSuchRoute { .. }), "{body}: {e}");
+        }
+        // The service's own answer that the batch does not exist, in the spec's spelling
+        // and OpenAI's; any other code on a 404 proves nothing about the batch.
+        for (code, missing) in [
+            ("notFound", true),
+            ("not_found", true),
+            ("batch_not_found", true),
+            ("DeploymentNotFound", false),
+        ] {
+            let body = json!({"error": {"code": code, "message": "No batch 'batch_1'."}});
+            let (url, _) = fake_list(answer(body)).await;
+            let e = client(url, ApiStyle::V1)
+                .retrieve("batch_1")
+                .await
+                .unwrap_err();
+            let told = match e {
+                OpenAiError::NotFound(ref id) => id == "batch_1",
+                OpenAiError::Rejected { status: 404, .. } => false,
+                _ => panic!("{code}: {e}"),
+            };
+            assert_eq!(told, missing, "{code}: {e}");
+        }
     }
 
     #[test]

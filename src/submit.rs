@@ -449,7 +449,10 @@ async fn release(
     } else {
         "cannot go on now"
     };
-    j.error(format!("job={}: {what}, will be retried: {err}", job.key()));
+    // The gateway's 404 meets every call: whoever ran the step reports it, once.
+    if !matches!(err, StepError::OpenAi(OpenAiError::NoSuchRoute { .. })) {
+        j.error(format!("job={}: {what}, will be retried: {err}", job.key()));
+    }
     job.release(&err.to_string(), app.now());
     // Best effort: if this write fails too, the lease simply lapses later.
     let _ = app.jobs.update(&job, etag).await;

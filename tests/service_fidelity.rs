@@ -106,3 +106,113 @@ async fn adoption_asks_a_dated_version_for_the_window_and_order() {
 async fn adoption_on_v1_walks_the_whole_list_in_any_order() {
     a_crash_after_create_adopts_among_older_batches(Some("v1")).await;
 }
+
+fn job_key_of(name: &str, etag: &str) -> String {
+    format!("{name}@{}", etag.trim_matches('"'))
+}
+
+/// The job's active record; when it has none, the test fails showing the job's summary.
+async fn record(store: &aoai_blob_batch::storage::BlobStore, key: &str) -> serde_json::Value {
+    if let Some(rec) = read_json(store, "batch-jobs", &format!("active/{key}.json")).await {
+        return rec;
+    }
+    let path = key.split(".jsonl@").next().unwrap();
+    let summary = read_json(store, "batch-output", &format!("{path}/summary.json")).await;
+    panic!(
+        "job {key} is no longer active; summary: {}",
+        summary.map_or("none".into(), |s| json_line(&s))
+    )
+}
+
+/// The summary fields that tell what happened.
+fn json_line(summary: &serde_json::Value) -> String {
+    format!("status={} errors={}", summary["status"], summary["errors"])
+}
+
+/// Azure's gateway answers 404 `Resource not found` to every call for a retired or wrong
+/// api-version: for two ticks mid-run here. Nothing about any batch follows from it: the
+/// jobs stay as they were, the tick says so once, and they complete once it answers again.
+#[tokio::test]
+async fn a_gateway_404_for_two_ticks_mid_run_fails_no_job() {
+    let s = Stack::start(&["--step-ms", "0"], &[]);
+    let store = s.azurite.store();
+    let mut keys = Vec::new();
+    for name in ["gw-a.jsonl", "gw-b.jsonl"] {
+        keys.push(job_key_of(name, &s.submit(name, &seed()).await.etag));
+    }
+    s.emulator.advance().await;
+    let (status, answer) = s.handler.tick().await;
+    assert_eq!(status, 200, "{:?}", answer.logs);
+
+    s.emulator.set_gateway_404(true).await;
+    for round in 1..=2 {
+        // The batches go on meanwhile, as Azure's do.
+        s.emulator.advance().await;
+        let (status, answer) = s.handler.tick().await;
+        assert_eq!(status, 200, "{:?}", answer.logs);
+        for key in &keys {
+            let rec = record(&store, key).await;
+            assert_eq!(rec["state"], "running", "tick {round}: {rec}");
+        }
+        for path in ["gw-a", "gw-b"] {
+            let summary = read_json(&store, "batch-output", &format!("{path}/summary.json")).await;
+            assert!(summary.is_none(), "tick {round}: {summary:?}");
+        }
+        let loud: Vec<&String> = answer
+            .logs
+            .iter()
+            .filter(|l| l.contains("Resource not found"))
+            .collect();
+        assert_eq!(loud.len(), 1, "once per tick: {:?}", answer.logs);
+        assert!(
+            loud[0].contains("CONFIGURATION") && loud[0].contains("2 step(s)"),
+            "{loud:?}"
+        );
+    }
+
+    s.emulator.set_gateway_404(false).await;
+    for path in ["gw-a", "gw-b"] {
+        let summary = s.harvest(path, Duration::from_secs(60)).await;
+        assert_eq!(summary["status"], "completed", "{summary}");
+    }
+}
+
+/// A batch the service itself says it does not know (its own 404, `not_found`): the job
+/// fails only once it has said so on three looks in a row over ten minutes.
+#[tokio::test]
+async fn a_batch_the_service_denies_fails_the_job_only_when_it_keeps_saying_so() {
+    let s = Stack::start(&["--step-ms", "0"], &[]);
+    let store = s.azurite.store();
+    let key = job_key_of("gone.jsonl", &s.submit("gone.jsonl", &seed()).await.etag);
+    // The record names a batch the emulator never made.
+    let mut rec = record(&store, &key).await;
+    rec["batch_id"] = "batch_00000000-0000-0000-0000-000000000000".into();
+    store
+        .write(
+            "batch-jobs",
+            &format!("active/{key}.json"),
+            bytes::Bytes::from(rec.to_string()),
+            aoai_blob_batch::storage::WriteCondition::Always,
+            "application/json",
+        )
+        .await
+        .unwrap();
+
+    for look in 1..=2u64 {
+        let (status, answer) = s.handler.tick().await;
+        assert_eq!(status, 200, "{:?}", answer.logs);
+        let rec = record(&store, &key).await;
+        assert_eq!(rec["state"], "running", "look {look}: {rec}");
+        assert_eq!(rec["batch_missing_looks"], look, "{rec}");
+        let logs = answer.logs.join("\n");
+        assert!(logs.contains("does not know this batch"), "{logs}");
+        advance_clock(&s.handler, 300).await;
+    }
+    let (status, answer) = s.handler.tick().await;
+    assert_eq!(status, 200, "{:?}", answer.logs);
+    let summary = read_json(&store, "batch-output", "gone/summary.json")
+        .await
+        .unwrap_or_else(|| panic!("failed at the third look: {:?}", answer.logs));
+    assert_eq!(summary["status"], "failed", "{summary}");
+    assert_eq!(summary["errors"][0]["code"], "batch_not_found", "{summary}");
+}

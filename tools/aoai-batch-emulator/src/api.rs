@@ -4,7 +4,10 @@
 //! - classic: `{endpoint}/openai/batches[/{id}[/cancel]]?api-version=…`
 //! - v1:      `{endpoint}/openai/v1/batches[/{id}[/cancel]]`
 
-use std::sync::Arc;
+use std::sync::{
+    Arc,
+    atomic::{AtomicBool, Ordering},
+};
 
 use axum::{
     Json, Router,
@@ -31,6 +34,9 @@ use crate::{
 pub struct AppState {
     pub registry: Arc<Registry>,
     pub faults: Arc<FaultInjector>,
+    /// Every API call answered with the gateway's 404 (`--gateway-404`, or at run time
+    /// `POST /_emulator/gateway-404?on=`), as Azure answers a wrong or retired api-version.
+    pub gateway_404: Arc<AtomicBool>,
 }
 
 pub fn router(state: AppState) -> Router {
@@ -52,6 +58,7 @@ pub fn router(state: AppState) -> Router {
         // Test control, outside the Azure API's paths and its gate (no key, no faults).
         .route("/_emulator/step", post(control_step))
         .route("/_emulator/expire", post(control_expire))
+        .route("/_emulator/gateway-404", post(control_gateway_404))
         .fallback(resource_not_found)
         .method_not_allowed_fallback(method_not_allowed)
         .layer(middleware::from_fn(log_request))
@@ -138,6 +145,10 @@ struct Classic(bool);
 /// What Azure checks before the operation itself: the caller's key or token, the api-version
 /// of the classic style, and the rate limit (here: the injected faults).
 async fn gate(state: &AppState, classic: bool, mut req: Request, next: Next) -> Response {
+    // The route itself is unknown to the gateway: nothing behind it is reached.
+    if state.gateway_404.load(Ordering::Relaxed) {
+        return resource_not_found().await.into_response();
+    }
     req.extensions_mut().insert(Classic(classic));
     if !authorized(req.headers()) {
         return ApiError::gateway(
@@ -522,6 +533,29 @@ async fn control_expire(
         .await
         .ok_or_else(|| not_found(&id))?;
     Ok(Json(batch).into_response())
+}
+
+/// `POST /_emulator/gateway-404?on=true|false`: from now on every API call gets (or no longer
+/// gets) the gateway's 404 `Resource not found`, as when an api-version is retired. Batches
+/// go on meanwhile, as they do in Azure. Answers with the setting. Works in any mode.
+async fn control_gateway_404(
+    State(state): State<AppState>,
+    RawQuery(query): RawQuery,
+) -> Result<Response, ApiError> {
+    let on = match query_value(query.as_deref(), "on").as_deref() {
+        Some("true") => true,
+        Some("false") => false,
+        _ => {
+            return Err(ApiError::bad_request(
+                "invalid_on",
+                "on must be true or false.",
+                Some("on"),
+            ));
+        }
+    };
+    state.gateway_404.store(on, Ordering::Relaxed);
+    tracing::info!(on, "gateway 404 for every API call");
+    Ok(Json(json!({"gateway_404": on})).into_response())
 }
 
 async fn list(

@@ -91,6 +91,13 @@ struct Cli {
     #[arg(long = "http-500-rate", default_value_t = 0.0, value_parser = rate)]
     http_500_rate: f64,
 
+    /// Answer every API call with the gateway's 404 `{"error":{"code":"404","message":
+    /// "Resource not found"}}`, as Azure does for a wrong or retired api-version or path,
+    /// while batches go on. A test turns it on and off at run time with
+    /// `POST /_emulator/gateway-404?on=true|false` (a test control, see the README).
+    #[arg(long)]
+    gateway_404: bool,
+
     /// Test-only: a batch whose input contains this text fails (`emulated_failure`).
     #[arg(long, value_name = "TEXT")]
     fail_input_containing: Option<String>,
@@ -161,6 +168,7 @@ async fn main() -> anyhow::Result<()> {
             cli.http_429_rate,
             cli.http_500_rate,
         )),
+        gateway_404: Arc::new(cli.gateway_404.into()),
     };
 
     let listener = tokio::net::TcpListener::bind(cli.listen)
