@@ -216,3 +216,81 @@ async fn a_batch_the_service_denies_fails_the_job_only_when_it_keeps_saying_so()
     assert_eq!(summary["status"], "failed", "{summary}");
     assert_eq!(summary["errors"][0]["code"], "batch_not_found", "{summary}");
 }
+
+/// `n` chat lines of the seed's format.
+fn lines(n: usize, prefix: &str) -> Vec<u8> {
+    (0..n)
+        .map(|i| chat_line(&format!("{prefix}-{i}"), &format!("question number {i}")) + "\n")
+        .collect::<String>()
+        .into_bytes()
+}
+
+/// Outside the fail-fast regions the service takes a create over the enqueued-token quota
+/// and fails the batch in validation with `token_limit_exceeded` in `errors.data`. That
+/// job waits in `queued` like a refused create, is resubmitted once there is room, and
+/// completes, with one summary: the completed one.
+#[tokio::test]
+async fn a_quota_refusal_as_a_failed_batch_queues_the_job_until_there_is_room() {
+    // Room for one of these files at a time. Manual steps: the first batch holds the quota
+    // while the second is validated.
+    let s = Stack::start(
+        &[
+            "--step-ms",
+            "0",
+            "--enqueued-token-limit",
+            "3000",
+            "--quota-refusal",
+            "failed-batch",
+        ],
+        &[],
+    );
+    let store = s.azurite.store();
+    s.submit("room-a.jsonl", &lines(20, "a")).await;
+    let b = s.submit("room-b.jsonl", &lines(20, "b")).await;
+    let b_key = job_key_of("room-b.jsonl", &b.etag);
+    assert_eq!(s.emulator.batches().await.len(), 2, "both creates taken");
+
+    // One step validates both: the first fits, the second fails for quota.
+    s.emulator.advance().await;
+    let (status, answer) = s.handler.tick().await;
+    assert_eq!(status, 200, "{:?}", answer.logs);
+    let rec = record(&store, &b_key).await;
+    assert_eq!(rec["state"], "queued", "{rec}");
+    assert_eq!(rec["quota_attempts"], 1, "{rec}");
+    let failed: Vec<_> = s
+        .emulator
+        .batches()
+        .await
+        .into_iter()
+        .filter(|b| b.status == aoai_blob_batch::openai::BatchStatus::Failed)
+        .collect();
+    assert_eq!(failed.len(), 1, "{failed:?}");
+    assert_eq!(
+        failed[0].error_codes().collect::<Vec<_>>(),
+        ["token_limit_exceeded"]
+    );
+
+    let sa = s.harvest("room-a", Duration::from_secs(60)).await;
+    assert_eq!(sa["status"], "completed", "{sa}");
+    let sb = s.harvest("room-b", Duration::from_secs(60)).await;
+    assert_eq!(sb["status"], "completed", "{sb}");
+    assert_eq!(sb["request_counts"]["completed"], 20, "{sb}");
+    assert_ne!(sb["batch_id"], failed[0].id.as_str(), "{sb}");
+    assert!(
+        sb["errors"].as_array().is_none_or(|e| e.is_empty()),
+        "the quota refusal is not the job's outcome: {sb}"
+    );
+    let outputs = blob_names(&store, "batch-output", "room-b/").await;
+    assert_eq!(
+        outputs
+            .iter()
+            .filter(|n| n.ends_with("summary.json"))
+            .count(),
+        1,
+        "{outputs:?}"
+    );
+    let merged = read_text(&store, "batch-output", "room-b/merged.jsonl")
+        .await
+        .unwrap();
+    assert_eq!(merged.lines().count(), 20);
+}

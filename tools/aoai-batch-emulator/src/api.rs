@@ -22,7 +22,7 @@ use azure_core::http::Url;
 use serde_json::{Map, Value, json};
 
 use crate::{
-    batches::{Batch, CancelError, CreateError, NewBatch, Registry},
+    batches::{Batch, CancelError, CreateError, NewBatch, Registry, token_limit_message},
     blob_url::Account,
     faults::{Fault, FaultInjector},
     input::endpoint_api,
@@ -257,11 +257,7 @@ async fn create(State(state): State<AppState>, body: Bytes) -> Result<Response, 
     let created = state.registry.create(new).await.map_err(|e| match e {
         CreateError::TokenLimit { model, limit } => ApiError::bad_request(
             "token_limit_exceeded",
-            format!(
-                "The number of enqueued tokens has surpassed the configured limit of {limit} for \
-                 the deployment '{model}'. Please either increase the limit or try again once the \
-                 current jobs have finished."
-            ),
+            token_limit_message(limit, &model),
             None,
         ),
         CreateError::Unavailable(e) => {

@@ -121,6 +121,7 @@ pub struct Settings {
     pub lines_per_step: Option<u64>,
     /// The order of a list that asks for none (`$orderby` on the classic route can).
     pub list_order: Order,
+    pub quota_refusal: QuotaRefusal,
     pub seed: u64,
     pub markers: input::Markers,
 }
@@ -160,6 +161,9 @@ struct Entry {
     /// The deployment and estimated tokens the job holds against the quota while active.
     model: Option<String>,
     tokens: u64,
+    /// Whether its tokens passed the quota check and count against the quota: at create
+    /// (fail-fast), or at its validation step (`--quota-refusal failed-batch`).
+    admitted: bool,
     /// Where step requests for the batch's lifecycle go, in manual mode.
     stepper: Option<mpsc::UnboundedSender<lifecycle::StepRequest>>,
 }
@@ -169,6 +173,39 @@ struct Inner {
     batches: HashMap<String, Entry>,
     /// Ids in creation order: `created_at` has one-second resolution, too coarse to sort by.
     order: Vec<String>,
+}
+
+impl Inner {
+    /// The tokens the active, admitted batches of deployment `model` hold.
+    fn enqueued(&self, model: &str) -> u64 {
+        self.batches
+            .values()
+            .filter(|e| {
+                e.admitted && !e.batch.status.is_terminal() && e.model.as_deref() == Some(model)
+            })
+            .map(|e| e.tokens)
+            .sum()
+    }
+}
+
+/// The service's words for a full enqueued-token quota, at create (400) and in a failed
+/// batch's `errors.data` alike (the latter as a Microsoft Q&A answer quotes it:
+/// https://learn.microsoft.com/answers/questions/2285577/azure-openai-batch-api-token-limit-exceeded-error).
+pub fn token_limit_message(limit: u64, model: &str) -> String {
+    format!(
+        "The number of enqueued tokens has surpassed the configured limit of {limit} for the \
+         deployment '{model}'. Please either increase the limit or try again once the current \
+         jobs have finished."
+    )
+}
+
+/// How the service refuses a batch over the enqueued-token quota (the batch how-to's
+/// "Queueing batch jobs"): in the fail-fast regions the create gets a 400; elsewhere the
+/// create is accepted and the batch fails during validation with `token_limit_exceeded`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum QuotaRefusal {
+    FailFast,
+    FailedBatch,
 }
 
 pub struct Registry {
@@ -259,18 +296,12 @@ impl Registry {
                 (lifecycle::Pace::Manual(rx), Some(tx))
             }
         };
+        let fail_fast = self.settings.quota_refusal == QuotaRefusal::FailFast;
         let enqueued_tokens = {
             let mut inner = self.lock();
-            let enqueued: u64 = match &model {
-                Some(m) => inner
-                    .batches
-                    .values()
-                    .filter(|e| !e.batch.status.is_terminal() && e.model.as_ref() == Some(m))
-                    .map(|e| e.tokens)
-                    .sum(),
-                None => 0,
-            };
-            if let (Some(limit), Some(m)) = (self.settings.enqueued_token_limit, &model)
+            let enqueued = model.as_ref().map_or(0, |m| inner.enqueued(m));
+            if fail_fast
+                && let (Some(limit), Some(m)) = (self.settings.enqueued_token_limit, &model)
                 && enqueued + tokens > limit
             {
                 return Err(CreateError::TokenLimit {
@@ -285,6 +316,7 @@ impl Registry {
                     batch: batch.clone(),
                     model,
                     tokens,
+                    admitted: fail_fast,
                     stepper,
                 },
             );
@@ -305,6 +337,35 @@ impl Registry {
             enqueued_tokens,
             token_limit: self.settings.enqueued_token_limit,
         })
+    }
+
+    /// The quota check of a batch that is not admitted yet (`--quota-refusal failed-batch`),
+    /// taken at its validation step as the service outside the fail-fast regions does: it
+    /// then holds its tokens against the quota, or it fails with `token_limit_exceeded`.
+    pub fn admit(&self, id: &str) -> Result<(), BatchError> {
+        let mut inner = self.lock();
+        let Some(entry) = inner.batches.get(id) else {
+            return Ok(());
+        };
+        let (Some(model), tokens) = (entry.model.clone(), entry.tokens) else {
+            return Ok(());
+        };
+        if entry.admitted {
+            return Ok(());
+        }
+        if let Some(limit) = self.settings.enqueued_token_limit
+            && inner.enqueued(&model) + tokens > limit
+        {
+            return Err(BatchError::new(
+                "token_limit_exceeded",
+                token_limit_message(limit, &model),
+                None,
+            ));
+        }
+        if let Some(e) = inner.batches.get_mut(id) {
+            e.admitted = true;
+        }
+        Ok(())
     }
 
     /// Whether batches move only when stepped (`--step-ms 0`).

@@ -126,6 +126,10 @@ async fn step(reg: &Registry, job: &Job, p: &mut Progress, expire: bool) -> Flow
                 Some(false) => return fail(reg, job, BatchError::modified()),
                 None => return Flow::Continue,
             }
+            // Validated: its tokens are checked against the quota now, unless at create.
+            if let Err(e) = reg.admit(&job.id) {
+                return fail(reg, job, e);
+            }
             p.outputs = Some(Outputs::open(reg.store.clone(), &reg.account, &job.output));
             reg.update(&job.id, |b| {
                 if b.status == Status::Validating {

@@ -68,9 +68,17 @@ struct Cli {
     expire_after_ms: Option<u64>,
 
     /// Enqueued-token quota per deployment; a create that would pass it fails with 400
-    /// `token_limit_exceeded`. Default: no limit.
+    /// `token_limit_exceeded` (or, with `--quota-refusal failed-batch`, its batch fails).
+    /// Default: no limit.
     #[arg(long)]
     enqueued_token_limit: Option<u64>,
+
+    /// How a batch over the enqueued-token quota is refused: `fail-fast`, a 400
+    /// `token_limit_exceeded` at create (the fail-fast regions); `failed-batch`, the create
+    /// is accepted and the batch fails at its validation step with `token_limit_exceeded` in
+    /// `errors.data` (the other regions).
+    #[arg(long, value_enum, default_value_t = batches::QuotaRefusal::FailFast)]
+    quota_refusal: batches::QuotaRefusal,
 
     /// The order of a list that asks for none. The service leaves it undocumented (OpenAI's
     /// v1 lists newest first; the classic spec's example asks `$orderby=created_at asc`), so a
@@ -155,6 +163,7 @@ async fn main() -> anyhow::Result<()> {
         line_failure_rate: cli.line_failure_rate,
         lines_per_step: cli.lines_per_step,
         list_order: cli.list_order,
+        quota_refusal: cli.quota_refusal,
         seed: cli.seed,
         markers: input::Markers {
             fail: cli.fail_input_containing,
