@@ -19,6 +19,14 @@ use crate::config::{ApiStyle, Secret};
 
 const COGNITIVE_SERVICES_SCOPE: &str = "https://cognitiveservices.azure.com/.default";
 
+/// Batches per page when looking for one to adopt: the most the list gives (spec: `limit`
+/// 1–100, default 20).
+const ADOPTION_PAGE_SIZE: u32 = 100;
+
+/// Pages looked through for a batch to adopt before giving up (5,000 batches): bounds the
+/// cost of the walk on `v1`, whose list has no time window.
+pub const ADOPTION_MAX_PAGES: u32 = 50;
+
 /// A batch's status. Parsed case-insensitively; anything unknown is kept, not an error.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "snake_case")]
@@ -198,19 +206,45 @@ pub enum OpenAiError {
         code: String,
         message: String,
     },
+    /// The service itself said this batch does not exist: a 404 whose code names a missing
+    /// resource. One such answer is no proof that the batch is gone (`poll` wants it on
+    /// several looks in a row).
     #[error("batch {0} not found")]
     NotFound(String),
+    /// Azure's gateway answered 404 `Resource not found` (code `"404"`): no such route at
+    /// all, as for a wrong or retired api-version, endpoint or path. It says nothing about any
+    /// batch, and every call gets it until the configuration is fixed.
+    #[error(
+        "Azure OpenAI answered {message} to {what}: no such route, so the endpoint, path or \
+         api-version is wrong or retired (check AZURE_OPENAI_ENDPOINT and \
+         AZURE_OPENAI_API_VERSION); it says nothing about any batch"
+    )]
+    NoSuchRoute { what: String, message: String },
     #[error("cannot authenticate to Azure OpenAI: {0}")]
     Auth(String),
     #[error("unexpected answer from Azure OpenAI: {0}")]
     Decode(String),
+    /// The batch list was too long to look through for a batch this job may already have:
+    /// creating one now could make a second, so nothing is created.
+    #[error(
+        "looked through {scanned} batches ({ADOPTION_MAX_PAGES} pages of the list) without \
+         reaching its end, for a batch an earlier attempt may have created; not creating \
+         another while one may exist. A dated AZURE_OPENAI_API_VERSION (the default \
+         2025-04-01-preview) lets the list be narrowed to the time of the create; or, once \
+         sure no batch was made for this input, delete the job's record (active/JOB.json in \
+         the state container) and the timer's sweep takes the input in again"
+    )]
+    SearchIncomplete { scanned: usize },
 }
 
 impl OpenAiError {
     pub fn is_transient(&self) -> bool {
         matches!(
             self,
-            Self::Transient { .. } | Self::Unanswered { .. } | Self::Auth(_)
+            Self::Transient { .. }
+                | Self::Unanswered { .. }
+                | Self::Auth(_)
+                | Self::NoSuchRoute { .. }
         )
     }
 
@@ -328,7 +362,9 @@ impl BatchClient {
             .send(Method::GET, self.url(&path, &[]), None, true)
             .await
         {
-            Err(OpenAiError::Rejected { status: 404, .. }) => Err(OpenAiError::NotFound(id.into())),
+            Err(OpenAiError::Rejected {
+                status: 404, code, ..
+            }) if names_missing_resource(&code) => Err(OpenAiError::NotFound(id.into())),
             other => other,
         }
     }
@@ -344,42 +380,90 @@ impl BatchClient {
         after: Option<&str>,
         limit: u32,
     ) -> Result<BatchPage, OpenAiError> {
+        self.list_page_where(after, limit, None).await
+    }
+
+    /// A page of the list; on the classic route with `since`, only batches created after
+    /// that time (unix seconds), oldest first.
+    async fn list_page_where(
+        &self,
+        after: Option<&str>,
+        limit: u32,
+        since: Option<i64>,
+    ) -> Result<BatchPage, OpenAiError> {
         let mut query = vec![("limit", limit.to_string())];
         if let Some(a) = after {
             query.push(("after", a.to_string()));
+        }
+        if let Some(t) = since {
+            // The spec's own list example (2025-04-01-preview, examples/get_batches.json):
+            // `$filter=created_at gt N and …`, `$orderby=created_at asc`.
+            query.push(("$filter", format!("created_at gt {t}")));
+            query.push(("$orderby", "created_at asc".to_string()));
         }
         self.send(Method::GET, self.url("batches", &query), None, true)
             .await
     }
 
-    /// Finds a batch created for this input blob, newest first, among batches created at or
-    /// after `not_before` (unix seconds). The service lists newest first, so the walk stops at
-    /// the first older batch.
+    /// Finds a batch created for this input blob at or after `not_before` (unix seconds): the
+    /// guard against a second batch after a crash or a lost create answer, so it must not miss
+    /// one, whatever order the service lists in. The spec leaves the default order open (its
+    /// list example asks `created_at asc`; OpenAI's v1 lists newest first), so nothing here
+    /// stops on an order assumption.
+    ///
+    /// On a dated api-version the list is asked for the time window and the order outright
+    /// (`$filter=created_at gt …`, `$orderby=created_at asc`: Batch_List in the
+    /// 2025-04-01-preview spec and the batch how-to's "List batch (Preview)"), so it holds
+    /// only the batches since the create, the sought one first. A service that refuses those
+    /// options (400) is walked without them. On `v1`, which has neither, every page is walked
+    /// until `has_more` is false. Either walk stops after [`ADOPTION_MAX_PAGES`] pages with
+    /// [`OpenAiError::SearchIncomplete`]: the caller must not create blindly then.
     pub async fn find_by_input_blob(
         &self,
         input_blob: &str,
         not_before: i64,
     ) -> Result<Option<Batch>, OpenAiError> {
+        let mut since = matches!(self.style, ApiStyle::Classic { .. }).then(|| not_before - 1);
         let mut after: Option<String> = None;
+        let mut scanned = 0usize;
+        let mut pages = 0u32;
         loop {
-            let page = self.list_page(after.as_deref(), 100).await?;
-            let mut older_seen = false;
-            for b in &page.data {
-                if b.created_at.is_some_and(|t| t < not_before) {
-                    older_seen = true;
+            if pages >= ADOPTION_MAX_PAGES {
+                return Err(OpenAiError::SearchIncomplete { scanned });
+            }
+            let page = match self
+                .list_page_where(after.as_deref(), ADOPTION_PAGE_SIZE, since)
+                .await
+            {
+                Err(OpenAiError::Rejected {
+                    status: 400,
+                    message,
+                    ..
+                }) if since.is_some() && after.is_none() => {
+                    tracing::warn!(
+                        error = %message,
+                        "the batch list refused $filter/$orderby; looking through every batch instead"
+                    );
+                    since = None;
                     continue;
                 }
-                if b.input_blob
-                    .as_deref()
-                    .is_some_and(|u| same_blob_url(u, input_blob))
-                {
-                    return Ok(Some(b.clone()));
-                }
+                other => other?,
+            };
+            pages += 1;
+            scanned += page.data.len();
+            let found = page.data.iter().find(|b| {
+                b.created_at.is_none_or(|t| t >= not_before)
+                    && b.input_blob
+                        .as_deref()
+                        .is_some_and(|u| same_blob_url(u, input_blob))
+            });
+            if let Some(b) = found {
+                return Ok(Some(b.clone()));
             }
             let next = page
                 .last_id
                 .or_else(|| page.data.last().map(|b| b.id.clone()));
-            if !page.has_more || older_seen || next.is_none() || page.data.is_empty() {
+            if !page.has_more || next.is_none() || page.data.is_empty() {
                 return Ok(None);
             }
             after = next;
@@ -440,6 +524,12 @@ impl BatchClient {
                     let (code, message) = error_fields(&text);
                     if code == "token_limit_exceeded" || message.contains("token_limit_exceeded") {
                         return Err(OpenAiError::TokenLimitExceeded { message });
+                    }
+                    if status == StatusCode::NOT_FOUND && is_gateway_code(&code) {
+                        return Err(OpenAiError::NoSuchRoute {
+                            what: what.clone(),
+                            message: format!("HTTP 404 \"{code}\" {message}"),
+                        });
                     }
                     let throttled = status == StatusCode::TOO_MANY_REQUESTS;
                     let server = status.is_server_error() || status == StatusCode::REQUEST_TIMEOUT;
@@ -544,6 +634,29 @@ fn error_fields(text: &str) -> (String, String) {
         .map(str::to_string)
         .unwrap_or_else(|| text.chars().take(500).collect());
     (code, message)
+}
+
+/// Whether a 404's error code is the gateway's, not the service's: Azure's front door
+/// answers a route it does not know (a wrong or retired api-version, a wrong path) with
+/// `{"error":{"code":"404","message":"Resource not found"}}`, the status as its code (seen
+/// for every call in openai-python and graphrag reports: vibrantlabsai/ragas#478,
+/// microsoft/graphrag#1863; a missing api-version: MicrosoftDocs/azure-docs#114602); a body
+/// without a code is no service's answer either.
+fn is_gateway_code(code: &str) -> bool {
+    code.is_empty() || code.bytes().all(|b| b.is_ascii_digit())
+}
+
+/// Whether a 404's error code says the resource asked for does not exist: the spec's
+/// `notFound` (ErrorCode in the 2025-04-01-preview spec: "The resource is not found."), or
+/// the `not_found` / `batch_not_found` spellings of OpenAI-style services. Any other code on
+/// a 404 proves nothing about the batch.
+fn names_missing_resource(code: &str) -> bool {
+    let code: String = code
+        .chars()
+        .filter(|c| *c != '_')
+        .flat_map(char::to_lowercase)
+        .collect();
+    matches!(code.as_str(), "notfound" | "batchnotfound")
 }
 
 /// What a path segment of ours encodes: every byte but the unreserved characters (RFC 3986
@@ -710,6 +823,194 @@ mod tests {
         assert_eq!(url("a/b?c#d%e f"), format!("{base}a%2Fb%3Fc%23d%25e%20f"));
         assert_eq!(url("a;b=c+d"), format!("{base}a%3Bb%3Dc%2Bd"));
         assert_eq!(url("é"), format!("{base}%C3%A9"));
+    }
+
+    type Query = Vec<(String, String)>;
+
+    /// A list route that answers each request with `answer(query, n)` (`n`: requests so far)
+    /// and keeps the queries it got.
+    async fn fake_list(
+        answer: impl Fn(&[(String, String)], usize) -> (u16, Value) + Clone + Send + Sync + 'static,
+    ) -> (Url, Arc<std::sync::Mutex<Vec<Query>>>) {
+        let seen: Arc<std::sync::Mutex<Vec<Query>>> = Arc::default();
+        let log = seen.clone();
+        let app = axum::Router::new().fallback(move |q: axum::extract::RawQuery| {
+            let (answer, log) = (answer.clone(), log.clone());
+            async move {
+                let query: Query = url::form_urlencoded::parse(q.0.unwrap_or_default().as_bytes())
+                    .into_owned()
+                    .collect();
+                let n = {
+                    let mut log = log.lock().unwrap();
+                    log.push(query.clone());
+                    log.len() - 1
+                };
+                let (status, body) = answer(&query, n);
+                (
+                    axum::http::StatusCode::from_u16(status).unwrap(),
+                    axum::Json(body),
+                )
+            }
+        });
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url = Url::parse(&format!("http://{}", listener.local_addr().unwrap())).unwrap();
+        tokio::spawn(async move { axum::serve(listener, app).await });
+        (url, seen)
+    }
+
+    fn client(endpoint: Url, style: ApiStyle) -> BatchClient {
+        BatchClient::new(
+            endpoint,
+            style,
+            Auth::ApiKey(crate::config::Secret::new("k")),
+            RetryConfig::default(),
+        )
+    }
+
+    fn classic() -> ApiStyle {
+        ApiStyle::Classic {
+            api_version: "2025-04-01-preview".into(),
+        }
+    }
+
+    const WANTED: &str = "https://a.blob.core.windows.net/in/x.jsonl";
+    const NOT_BEFORE: i64 = 1_000_000;
+
+    /// `n` batches from `first`, created at `at`, for other inputs unless `wanted`.
+    fn batches(first: usize, n: usize, at: i64, wanted: bool) -> Vec<Value> {
+        (first..first + n)
+            .map(|i| {
+                let blob = if wanted { WANTED.to_string() } else { format!("https://a.blob.core.windows.net/in/other-{i}.jsonl") };
+                json!({"id": format!("b{i}"), "status": "in_progress", "created_at": at, "input_blob": blob})
+            })
+            .collect()
+    }
+
+    fn page(data: Vec<Value>, has_more: bool) -> (u16, Value) {
+        let last = data.last().map(|b| b["id"].clone());
+        (
+            200,
+            json!({"object": "list", "data": data, "has_more": has_more, "last_id": last}),
+        )
+    }
+
+    fn get<'a>(query: &'a [(String, String)], name: &str) -> Option<&'a str> {
+        query
+            .iter()
+            .find(|(k, _)| k == name)
+            .map(|(_, v)| v.as_str())
+    }
+
+    #[tokio::test]
+    async fn adoption_asks_a_dated_version_for_the_window_oldest_first() {
+        let (url, seen) = fake_list(|_, _| page(batches(0, 1, NOT_BEFORE + 2, true), false)).await;
+        let found = client(url, classic())
+            .find_by_input_blob(WANTED, NOT_BEFORE)
+            .await;
+        assert_eq!(found.unwrap().unwrap().id, "b0");
+        let seen = seen.lock().unwrap();
+        assert_eq!(get(&seen[0], "$filter"), Some("created_at gt 999999"));
+        assert_eq!(get(&seen[0], "$orderby"), Some("created_at asc"));
+        assert_eq!(get(&seen[0], "api-version"), Some("2025-04-01-preview"));
+    }
+
+    #[tokio::test]
+    async fn adoption_walks_on_past_older_batches_in_any_order() {
+        // Oldest first, with no window (v1; or a dated version that refuses `$filter`): the
+        // first page holds only older batches, the sought one is on the second.
+        let answer = |q: &[(String, String)], _: usize| {
+            if get(q, "$filter").is_some() {
+                return (
+                    400,
+                    json!({"error": {"code": "invalid_value", "message": "no $filter here"}}),
+                );
+            }
+            match get(q, "after") {
+                None => page(batches(0, 100, NOT_BEFORE - 3600, false), true),
+                Some("b99") => page(batches(100, 1, NOT_BEFORE + 1, true), false),
+                Some(other) => panic!("unexpected cursor {other}"),
+            }
+        };
+        for style in [ApiStyle::V1, classic()] {
+            let (url, seen) = fake_list(answer).await;
+            let found = client(url, style.clone())
+                .find_by_input_blob(WANTED, NOT_BEFORE)
+                .await;
+            assert_eq!(found.unwrap().unwrap().id, "b100", "{style:?}");
+            let seen = seen.lock().unwrap();
+            let windowed = seen.iter().filter(|q| get(q, "$filter").is_some()).count();
+            assert_eq!(
+                windowed,
+                usize::from(style != ApiStyle::V1),
+                "{style:?}: {seen:?}"
+            );
+        }
+    }
+
+    #[tokio::test]
+    async fn adoption_ignores_a_match_from_before_the_window_and_ends_with_the_list() {
+        let (url, _) = fake_list(|_, _| page(batches(0, 1, NOT_BEFORE - 1, true), false)).await;
+        let found = client(url, ApiStyle::V1)
+            .find_by_input_blob(WANTED, NOT_BEFORE)
+            .await;
+        assert!(found.unwrap().is_none());
+    }
+
+    #[tokio::test]
+    async fn adoption_gives_up_after_a_bounded_walk_rather_than_say_none() {
+        let (url, seen) =
+            fake_list(|_, n| page(batches(n * 100, 100, NOT_BEFORE + 1, false), true)).await;
+        let err = client(url, ApiStyle::V1)
+            .find_by_input_blob(WANTED, NOT_BEFORE)
+            .await
+            .unwrap_err();
+        assert!(
+            matches!(err, OpenAiError::SearchIncomplete { scanned: 5000 }),
+            "{err}"
+        );
+        assert!(!err.may_still_create() && !err.is_transient());
+        assert_eq!(seen.lock().unwrap().len(), ADOPTION_MAX_PAGES as usize);
+    }
+
+    #[tokio::test]
+    async fn a_404_is_told_apart_by_its_code() {
+        let answer = |body: Value| move |_: &[(String, String)], _: usize| (404, body.clone());
+        // Azure's gateway, for a route it does not know (a retired api-version, a wrong
+        // path), and a 404 that is no service's JSON at all: every call, no batch news.
+        for body in [
+            json!({"error": {"code": "404", "message": "Resource not found"}}),
+            json!("Not Found"),
+        ] {
+            let (url, _) = fake_list(answer(body.clone())).await;
+            let c = client(url, classic());
+            let e = c.retrieve("batch_1").await.unwrap_err();
+            assert!(matches!(e, OpenAiError::NoSuchRoute { .. }), "{body}: {e}");
+            assert!(e.is_transient() && !e.may_still_create(), "{e}");
+            assert!(e.to_string().contains("AZURE_OPENAI_API_VERSION"), "{e}");
+            let e = c.list_page(None, 1).await.unwrap_err();
+            assert!(matches!(e, OpenAiError::NoSuchRoute { .. }), "{body}: {e}");
+        }
+        // The service's own answer that the batch does not exist, in the spec's spelling
+        // and OpenAI's; any other code on a 404 proves nothing about the batch.
+        for (code, missing) in [
+            ("notFound", true),
+            ("not_found", true),
+            ("batch_not_found", true),
+            ("DeploymentNotFound", false),
+        ] {
+            let body = json!({"error": {"code": code, "message": "No batch 'batch_1'."}});
+            let (url, _) = fake_list(answer(body)).await;
+            let e = client(url, ApiStyle::V1)
+                .retrieve("batch_1")
+                .await
+                .unwrap_err();
+            let told = match e {
+                OpenAiError::NotFound(ref id) => id == "batch_1",
+                OpenAiError::Rejected { status: 404, .. } => false,
+                _ => panic!("{code}: {e}"),
+            };
+            assert_eq!(told, missing, "{code}: {e}");
+        }
     }
 
     #[test]

@@ -17,6 +17,7 @@ use futures::{StreamExt, TryStreamExt};
 
 use crate::{
     app::{App, Journal, StepError, guarded},
+    config::ApiStyle,
     harvest,
     jobs::{AnyJob, InputRef, Job, Observed, Outcome, Queued, Running, job_key},
     openai::{BatchStatus, OpenAiError},
@@ -31,6 +32,16 @@ const TICK_CONCURRENCY: usize = 32;
 /// A job still not ended this long after `expires_at` is reported on every tick.
 const STUCK_AFTER_SECS: i64 = 3600;
 
+/// A running job's batch is taken for gone, and the job failed, only when the service itself
+/// (a 404 naming a missing resource, not its gateway's `Resource not found`) has said so on
+/// this many looks in a row, spanning at least `MISSING_FOR_SECS`. One answer is no proof: a
+/// batch just created may not be readable everywhere yet (other batch services show such
+/// passing 404s: anthropics/anthropic-sdk-python#1432), and failing a live batch loses its
+/// results while it keeps running and billing; a batch that is really gone costs nothing
+/// while it is looked for again. At the 5-minute schedule that is 10 minutes: three ticks.
+const MISSING_LOOKS: u32 = 3;
+const MISSING_FOR_SECS: i64 = 600;
+
 #[derive(Debug, Default, Clone, Copy)]
 pub struct TickStats {
     pub swept: usize,
@@ -39,11 +50,50 @@ pub struct TickStats {
     pub faults: usize,
 }
 
+/// Azure OpenAI's gateway answering 404 `Resource not found` during a tick: a configuration
+/// fault (every call gets it), not news about any job. Each such step leaves its job as it
+/// was; the tick says so once, loudly, instead of once per job.
+#[derive(Default)]
+struct NoSuchRoute {
+    steps: usize,
+    example: Option<String>,
+}
+
+impl NoSuchRoute {
+    /// Takes the error when it is the gateway's 404; `false` for any other.
+    fn absorb(&mut self, e: &StepError) -> bool {
+        if !matches!(e, StepError::OpenAi(OpenAiError::NoSuchRoute { .. })) {
+            return false;
+        }
+        self.steps += 1;
+        self.example.get_or_insert_with(|| e.to_string());
+        true
+    }
+
+    fn report(&self, app: &App, j: &Journal) {
+        let Some(example) = &self.example else {
+            return;
+        };
+        let version = match &app.config.api_style {
+            ApiStyle::Classic { api_version } => api_version.as_str(),
+            ApiStyle::V1 => "v1",
+        };
+        j.error(format!(
+            "CONFIGURATION: Azure OpenAI at {} (api-version {version}) answers 404 Resource not \
+             found: {} step(s) this tick could not reach it and no job was changed. Fix \
+             AZURE_OPENAI_ENDPOINT or AZURE_OPENAI_API_VERSION; jobs go on once it answers. \
+             First: {example}",
+            app.config.openai_endpoint, self.steps
+        ));
+    }
+}
+
 pub async fn tick(app: &App, j: &Journal) -> Result<TickStats, StepError> {
     let started = std::time::Instant::now();
     let mut stats = TickStats::default();
+    let mut no_route = NoSuchRoute::default();
     let active: HashSet<String> = app.jobs.active_keys().await?.into_iter().collect();
-    stats.swept = sweep(app, &active, j).await?;
+    stats.swept = sweep(app, &active, &mut no_route, j).await?;
 
     // Listed again: the sweep may have added jobs, and those are polled at once.
     let keys = app.jobs.active_keys().await?;
@@ -59,12 +109,15 @@ pub async fn tick(app: &App, j: &Journal) -> Result<TickStats, StepError> {
             Ok(false) => {}
             Err(e) => {
                 stats.faults += 1;
-                j.error(format!(
-                    "a job step failed and will be retried next tick: {e}"
-                ));
+                if !no_route.absorb(&e) {
+                    j.error(format!(
+                        "a job step failed and will be retried next tick: {e}"
+                    ));
+                }
             }
         }
     }
+    no_route.report(app, j);
     j.info(format!(
         "tick done in {} ms: {} new input(s), {} active job(s), {} finished, {} fault(s)",
         started.elapsed().as_millis(),
@@ -77,7 +130,12 @@ pub async fn tick(app: &App, j: &Journal) -> Result<TickStats, StepError> {
 }
 
 /// Submits inputs that have no job record for their current version.
-async fn sweep(app: &App, active: &HashSet<String>, j: &Journal) -> Result<usize, StepError> {
+async fn sweep(
+    app: &App,
+    active: &HashSet<String>,
+    no_route: &mut NoSuchRoute,
+    j: &Journal,
+) -> Result<usize, StepError> {
     let (inputs, others): (Vec<_>, Vec<_>) = app
         .store
         .list(&app.config.input_container, "")
@@ -135,7 +193,9 @@ async fn sweep(app: &App, active: &HashSet<String>, j: &Journal) -> Result<usize
         .await;
     // One input's fault must not keep the others (or the polling after) from their turn.
     for r in results {
-        if let Err(e) = r {
+        if let Err(e) = r
+            && !no_route.absorb(&e)
+        {
             j.error(format!("sweep: an input will be retried next tick: {e}"));
         }
     }
@@ -201,13 +261,30 @@ async fn poll_running(
     let batch = match app.openai.retrieve(&batch_id).await {
         Ok(b) => b,
         Err(OpenAiError::NotFound(_)) => {
-            j.error(format!(
-                "job={key} batch={batch_id}: the service no longer knows this batch; \
-                 finishing the job as failed"
+            let mut job = job;
+            let missing = job.batch_missing(app.now());
+            let over = app.now() - missing.since;
+            if missing.looks >= MISSING_LOOKS && over >= MISSING_FOR_SECS {
+                j.error(format!(
+                    "job={key} batch={batch_id}: the service has said on {} looks in a row, \
+                     over {over} s, that it does not know this batch; finishing the job as failed",
+                    missing.looks
+                ));
+                let message = format!(
+                    "batch {batch_id} is unknown to the service ({} looks over {over} s)",
+                    missing.looks
+                );
+                fail_job(app, job, &etag, "batch_not_found", message).await?;
+                return Ok(true);
+            }
+            j.warn(format!(
+                "job={key} batch={batch_id}: the service says it does not know this batch \
+                 (look {} in a row); the job fails only if it still says so on \
+                 {MISSING_LOOKS} looks over {MISSING_FOR_SECS} s",
+                missing.looks
             ));
-            let message = format!("batch {batch_id} is unknown to the service");
-            fail_job(app, job, &etag, "batch_not_found", message).await?;
-            return Ok(true);
+            app.jobs.update(&job, &etag).await?;
+            return Ok(false);
         }
         Err(e) => return Err(e.into()),
     };

@@ -87,8 +87,9 @@ pub const MAX_INPUT_NAME_CHARS: usize = 1024 - "/results.jsonl".len() + ".jsonl"
 /// Downloaded chunks (1 MiB each) waiting to be validated at most.
 const READ_AHEAD_CHUNKS: usize = 4;
 
-/// How long to tolerate clock skew between us and the service when matching `created_at`.
-const CLOCK_SKEW_SECS: i64 = 300;
+/// How long to tolerate clock skew between us and the service when matching `created_at`:
+/// a batch to adopt is looked for among those created since this long before the create.
+pub const CLOCK_SKEW_SECS: i64 = 300;
 
 /// Takes the blob `name` in the input container through intake.
 pub async fn intake(app: &App, name: &str, j: &Journal) -> Result<Intake, StepError> {
@@ -207,12 +208,19 @@ pub async fn run_claimed(
     let key = job.key().to_string();
 
     // A create may have gone through before the last holder died: adopt, never duplicate.
-    if let Some(started) = job.create_started_at()
-        && let Some(batch) = app
+    let earlier = match job.create_started_at() {
+        None => None,
+        Some(started) => match app
             .openai
             .find_by_input_blob(job.batch_input_url(), started - CLOCK_SKEW_SECS)
-            .await?
-    {
+            .await
+        {
+            Ok(found) => found,
+            // Not knowing whether a batch exists, create none; the record says why.
+            Err(e) => return Err(release(app, job, &etag, e.into(), j).await),
+        },
+    };
+    if let Some(batch) = earlier {
         let job = job.submitted(&batch, true, app.now());
         return match app.jobs.update(&job, &etag).await? {
             Some(_) => {
@@ -436,10 +444,15 @@ async fn release(
     err: StepError,
     j: &Journal,
 ) -> StepError {
-    j.error(format!(
-        "job={}: transient fault, will be retried: {err}",
-        job.key()
-    ));
+    let what = if err.is_transient() {
+        "transient fault"
+    } else {
+        "cannot go on now"
+    };
+    // The gateway's 404 meets every call: whoever ran the step reports it, once.
+    if !matches!(err, StepError::OpenAi(OpenAiError::NoSuchRoute { .. })) {
+        j.error(format!("job={}: {what}, will be retried: {err}", job.key()));
+    }
     job.release(&err.to_string(), app.now());
     // Best effort: if this write fails too, the lease simply lapses later.
     let _ = app.jobs.update(&job, etag).await;

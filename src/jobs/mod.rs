@@ -32,8 +32,8 @@ mod store;
 mod wire;
 
 pub use record::{
-    AnyJob, BatchSeen, CanQueue, Combining, CreateCall, Finished, Harvesting, Job, MovesResults,
-    Observed, Queued, Running, Split, State, Submitting, Unfinished,
+    AnyJob, BatchSeen, CanQueue, Combining, CreateCall, Finished, Harvesting, Job, Missing,
+    MovesResults, Observed, Queued, Running, Split, State, Submitting, Unfinished,
 };
 pub use store::{Claim, JobStore, JobStoreError};
 pub use wire::{InvalidRecord, Wire, WireState};

@@ -83,6 +83,16 @@ pub struct Queued {
 #[derive(Debug, Clone, PartialEq)]
 pub struct Running {
     pub(super) batch: BatchSeen,
+    /// The service's answers, on the last looks in a row, that the batch does not exist.
+    pub(super) missing: Option<Missing>,
+}
+
+/// Looks in a row on which the service said a running job's batch does not exist.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Missing {
+    /// The first of them.
+    pub since: i64,
+    pub looks: u32,
 }
 
 /// A batch as the service last described it.
@@ -445,6 +455,7 @@ impl Job<Submitting> {
     pub fn submitted(self, batch: &Batch, adopted: bool, at: i64) -> Job<Running> {
         let mut job = self.map_state(|_| Running {
             batch: BatchSeen::of(batch),
+            missing: None,
         });
         job.common.last_error = None;
         job.note(
@@ -525,8 +536,46 @@ impl Job<Running> {
         &self.state.batch
     }
 
+    /// The looks in a row so far on which the service said the batch does not exist.
+    pub fn missing(&self) -> Option<Missing> {
+        self.state.missing
+    }
+
+    /// The service said the batch does not exist (its own 404, not its gateway's): one more
+    /// look in a row. Returns them all; whether they are proof enough is the caller's call.
+    pub fn batch_missing(&mut self, at: i64) -> Missing {
+        let missing = self.state.missing.get_or_insert(Missing {
+            since: at,
+            looks: 0,
+        });
+        missing.looks += 1;
+        let missing = *missing;
+        self.note(
+            at,
+            format!(
+                "the service says batch {} does not exist (look {} in a row)",
+                self.state.batch.id, missing.looks
+            ),
+        );
+        missing
+    }
+
     pub fn observe(mut self, batch: &Batch, at: i64) -> Observed {
         let seen = BatchSeen::of(batch);
+        // Seen again: the answers that it did not exist were passing ones.
+        if let Some(missing) = self.state.missing.take() {
+            self.note(
+                at,
+                format!(
+                    "batch {} answered again after {} look(s) that said it does not exist",
+                    batch.id, missing.looks
+                ),
+            );
+            if !batch.status.is_terminal() {
+                self.state.batch = seen;
+                return Observed::Changed(self);
+            }
+        }
         if batch.status.is_terminal() {
             let mut job = self.map_state(|_| Harvesting {
                 batch: seen,
@@ -773,6 +822,34 @@ mod tests {
             "history names the state each step happened in"
         );
         assert_eq!(states.last().copied(), Some(JobState::Finished));
+    }
+
+    #[test]
+    fn looks_that_deny_the_batch_count_in_a_row_and_survive_the_record() {
+        let mut r = Job::claim(input(), "me", 60, T);
+        r.begin_create(60, 120, T);
+        let mut r = r.submitted(&batch("in_progress"), false, T);
+        assert_eq!(r.missing(), None);
+        assert_eq!(r.batch_missing(T + 300).looks, 1);
+        let m = r.batch_missing(T + 600);
+        assert_eq!((m.since, m.looks), (T + 300, 2));
+        // Written and read back as the record does.
+        let text = serde_json::to_string(&r).unwrap();
+        let AnyJob::Running(mut r) = serde_json::from_str(&text).unwrap() else {
+            panic!("running")
+        };
+        assert_eq!(r.missing(), Some(m));
+        // Seen again: the count starts over, and that is news to write.
+        let Observed::Changed(r2) = r.clone().observe(&batch("in_progress"), T + 900) else {
+            panic!("forgetting the looks must be written")
+        };
+        assert_eq!(r2.missing(), None);
+        assert!(
+            !serde_json::to_string(&r2)
+                .unwrap()
+                .contains("batch_missing")
+        );
+        assert_eq!(r.batch_missing(T + 900).looks, 3);
     }
 
     #[test]

@@ -15,8 +15,8 @@ use super::{
     HarvestProgress, HistoryEntry, InputFacts, InputRef, JobState, Outcome, PartOf, PartRef,
     RoundRecord,
     record::{
-        AnyJob, BatchSeen, Combining, Common, CreateCall, Finished, Harvesting, Job, Queued,
-        Running, Split, State, Submitting,
+        AnyJob, BatchSeen, Combining, Common, CreateCall, Finished, Harvesting, Job, Missing,
+        Queued, Running, Split, State, Submitting,
     },
 };
 
@@ -37,6 +37,10 @@ pub struct Wire {
     batch_status: Option<String>,
     #[serde(default)]
     request_counts: Option<RequestCounts>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    batch_missing_since: Option<i64>,
+    #[serde(default, skip_serializing_if = "is_zero")]
+    batch_missing_looks: u32,
     #[serde(default)]
     owner: Option<String>,
     #[serde(default)]
@@ -96,6 +100,8 @@ impl<S: State> Job<S> {
             batch_id: None,
             batch_status: None,
             request_counts: None,
+            batch_missing_since: None,
+            batch_missing_looks: 0,
             owner: None,
             lease_until: None,
             create_started_at: None,
@@ -236,12 +242,24 @@ impl WireState for Queued {
 impl WireState for Running {
     fn put(&self, w: &mut Wire) {
         put_batch(&self.batch, w);
+        if let Some(m) = self.missing {
+            w.batch_missing_since = Some(m.since);
+            w.batch_missing_looks = m.looks;
+        }
     }
     fn take(w: &mut Wire) -> Result<Self, &'static str> {
         Ok(Running {
             batch: take_batch(w).ok_or("it is running but names no batch_id")?,
+            missing: w.batch_missing_since.map(|since| Missing {
+                since,
+                looks: w.batch_missing_looks,
+            }),
         })
     }
+}
+
+fn is_zero(n: &u32) -> bool {
+    *n == 0
 }
 
 impl WireState for Split {

@@ -4,13 +4,15 @@
 //! - classic: `{endpoint}/openai/batches[/{id}[/cancel]]?api-version=…`
 //! - v1:      `{endpoint}/openai/v1/batches[/{id}[/cancel]]`
 
-use std::sync::Arc;
+use std::sync::{
+    Arc,
+    atomic::{AtomicBool, Ordering},
+};
 
-use aoai_blob_batch::storage::BlobStore;
 use axum::{
     Json, Router,
     body::Bytes,
-    extract::{Path, RawQuery, Request, State},
+    extract::{Extension, Path, RawQuery, Request, State},
     http::{HeaderMap, HeaderName, HeaderValue, StatusCode},
     middleware::{self, Next},
     response::{IntoResponse, Response},
@@ -20,9 +22,11 @@ use azure_core::http::Url;
 use serde_json::{Map, Value, json};
 
 use crate::{
-    batches::{Batch, CancelError, CreateError, NewBatch, Registry},
+    batches::{Batch, CancelError, CreateError, NewBatch, Registry, token_limit_message},
+    blob_url::Account,
     faults::{Fault, FaultInjector},
     input::endpoint_api,
+    list_query::{Filter, parse_orderby},
     output::OutputFolder,
 };
 
@@ -30,6 +34,9 @@ use crate::{
 pub struct AppState {
     pub registry: Arc<Registry>,
     pub faults: Arc<FaultInjector>,
+    /// Every API call answered with the gateway's 404 (`--gateway-404`, or at run time
+    /// `POST /_emulator/gateway-404?on=`), as Azure answers a wrong or retired api-version.
+    pub gateway_404: Arc<AtomicBool>,
 }
 
 pub fn router(state: AppState) -> Router {
@@ -51,6 +58,7 @@ pub fn router(state: AppState) -> Router {
         // Test control, outside the Azure API's paths and its gate (no key, no faults).
         .route("/_emulator/step", post(control_step))
         .route("/_emulator/expire", post(control_expire))
+        .route("/_emulator/gateway-404", post(control_gateway_404))
         .fallback(resource_not_found)
         .method_not_allowed_fallback(method_not_allowed)
         .layer(middleware::from_fn(log_request))
@@ -130,9 +138,18 @@ async fn gate_v1(State(state): State<AppState>, req: Request, next: Next) -> Res
     gate(&state, false, req, next).await
 }
 
+/// Which URL style a request came by: the classic list takes OData options, the v1 list not.
+#[derive(Debug, Clone, Copy)]
+struct Classic(bool);
+
 /// What Azure checks before the operation itself: the caller's key or token, the api-version
 /// of the classic style, and the rate limit (here: the injected faults).
-async fn gate(state: &AppState, classic: bool, req: Request, next: Next) -> Response {
+async fn gate(state: &AppState, classic: bool, mut req: Request, next: Next) -> Response {
+    // The route itself is unknown to the gateway: nothing behind it is reached.
+    if state.gateway_404.load(Ordering::Relaxed) {
+        return resource_not_found().await.into_response();
+    }
+    req.extensions_mut().insert(Classic(classic));
     if !authorized(req.headers()) {
         return ApiError::gateway(
             StatusCode::UNAUTHORIZED,
@@ -236,15 +253,11 @@ async fn method_not_allowed() -> ApiError {
 }
 
 async fn create(State(state): State<AppState>, body: Bytes) -> Result<Response, ApiError> {
-    let new = parse_create(&state.registry.store, &body)?;
+    let new = parse_create(&state.registry.account, &body)?;
     let created = state.registry.create(new).await.map_err(|e| match e {
         CreateError::TokenLimit { model, limit } => ApiError::bad_request(
             "token_limit_exceeded",
-            format!(
-                "The number of enqueued tokens has surpassed the configured limit of {limit} for \
-                 the deployment '{model}'. Please either increase the limit or try again once the \
-                 current jobs have finished."
-            ),
+            token_limit_message(limit, &model),
             None,
         ),
         CreateError::Unavailable(e) => {
@@ -278,7 +291,7 @@ async fn create(State(state): State<AppState>, body: Bytes) -> Result<Response, 
 
 /// The synchronous checks of a create request; the input file itself is checked later, by
 /// the job, as the service does.
-fn parse_create(store: &BlobStore, body: &[u8]) -> Result<NewBatch, ApiError> {
+fn parse_create(account: &Account, body: &[u8]) -> Result<NewBatch, ApiError> {
     let value: Value = serde_json::from_slice(body).map_err(|_| {
         ApiError::bad_request(
             "invalid_json",
@@ -368,7 +381,7 @@ fn parse_create(store: &BlobStore, body: &[u8]) -> Result<NewBatch, ApiError> {
         .map_err(|_| wrong_type("output_folder.delimiter", "a string"))?
         .filter(|d| !d.is_empty())
         .unwrap_or_else(|| "/".to_string());
-    let output = resolve_folder(store, &url, &delimiter).ok_or_else(|| {
+    let output = resolve_folder(account, &url, &delimiter).ok_or_else(|| {
         // The service writes with its own identity; a folder outside the one storage account
         // it knows here cannot be written. We say so at once rather than fail the job late.
         ApiError::bad_request(
@@ -415,15 +428,8 @@ fn wrong_type(param: &str, expected: &str) -> ApiError {
 
 /// `output_folder.url` as (container, folder) in this account. The URL may name a container or
 /// a folder inside one; a query (a SAS) or fragment is refused, the service uses its identity.
-pub fn resolve_folder(store: &BlobStore, url: &str, delimiter: &str) -> Option<OutputFolder> {
-    let mut probe = Url::parse(url).ok()?;
-    if probe.query().is_some() || probe.fragment().is_some() {
-        return None;
-    }
-    // `locate` understands blob URLs: add a placeholder blob and take it off again.
-    probe.path_segments_mut().ok()?.pop_if_empty().push("x");
-    let (container, name) = store.locate(probe.as_str())?;
-    let prefix = name.strip_suffix('x')?.trim_end_matches('/').to_string();
+pub fn resolve_folder(account: &Account, url: &str, delimiter: &str) -> Option<OutputFolder> {
+    let (container, prefix) = account.locate_folder(url).ok()?;
     Some(OutputFolder {
         container,
         prefix,
@@ -525,8 +531,32 @@ async fn control_expire(
     Ok(Json(batch).into_response())
 }
 
+/// `POST /_emulator/gateway-404?on=true|false`: from now on every API call gets (or no longer
+/// gets) the gateway's 404 `Resource not found`, as when an api-version is retired. Batches
+/// go on meanwhile, as they do in Azure. Answers with the setting. Works in any mode.
+async fn control_gateway_404(
+    State(state): State<AppState>,
+    RawQuery(query): RawQuery,
+) -> Result<Response, ApiError> {
+    let on = match query_value(query.as_deref(), "on").as_deref() {
+        Some("true") => true,
+        Some("false") => false,
+        _ => {
+            return Err(ApiError::bad_request(
+                "invalid_on",
+                "on must be true or false.",
+                Some("on"),
+            ));
+        }
+    };
+    state.gateway_404.store(on, Ordering::Relaxed);
+    tracing::info!(on, "gateway 404 for every API call");
+    Ok(Json(json!({"gateway_404": on})).into_response())
+}
+
 async fn list(
     State(state): State<AppState>,
+    Extension(Classic(classic)): Extension<Classic>,
     RawQuery(query): RawQuery,
 ) -> Result<Response, ApiError> {
     let q = query.as_deref();
@@ -538,22 +568,21 @@ async fn list(
         )
     })?;
     let after = query_value(q, "after").filter(|a| !a.is_empty());
-    // The classic preview also takes OData `$orderby=created_at asc|desc`; newest first otherwise.
-    let ascending = match query_value(q, "$orderby").map(|o| o.to_ascii_lowercase()) {
-        None => false,
-        Some(o) if o.trim() == "created_at asc" => true,
-        Some(o) if matches!(o.trim(), "created_at desc" | "created_at") => false,
-        Some(o) => {
-            return Err(ApiError::bad_request(
-                "invalid_value",
-                format!(
-                    "Invalid value for '$orderby': '{o}'. Use 'created_at asc' or 'created_at desc'."
-                ),
-                Some("$orderby"),
-            ));
-        }
+    // OData `$orderby` and `$filter` are the classic spec's (list_query); v1 has neither.
+    let odata = |name| classic.then(|| query_value(q, name)).flatten();
+    let order = match odata("$orderby") {
+        None => state.registry.settings.list_order,
+        Some(text) => parse_orderby(&text)
+            .map_err(|m| ApiError::bad_request("invalid_value", m, Some("$orderby")))?,
     };
-    let (data, has_more) = state.registry.list(after.as_deref(), limit, ascending);
+    let filter = match odata("$filter") {
+        None => Filter::default(),
+        Some(text) => Filter::parse(&text)
+            .map_err(|m| ApiError::bad_request("invalid_value", m, Some("$filter")))?,
+    };
+    let (data, has_more) = state
+        .registry
+        .list(after.as_deref(), limit, order, |b| filter.matches(b));
     let first_id = data.first().map(|b| b.id.clone());
     let last_id = data.last().map(|b| b.id.clone());
     Ok(Json(ListPage {
@@ -578,17 +607,12 @@ struct ListPage {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use aoai_blob_batch::storage::RetryPolicy;
-
-    fn store() -> BlobStore {
-        BlobStore::from_connection_string(
-            "DefaultEndpointsProtocol=http;AccountName=devstoreaccount1;AccountKey=Eby8vdM02xNOcqFlqUwJPLlmEtlCDXJ1OUzFT50uSRZ6IFsuFq2UVErCz4I6tq/K1SZFPTOtr/KBHBeksoGMGw==;BlobEndpoint=http://127.0.0.1:10000/devstoreaccount1;",
-            RetryPolicy { max_retries: 0 },
-        )
-        .unwrap()
-    }
 
     const ACCOUNT: &str = "http://127.0.0.1:10000/devstoreaccount1";
+
+    fn store() -> Account {
+        Account::new(&Url::parse(ACCOUNT).unwrap())
+    }
 
     fn request(extra: Value) -> Vec<u8> {
         let mut base = json!({

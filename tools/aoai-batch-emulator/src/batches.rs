@@ -15,8 +15,10 @@ use serde::Serialize;
 use tokio::sync::{mpsc, oneshot};
 
 use crate::{
+    blob_url::Account,
     input::{self, Api, BatchError, InputSummary},
     lifecycle,
+    list_query::Order,
     output::OutputFolder,
 };
 
@@ -117,6 +119,9 @@ pub struct Settings {
     pub enqueued_token_limit: Option<u64>,
     pub line_failure_rate: f64,
     pub lines_per_step: Option<u64>,
+    /// The order of a list that asks for none (`$orderby` on the classic route can).
+    pub list_order: Order,
+    pub quota_refusal: QuotaRefusal,
     pub seed: u64,
     pub markers: input::Markers,
 }
@@ -156,6 +161,9 @@ struct Entry {
     /// The deployment and estimated tokens the job holds against the quota while active.
     model: Option<String>,
     tokens: u64,
+    /// Whether its tokens passed the quota check and count against the quota: at create
+    /// (fail-fast), or at its validation step (`--quota-refusal failed-batch`).
+    admitted: bool,
     /// Where step requests for the batch's lifecycle go, in manual mode.
     stepper: Option<mpsc::UnboundedSender<lifecycle::StepRequest>>,
 }
@@ -167,8 +175,43 @@ struct Inner {
     order: Vec<String>,
 }
 
+impl Inner {
+    /// The tokens the active, admitted batches of deployment `model` hold.
+    fn enqueued(&self, model: &str) -> u64 {
+        self.batches
+            .values()
+            .filter(|e| {
+                e.admitted && !e.batch.status.is_terminal() && e.model.as_deref() == Some(model)
+            })
+            .map(|e| e.tokens)
+            .sum()
+    }
+}
+
+/// The service's words for a full enqueued-token quota, at create (400) and in a failed
+/// batch's `errors.data` alike (the latter as a Microsoft Q&A answer quotes it:
+/// https://learn.microsoft.com/answers/questions/2285577/azure-openai-batch-api-token-limit-exceeded-error).
+pub fn token_limit_message(limit: u64, model: &str) -> String {
+    format!(
+        "The number of enqueued tokens has surpassed the configured limit of {limit} for the \
+         deployment '{model}'. Please either increase the limit or try again once the current \
+         jobs have finished."
+    )
+}
+
+/// How the service refuses a batch over the enqueued-token quota (the batch how-to's
+/// "Queueing batch jobs"): in the fail-fast regions the create gets a 400; elsewhere the
+/// create is accepted and the batch fails during validation with `token_limit_exceeded`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum QuotaRefusal {
+    FailFast,
+    FailedBatch,
+}
+
 pub struct Registry {
     pub store: Arc<BlobStore>,
+    /// How URLs into that storage account are read and written (the emulator's own code).
+    pub account: Account,
     pub settings: Settings,
     inner: Mutex<Inner>,
 }
@@ -176,6 +219,7 @@ pub struct Registry {
 impl Registry {
     pub fn new(store: Arc<BlobStore>, settings: Settings) -> Arc<Self> {
         Arc::new(Self {
+            account: Account::new(store.account_url()),
             store,
             settings,
             inner: Mutex::new(Inner::default()),
@@ -190,7 +234,7 @@ impl Registry {
     /// Reads and validates the input now (the quota check needs its token count), registers
     /// the batch in `validating`, and starts its lifecycle.
     pub async fn create(self: &Arc<Self>, new: NewBatch) -> Result<Created, CreateError> {
-        let location = self.store.locate(&new.input_blob);
+        let location = self.account.locate_blob(&new.input_blob).ok();
         let scan: Result<InputSummary, BatchError> = match &location {
             // Another account, or not a blob URL: the service's identity cannot read it.
             None => Err(BatchError::no_permissions()),
@@ -252,18 +296,12 @@ impl Registry {
                 (lifecycle::Pace::Manual(rx), Some(tx))
             }
         };
+        let fail_fast = self.settings.quota_refusal == QuotaRefusal::FailFast;
         let enqueued_tokens = {
             let mut inner = self.lock();
-            let enqueued: u64 = match &model {
-                Some(m) => inner
-                    .batches
-                    .values()
-                    .filter(|e| !e.batch.status.is_terminal() && e.model.as_ref() == Some(m))
-                    .map(|e| e.tokens)
-                    .sum(),
-                None => 0,
-            };
-            if let (Some(limit), Some(m)) = (self.settings.enqueued_token_limit, &model)
+            let enqueued = model.as_ref().map_or(0, |m| inner.enqueued(m));
+            if fail_fast
+                && let (Some(limit), Some(m)) = (self.settings.enqueued_token_limit, &model)
                 && enqueued + tokens > limit
             {
                 return Err(CreateError::TokenLimit {
@@ -278,6 +316,7 @@ impl Registry {
                     batch: batch.clone(),
                     model,
                     tokens,
+                    admitted: fail_fast,
                     stepper,
                 },
             );
@@ -298,6 +337,35 @@ impl Registry {
             enqueued_tokens,
             token_limit: self.settings.enqueued_token_limit,
         })
+    }
+
+    /// The quota check of a batch that is not admitted yet (`--quota-refusal failed-batch`),
+    /// taken at its validation step as the service outside the fail-fast regions does: it
+    /// then holds its tokens against the quota, or it fails with `token_limit_exceeded`.
+    pub fn admit(&self, id: &str) -> Result<(), BatchError> {
+        let mut inner = self.lock();
+        let Some(entry) = inner.batches.get(id) else {
+            return Ok(());
+        };
+        let (Some(model), tokens) = (entry.model.clone(), entry.tokens) else {
+            return Ok(());
+        };
+        if entry.admitted {
+            return Ok(());
+        }
+        if let Some(limit) = self.settings.enqueued_token_limit
+            && inner.enqueued(&model) + tokens > limit
+        {
+            return Err(BatchError::new(
+                "token_limit_exceeded",
+                token_limit_message(limit, &model),
+                None,
+            ));
+        }
+        if let Some(e) = inner.batches.get_mut(id) {
+            e.admitted = true;
+        }
+        Ok(())
     }
 
     /// Whether batches move only when stepped (`--step-ms 0`).
@@ -359,13 +427,19 @@ impl Registry {
         Some(entry.batch.clone())
     }
 
-    /// One page, newest first (or oldest first when `ascending`), starting after `after`.
-    pub fn list(&self, after: Option<&str>, limit: usize, ascending: bool) -> (Vec<Batch>, bool) {
+    /// One page in `order`, of the batches `keep` accepts, starting after the batch `after`
+    /// (its place in that order, whether `keep` accepts it or not); and whether more follow.
+    pub fn list(
+        &self,
+        after: Option<&str>,
+        limit: usize,
+        order: Order,
+        keep: impl Fn(&Batch) -> bool,
+    ) -> (Vec<Batch>, bool) {
         let inner = self.lock();
-        let ids: Box<dyn Iterator<Item = &String>> = if ascending {
-            Box::new(inner.order.iter())
-        } else {
-            Box::new(inner.order.iter().rev())
+        let ids: Box<dyn Iterator<Item = &String>> = match order {
+            Order::OldestFirst => Box::new(inner.order.iter()),
+            Order::NewestFirst => Box::new(inner.order.iter().rev()),
         };
         let mut ids = ids.peekable();
         if let Some(after) = after {
@@ -377,12 +451,12 @@ impl Registry {
                 }
             }
         }
-        let page: Vec<Batch> = ids
-            .by_ref()
-            .take(limit)
-            .filter_map(|id| inner.batches.get(id).map(|e| e.batch.clone()))
-            .collect();
-        let has_more = ids.peek().is_some();
+        let mut kept = ids
+            .filter_map(|id| inner.batches.get(id).map(|e| &e.batch))
+            .filter(|b| keep(b))
+            .peekable();
+        let page: Vec<Batch> = kept.by_ref().take(limit).cloned().collect();
+        let has_more = kept.peek().is_some();
         (page, has_more)
     }
 

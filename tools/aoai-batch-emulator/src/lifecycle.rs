@@ -126,7 +126,11 @@ async fn step(reg: &Registry, job: &Job, p: &mut Progress, expire: bool) -> Flow
                 Some(false) => return fail(reg, job, BatchError::modified()),
                 None => return Flow::Continue,
             }
-            p.outputs = Some(Outputs::open(reg.store.clone(), &job.output));
+            // Validated: its tokens are checked against the quota now, unless at create.
+            if let Err(e) = reg.admit(&job.id) {
+                return fail(reg, job, e);
+            }
+            p.outputs = Some(Outputs::open(reg.store.clone(), &reg.account, &job.output));
             reg.update(&job.id, |b| {
                 if b.status == Status::Validating {
                     b.status = Status::InProgress;
@@ -211,7 +215,7 @@ async fn answer_some(
     let mut reader = open(reg, container, name, &summary.etag).await?;
     let outputs = p
         .outputs
-        .get_or_insert_with(|| Outputs::open(reg.store.clone(), &job.output));
+        .get_or_insert_with(|| Outputs::open(reg.store.clone(), &reg.account, &job.output));
     let mut seen = 0u64;
     let mut done = 0u64;
     while done < per_step {
@@ -322,7 +326,7 @@ async fn finish(reg: &Registry, job: &Job, p: &mut Progress, end: Status) -> Flo
     let mut outputs = p
         .outputs
         .take()
-        .unwrap_or_else(|| Outputs::open(reg.store.clone(), &job.output));
+        .unwrap_or_else(|| Outputs::open(reg.store.clone(), &reg.account, &job.output));
     if end == Status::Expired {
         expire_rest(reg, job, p, &mut outputs).await;
     }

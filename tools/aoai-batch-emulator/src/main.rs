@@ -11,9 +11,11 @@
 
 mod api;
 mod batches;
+mod blob_url;
 mod faults;
 mod input;
 mod lifecycle;
+mod list_query;
 mod output;
 
 use std::{net::SocketAddr, sync::Arc, time::Duration};
@@ -66,9 +68,23 @@ struct Cli {
     expire_after_ms: Option<u64>,
 
     /// Enqueued-token quota per deployment; a create that would pass it fails with 400
-    /// `token_limit_exceeded`. Default: no limit.
+    /// `token_limit_exceeded` (or, with `--quota-refusal failed-batch`, its batch fails).
+    /// Default: no limit.
     #[arg(long)]
     enqueued_token_limit: Option<u64>,
+
+    /// How a batch over the enqueued-token quota is refused: `fail-fast`, a 400
+    /// `token_limit_exceeded` at create (the fail-fast regions); `failed-batch`, the create
+    /// is accepted and the batch fails at its validation step with `token_limit_exceeded` in
+    /// `errors.data` (the other regions).
+    #[arg(long, value_enum, default_value_t = batches::QuotaRefusal::FailFast)]
+    quota_refusal: batches::QuotaRefusal,
+
+    /// The order of a list that asks for none. The service leaves it undocumented (OpenAI's
+    /// v1 lists newest first; the classic spec's example asks `$orderby=created_at asc`), so a
+    /// client must not depend on it: `oldest-first` tests that it does not.
+    #[arg(long, value_enum, default_value_t = list_query::Order::NewestFirst)]
+    list_order: list_query::Order,
 
     /// Fraction of requests answered with a 500 `server_error` line in `errors.jsonl`, chosen
     /// by hashing `custom_id` with the seed.
@@ -82,6 +98,13 @@ struct Cli {
     /// Fraction of API calls answered 500.
     #[arg(long = "http-500-rate", default_value_t = 0.0, value_parser = rate)]
     http_500_rate: f64,
+
+    /// Answer every API call with the gateway's 404 `{"error":{"code":"404","message":
+    /// "Resource not found"}}`, as Azure does for a wrong or retired api-version or path,
+    /// while batches go on. A test turns it on and off at run time with
+    /// `POST /_emulator/gateway-404?on=true|false` (a test control, see the README).
+    #[arg(long)]
+    gateway_404: bool,
 
     /// Test-only: a batch whose input contains this text fails (`emulated_failure`).
     #[arg(long, value_name = "TEXT")]
@@ -139,6 +162,8 @@ async fn main() -> anyhow::Result<()> {
         enqueued_token_limit: cli.enqueued_token_limit,
         line_failure_rate: cli.line_failure_rate,
         lines_per_step: cli.lines_per_step,
+        list_order: cli.list_order,
+        quota_refusal: cli.quota_refusal,
         seed: cli.seed,
         markers: input::Markers {
             fail: cli.fail_input_containing,
@@ -152,6 +177,7 @@ async fn main() -> anyhow::Result<()> {
             cli.http_429_rate,
             cli.http_500_rate,
         )),
+        gateway_404: Arc::new(cli.gateway_404.into()),
     };
 
     let listener = tokio::net::TcpListener::bind(cli.listen)

@@ -11,7 +11,10 @@ use aoai_blob_batch::storage::{BlobStore, BlobWriter, StorageError};
 use serde::Serialize;
 use serde_json::{Map, Value};
 
-use crate::input::{Api, prompt_tokens};
+use crate::{
+    blob_url::Account,
+    input::{Api, prompt_tokens},
+};
 
 /// Where a batch writes: `output_folder.url` resolved to this account.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -328,6 +331,7 @@ const CONTENT_TYPE: &str = "application/jsonl";
 /// until [`Outputs::finish`]; a batch that fails drops them and leaves no file behind.
 pub struct Outputs {
     store: Arc<BlobStore>,
+    account: Account,
     container: String,
     results_name: String,
     errors_name: String,
@@ -337,13 +341,14 @@ pub struct Outputs {
 }
 
 impl Outputs {
-    pub fn open(store: Arc<BlobStore>, folder: &OutputFolder) -> Self {
+    pub fn open(store: Arc<BlobStore>, account: &Account, folder: &OutputFolder) -> Self {
         let guid = uuid::Uuid::new_v4().to_string();
         let results_name = folder.blob_name(&guid, "results.jsonl");
         let errors_name = folder.blob_name(&guid, "errors.jsonl");
         let results = store.writer(&folder.container, &results_name, CONTENT_TYPE);
         Self {
             store,
+            account: account.clone(),
             container: folder.container.clone(),
             results_name,
             errors_name,
@@ -394,8 +399,8 @@ impl Outputs {
             errors.finish().await?;
         }
         Ok((
-            self.store.blob_url(&self.container, &self.results_name),
-            self.store.blob_url(&self.container, &self.errors_name),
+            self.account.blob_url(&self.container, &self.results_name),
+            self.account.blob_url(&self.container, &self.errors_name),
         ))
     }
 }

@@ -335,6 +335,12 @@ impl Emulator {
         }
     }
 
+    /// From now on every API call gets (`on`) or no longer gets the gateway's 404 `Resource
+    /// not found`, as Azure answers a retired api-version (`POST /_emulator/gateway-404`).
+    pub async fn set_gateway_404(&self, on: bool) {
+        self.control("gateway-404", &[("on", on.to_string())]).await;
+    }
+
     async fn control(&self, what: &str, query: &[(&str, String)]) -> Value {
         let mut url =
             url::Url::parse(&format!("{}/_emulator/{what}", self.endpoint())).expect("a URL");
