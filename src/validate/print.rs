@@ -64,7 +64,11 @@ pub fn model_warning(model: &str) -> Option<String> {
     let o_series = lower.len() > 1
         && lower.starts_with('o')
         && lower[1..].starts_with(|c: char| c.is_ascii_digit());
-    let model_like = lower.starts_with("gpt-") || lower.starts_with("text-embedding-") || o_series;
+    // A name that says it is a deployment (`gpt-4o-mini-batch`, infra/'s default) is one.
+    let says_deployment = lower.contains("batch") || lower.contains("deploy");
+    let model_like =
+        (lower.starts_with("gpt-") || lower.starts_with("text-embedding-") || o_series)
+            && !says_deployment;
     model_like.then(|| {
         format!(
             "body.model `{model}` looks like a model's name; the service wants the name of a \
@@ -142,6 +146,7 @@ mod tests {
             "prod_summaries",
             "o",
             "openai-batch",
+            "gpt-4o-mini-batch",
         ] {
             assert_eq!(model_warning(deployment), None, "{deployment}");
         }
