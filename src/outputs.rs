@@ -199,6 +199,19 @@ impl<S: Stream<Item = Result<Bytes, StorageError>> + Unpin> Lines<S> {
         }
     }
 
+    /// The next lines, about `bytes` of them (at least one, fewer at the end); none at the
+    /// end.
+    pub async fn next_batch(&mut self, bytes: usize) -> Result<Vec<Vec<u8>>, StorageError> {
+        let (mut batch, mut size) = (Vec::new(), 0);
+        while size < bytes
+            && let Some(line) = self.next().await?
+        {
+            size += line.len() + 1;
+            batch.push(line);
+        }
+        Ok(batch)
+    }
+
     pub async fn next(&mut self) -> Result<Option<Vec<u8>>, StorageError> {
         loop {
             if let Some(line) = self.ready.pop_front() {

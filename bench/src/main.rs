@@ -105,7 +105,8 @@ struct RunArgs {
     /// Scales the generated inputs' line counts (1.0: 100,000 lines / 200 MB and 500,000 / 1 GB).
     #[arg(long, default_value_t = 1.0)]
     scale: f64,
-    /// Sections to run (comma-separated): validation, memory, pipeline, tick, startup.
+    /// Sections to run (comma-separated): validation, memory, pipeline, tick, startup; and
+    /// harvest, the harvest runs of pipeline alone (without the submit runs before them).
     #[arg(long, default_value = "validation,memory,pipeline,tick,startup")]
     only: String,
     /// Markdown report.
@@ -202,7 +203,16 @@ async fn run(args: RunArgs) -> Result<()> {
     let only: Vec<&str> = args.only.split(',').map(str::trim).collect();
     let want = |s: &str| only.contains(&s);
     for s in &only {
-        if !["validation", "memory", "pipeline", "tick", "startup"].contains(s) {
+        if ![
+            "validation",
+            "memory",
+            "pipeline",
+            "tick",
+            "startup",
+            "harvest",
+        ]
+        .contains(s)
+        {
             bail!("unknown section {s:?} in --only");
         }
     }
@@ -253,7 +263,7 @@ async fn run(args: RunArgs) -> Result<()> {
     if want("memory") {
         validation::memory(&cfg, &inputs, &mut rep)?;
     }
-    if want("pipeline") || want("tick") || want("startup") {
+    if want("pipeline") || want("harvest") || want("tick") || want("startup") {
         eprintln!("\n== starting Azurite (in memory) and two batch emulators");
         let azurite = stack::start_azurite(&cfg.bins.azurite, &cfg.work)?;
         let store = stack::store(azurite.port)?;
@@ -280,6 +290,9 @@ async fn run(args: RunArgs) -> Result<()> {
             let download = pipeline::download_baseline(&cfg, &stack, &mut rep).await?;
             pipeline::submit_valid(&cfg, &stack, download, &mut rep).await?;
             pipeline::submit_big(&cfg, &stack, &inputs, &mut rep).await?;
+            pipeline::harvest(&cfg, &stack, &mut rep).await?;
+        } else if want("harvest") {
+            pipeline::upload_valid(&stack, &inputs).await?;
             pipeline::harvest(&cfg, &stack, &mut rep).await?;
         }
         if want("tick") {

@@ -48,6 +48,13 @@ pub async fn upload_inputs(stack: &Stack, inputs: &Inputs, rep: &mut Report) -> 
     Ok(())
 }
 
+/// Uploads the 200 MB input alone (`--only harvest`: the harvest runs need no other).
+pub async fn upload_valid(stack: &Stack, inputs: &Inputs) -> Result<()> {
+    stack.store.ensure_container(SRC).await?;
+    stack::upload_file(&stack.store, SRC, VALID, &inputs.valid).await?;
+    Ok(())
+}
+
 /// A copy of a source input in `c.input`, as `input.jsonl`; returns (url, etag, size).
 async fn place_input(stack: &Stack, c: &Containers, src: &str) -> Result<(String, String, u64)> {
     c.create(&stack.store).await?;
@@ -500,7 +507,8 @@ pub async fn harvest(cfg: &Config, stack: &Stack, rep: &mut Report) -> Result<()
         t0.elapsed().as_secs_f64()
     );
 
-    let (mut t, mut rss, mut rchar, mut of_results) = (vec![], vec![], vec![], vec![]);
+    let (mut t, mut rss, mut rchar, mut of_results, mut cpu) =
+        (vec![], vec![], vec![], vec![], vec![]);
     let mut sizes = (0u64, 0u64, 0u64);
     for (r, p) in prepared.iter().enumerate() {
         let batch = stack::batch_client(&p.endpoint)?.retrieve(&p.batch).await?;
@@ -513,7 +521,9 @@ pub async fn harvest(cfg: &Config, stack: &Stack, rep: &mut Report) -> Result<()
         )?;
         proxy.take();
         let io0 = h.proc.io()?;
+        let cpu0 = h.proc.cpu_secs()?;
         let (status, logs, secs_taken) = h.tick().await?;
+        let cpu1 = h.proc.cpu_secs()?;
         let io1 = h.proc.io()?;
         let peak = h.proc.peak_rss()? as f64;
         drop(h);
@@ -554,10 +564,11 @@ pub async fn harvest(cfg: &Config, stack: &Stack, rep: &mut Report) -> Result<()
         sizes = (results, errors, merged);
         let read = io1.rchar - io0.rchar;
         eprintln!(
-            "  run {}{}: tick {:.2} s, peak RSS {}, rchar {}, results.jsonl {}, merged.jsonl {}",
+            "  run {}{}: tick {:.2} s, handler CPU {:.2} s, peak RSS {}, rchar {}, results.jsonl {}, merged.jsonl {}",
             r + 1,
             if p.proxied { " (proxied)" } else { "" },
             secs_taken,
+            cpu1 - cpu0,
             mb(peak),
             mb(read as f64),
             mb(results as f64),
@@ -573,6 +584,7 @@ pub async fn harvest(cfg: &Config, stack: &Stack, rep: &mut Report) -> Result<()
             bytes_report(&records, &batch, out, results, errors, read, rep);
         } else {
             t.push(secs_taken);
+            cpu.push(cpu1 - cpu0);
             rss.push(peak);
             rchar.push(read as f64);
             of_results.push(read as f64 / results as f64);
@@ -600,6 +612,12 @@ pub async fn harvest(cfg: &Config, stack: &Stack, rep: &mut Report) -> Result<()
         "harvest tick duration (100k lines: move + merged.jsonl + summary)",
         secs(median(&t)),
         format!("runs: {}", list(&t, secs)),
+    );
+    rep.info(
+        M,
+        "harvest tick: the handler's CPU time (user + system)",
+        secs(median(&cpu)),
+        format!("runs: {}", list(&cpu, secs)),
     );
     rep.info(
         H,
