@@ -67,19 +67,25 @@ impl JobStore {
         Bytes::from(serde_json::to_vec_pretty(job).expect("records always serialize"))
     }
 
-    /// Creates the active record; `Exists` when some invocation already did.
-    pub async fn claim(&self, rec: &Job<Submitting>) -> Result<Claim, JobStoreError> {
-        match self
-            .store
+    async fn write_active<S: State>(
+        &self,
+        rec: &Job<S>,
+        condition: WriteCondition,
+    ) -> Result<String, StorageError> {
+        self.store
             .write(
                 &self.container,
                 &Self::active(rec.key()),
                 Self::encode(rec),
-                WriteCondition::IfNotExists,
+                condition,
                 "application/json",
             )
             .await
-        {
+    }
+
+    /// Creates the active record; `Exists` when some invocation already did.
+    pub async fn claim(&self, rec: &Job<Submitting>) -> Result<Claim, JobStoreError> {
+        match self.write_active(rec, WriteCondition::IfNotExists).await {
             Ok(etag) => Ok(Claim::Claimed { etag }),
             Err(StorageError::AlreadyExists { .. }) | Err(StorageError::ConditionNotMet { .. }) => {
                 Ok(Claim::Exists)
@@ -126,14 +132,7 @@ impl JobStore {
         etag: &str,
     ) -> Result<Option<String>, JobStoreError> {
         match self
-            .store
-            .write(
-                &self.container,
-                &Self::active(rec.key()),
-                Self::encode(rec),
-                WriteCondition::IfMatch(etag.to_string()),
-                "application/json",
-            )
+            .write_active(rec, WriteCondition::IfMatch(etag.to_string()))
             .await
         {
             Ok(etag) => Ok(Some(etag)),
