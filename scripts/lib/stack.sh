@@ -131,9 +131,12 @@ stack_start_emulator() { # DEPLOYMENT [EXTRA ARG...]
 
 # The Function App under local-host, with the handler's app settings all pointing at this
 # local stack; anything the caller's shell has for a real Azure deployment is left out. The
-# timer fires every 5 seconds instead of every 5 minutes.
+# timer fires every 5 seconds instead of every 5 minutes. Start it in the background
+# (`stack_host ... &`): it execs local-host, so `$!` is local-host itself, which the cleanup
+# stops (and local-host its handler); without the exec, the cleanup killed only the subshell
+# and left local-host and the handler running.
 stack_host() {
-  env -u AZURE_OPENAI_API_VERSION -u BATCH_STORAGE_ACCOUNT_URL -u AZURE_CLIENT_ID \
+  exec env -u AZURE_OPENAI_API_VERSION -u BATCH_STORAGE_ACCOUNT_URL -u AZURE_CLIENT_ID \
     -u BATCH_INPUT_CONTAINER -u BATCH_OUTPUT_CONTAINER -u BATCH_STATE_CONTAINER \
     AZURE_OPENAI_ENDPOINT="$STACK_OPENAI" \
     AZURE_OPENAI_API_KEY="local-key" \
