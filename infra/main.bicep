@@ -224,6 +224,7 @@ output outputContainerUrl string = '${blobEndpoint}/${outputContainerName}'
 output stateContainerUrl string = '${blobEndpoint}/${stateContainerName}'
 output deadLetterContainerUrl string = '${blobEndpoint}/${deadLetterContainerName}'
 output openAiEndpoint string = openAiEndpoint
+output openAiAccountName string = openAi.outputs.name
 @description('Put this in `body.model` on every input line.')
 output modelDeploymentName string = openAi.outputs.deploymentName
 output eventSubscriptionDeployed bool = deployEventSubscription

@@ -528,7 +528,7 @@ mod tests {
             (names::SPLIT_MAX_REQUESTS, "100001"),
             (names::SPLIT_MAX_REQUESTS, "0"),
             (names::SPLIT_MAX_BYTES, "300MB"),
-            (names::SPLIT_MAX_BYTES, "209715201"),
+            (names::SPLIT_MAX_BYTES, "1000000001"),
         ] {
             let mut env = base();
             env.insert(name.into(), value.into());

@@ -1,4 +1,4 @@
-//! Inputs beyond one batch's limits (100,000 requests or 200 MB by default): split into
+//! Inputs beyond one batch's limits (100,000 requests or 1 GB by default): split into
 //! staged parts, one batch each, and combined into the one results folder a small input gets.
 //!
 //! - The validator draws the part boundaries while it checks the file (whole lines, each part

@@ -62,6 +62,12 @@ resource account 'Microsoft.CognitiveServices/accounts@2024-10-01' = {
   // checkov:skip=CKV_AZURE_238:Customer-managed keys need a Key Vault and key rotation process; Microsoft-managed keys are used.
 }
 
+// Dynamic quota, dynamicThrottlingEnabled, is recommended by Microsoft for every global
+// batch deployment, to help avoid job failures for lack of enqueued-token quota (Azure
+// OpenAI batch how-to). It cannot be set here: the deployment schema marks it read-only
+// (2024-10-01, the version used here, and the later ones checked), so a PUT does not set it.
+// The README deploy steps switch it on with the PATCH the dynamic quota how-to documents,
+// step 3b.
 resource deployment 'Microsoft.CognitiveServices/accounts/deployments@2024-10-01' = {
   parent: account
   name: deploymentName

@@ -10,7 +10,7 @@
 //! Streaming, bounded memory: bytes arrive in chunks of any size and split points
 //! ([`Validator::feed`]); only the current line is ever held (and only when it straddles two
 //! chunks is it copied), plus one fixed-size entry per `custom_id` for the uniqueness check.
-//! Input files may be 200 MB and more, so the file itself is never held.
+//! Input files may be 1 GB and more, so the file itself is never held.
 //!
 //! Decisions where the service's behaviour is not documented (the safer side, with a message
 //! that says what to do):
@@ -23,8 +23,10 @@
 //! - The file's `url` and `model` are the first valid ones, so one bad first line is reported
 //!   once, not as a mismatch on every later line. `/chat/completions` and
 //!   `/v1/chat/completions` in one file are a `url_mismatch`: the service compares strings.
-//! - A line longer than `max_bytes` is `line_too_large` and not parsed (its file is
-//!   `file_too_large` anyway), so memory stays bounded even for a file without newlines.
+//! - A line longer than `max_line_bytes` (300 MiB) is `line_too_large` and not parsed, so
+//!   memory stays bounded even for a file without newlines. No per-request size is
+//!   documented; the largest request the documented limits allow is 10 images of 20 MB each
+//!   (the vision input limits), 267 MB once base64-encoded, and it fits.
 //!
 //! Where things are:
 //! - here, the public face: [`Limits`], [`codes`], [`SUPPORTED_URLS`], [`Problem`], [`Report`],
@@ -60,17 +62,32 @@ pub use validator::Validator;
 pub struct Limits {
     /// Requests per file: Azure's `too_many_tasks` triggers above 100,000.
     pub max_lines: u64,
-    /// Bytes per file: 200 MB (Azure's Global Batch limit).
+    /// Bytes per file: 1 GB for an input in your own storage (`input_blob`), as the Global
+    /// Batch limits page gives it ("Maximum input file size - Bring your own storage (BYOS)":
+    /// 1 GB; 200 MB is the limit for uploaded files, which this handler never uses;
+    /// MicrosoftDocs/azure-ai-docs, articles/foundry/openai/includes/global-batch-limits.md).
+    /// The page does not say whether a GB is 10^9 or 2^30 bytes; the smaller is used.
     pub max_bytes: u64,
+    /// Bytes per line (request): beyond this a line is reported, not parsed, which bounds
+    /// the memory one line can take. See the module notes for the figure.
+    pub max_line_bytes: u64,
     /// Problems kept in the report; the rest are only counted.
     pub max_problems: usize,
+}
+
+impl Limits {
+    /// The longest line that is kept and parsed: a line cannot be longer than its file.
+    pub(crate) fn line_cap(&self) -> u64 {
+        self.max_line_bytes.min(self.max_bytes)
+    }
 }
 
 impl Default for Limits {
     fn default() -> Self {
         Limits {
             max_lines: 100_000,
-            max_bytes: 200 * 1024 * 1024,
+            max_bytes: 1_000_000_000,
+            max_line_bytes: 300 * 1024 * 1024,
             max_problems: 100,
         }
     }

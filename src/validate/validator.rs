@@ -1,6 +1,6 @@
 //! The line checker: [`Validator`] takes the file's bytes in chunks split anywhere, cuts
 //! them into lines (copying only a line that straddles two chunks, and not keeping one longer
-//! than `max_bytes`), checks each request line (UTF-8, one JSON object, `custom_id`, `method`,
+//! than the line cap), checks each request line (UTF-8, one JSON object, `custom_id`, `method`,
 //! `url`, `body.model`), then the whole file at [`Validator::finish`]: its size, its count
 //! of requests, that it has any. The rules, and why, are in the module overview (`mod.rs`).
 //! At most `max_problems` problems are kept; a limit problem displaces an ordinary one.
@@ -26,9 +26,9 @@ pub struct Validator {
     /// The start of a line whose end has not arrived yet.
     partial: Vec<u8>,
     /// The partial line's length so far; exceeds `partial.len()` once the line is over
-    /// `max_bytes` and its bytes are no longer kept.
+    /// the line cap and its bytes are no longer kept.
     partial_len: u64,
-    /// The partial line is over `max_bytes`: it will be reported, not parsed.
+    /// The partial line is over the line cap: it will be reported, not parsed.
     partial_oversized: bool,
     /// Whether the oversized partial line started with a BOM (only asked for line 1).
     partial_bom: bool,
@@ -166,9 +166,9 @@ impl Validator {
             return;
         }
         let new_len = self.partial_len + data.len() as u64;
-        if !self.partial_oversized && new_len > self.limits.max_bytes {
-            // One line over the file limit cannot be submitted whatever it holds, so stop
-            // keeping it: memory stays bounded by `max_bytes` even for a newline-free file.
+        if !self.partial_oversized && new_len > self.limits.line_cap() {
+            // A line over the cap is reported whatever it holds, so stop keeping it: memory
+            // stays bounded by the cap even for a newline-free file.
             let mut head = [0u8; 3];
             let from_partial = self.partial.len().min(3);
             head[..from_partial].copy_from_slice(&self.partial[..from_partial]);
@@ -222,7 +222,7 @@ impl Validator {
             return;
         }
         let line = match line {
-            Line::Bytes(b) if b.len() as u64 > self.limits.max_bytes => Line::Oversized {
+            Line::Bytes(b) if b.len() as u64 > self.limits.line_cap() => Line::Oversized {
                 len: b.len() as u64,
                 bom: b.starts_with(BOM),
             },
@@ -236,9 +236,13 @@ impl Validator {
                     self.bom_problem();
                 }
                 self.request_line(n, start);
-                let max = self.limits.max_bytes;
+                let limits = self.limits;
                 self.push(Some(n), codes::LINE_TOO_LARGE, || {
-                    format!("this one line is {len} bytes, more than a whole file may be ({max} bytes); it was not checked further")
+                    if len > limits.max_bytes {
+                        format!("this one line is {len} bytes, more than a whole file may be ({} bytes); it was not checked further", limits.max_bytes)
+                    } else {
+                        format!("this one line is {len} bytes, more than one request may be here ({} bytes: room for the 10 images of 20 MB a request may carry); it was not checked further", limits.max_line_bytes)
+                    }
                 });
                 return;
             }
@@ -984,6 +988,39 @@ mod tests {
     }
 
     #[test]
+    fn a_line_over_the_line_cap_is_not_kept_though_the_file_fits() {
+        // A 1 GB file may hold one huge line; memory is bounded by the line cap, not the file.
+        let limits = Limits {
+            max_line_bytes: 200,
+            ..Limits::default()
+        };
+        let big = req(&"x".repeat(300));
+        let f = format!("{}\n{big}\n{}\n", req("a"), req("c"));
+        let r = check_with(&f, limits);
+        assert_eq!(codes(&r), vec![(Some(2), "line_too_large")]);
+        assert!(
+            r.problems[0].message.contains("more than one request may be"),
+            "{}",
+            r.problems[0].message
+        );
+        assert_eq!(r.lines, 3);
+        let mut v = Validator::new(limits);
+        for c in f.as_bytes().chunks(7) {
+            v.feed(c);
+            assert!(v.partial.len() <= 200);
+        }
+        assert_eq!(v.finish(), r);
+    }
+
+    #[test]
+    fn the_default_file_limit_is_the_documented_one_for_your_own_storage() {
+        // 1 GB for `input_blob` inputs (Global Batch limits, "Bring your own storage").
+        let l = Limits::default();
+        assert_eq!((l.max_lines, l.max_bytes), (100_000, 1_000_000_000));
+        assert!(l.max_line_bytes >= 10 * 20_000_000 * 4 / 3);
+    }
+
+    #[test]
     fn a_long_line_within_the_limit_is_checked() {
         let content = "y".repeat(3 << 20);
         let f = format!("{}\n{}\n", req("a"), req(&content));
@@ -1015,6 +1052,7 @@ mod tests {
             max_problems: 2,
             max_lines: 4,
             max_bytes: 1 << 20,
+            ..Limits::default()
         };
         let r = check_with(file(&["a", "a", "a", "a", "a", "a"]), limits);
         assert_eq!(
@@ -1062,6 +1100,7 @@ mod tests {
                 max_bytes: 300,
                 max_problems: 4,
                 max_lines: 5,
+                max_line_bytes: 120,
             },
         ] {
             let whole = check_with(&f, limits);

@@ -465,6 +465,15 @@ def test_outputs_tell_users_what_they_need(deployment: Deployment) -> None:
     assert deployment.main.resolve(outputs["stateContainerUrl"]["value"]).endswith("/batch-jobs")
 
 
+def test_every_output_the_readme_reads_exists(deployment: Deployment) -> None:
+    # The deploy steps read outputs by name; a renamed or missing one fails there, in Azure.
+    readme = (REPO / "README.md").read_text(encoding="utf-8")
+    read = set(re.findall(r"properties\.outputs\.(\w+)\.value", readme))
+    assert "openAiAccountName" in read, "README's dynamic quota step reads the account name"
+    missing = read - set(deployment.main.outputs)
+    assert not missing, f"README reads outputs main.bicep does not declare: {sorted(missing)}"
+
+
 def test_names_default_to_unique_strings(deployment: Deployment) -> None:
     main = deployment.main
     suffix = main.parameters["nameSuffix"]["default"]

@@ -11,8 +11,10 @@ use serde_json::{Map, Value};
 
 /// Azure's `too_many_tasks` limit (the OpenAI text says 50,000; Azure documents 100,000).
 pub const MAX_REQUESTS: u64 = 100_000;
-/// Azure's documented maximum input file size.
-pub const MAX_FILE_BYTES: u64 = 200 * 1024 * 1024;
+/// Azure's documented maximum input file size for an input in the customer's storage
+/// (`input_blob`): 1 GB ("Bring your own storage" in the Global Batch limits; uploaded files
+/// have 200 MB). The smaller reading of "GB" keeps the emulator at least as strict.
+pub const MAX_FILE_BYTES: u64 = 1_000_000_000;
 /// No line limit is documented; this one only keeps a newline-free blob from filling memory.
 pub const MAX_LINE_BYTES: usize = 32 * 1024 * 1024;
 /// Completion budget assumed for a request without `max_tokens` (or its newer names), so that
@@ -434,7 +436,7 @@ pub async fn scan(
         return Ok(Err(BatchError::new(
             "invalid_request",
             format!(
-                "The input file is {} bytes; the maximum size of a batch input file is 200 MB.",
+                "The input file is {} bytes; the maximum size of a batch input file in your own storage is 1 GB.",
                 info.size
             ),
             None,
