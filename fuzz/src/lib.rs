@@ -22,6 +22,7 @@ pub fn fuzz_limits() -> [Limits; 2] {
         Limits {
             max_lines: 7,
             max_bytes: 700,
+            max_line_bytes: 300,
             max_problems: 3,
         },
     ]
