@@ -19,9 +19,8 @@ use crate::config::{ApiStyle, Secret};
 
 const COGNITIVE_SERVICES_SCOPE: &str = "https://cognitiveservices.azure.com/.default";
 
-/// Batches per page when looking for one to adopt: the most the list gives (spec: `limit`
-/// 1–100, default 20).
-const ADOPTION_PAGE_SIZE: u32 = 100;
+/// Batches per page of a list walk: the most the list gives (spec: `limit` 1–100, default 20).
+const LIST_PAGE_SIZE: u32 = 100;
 
 /// Pages looked through for a batch to adopt before giving up (5,000 batches): bounds the
 /// cost of the walk on `v1`, whose list has no time window.
@@ -165,6 +164,23 @@ impl Batch {
             .flat_map(|e| e.data.iter())
             .filter_map(|e| e.code.as_deref())
     }
+}
+
+/// The wanted batches a list walk found ([`BatchClient::list_wanted`]).
+#[derive(Debug, Default)]
+pub struct Listed {
+    pub batches: std::collections::HashMap<String, Batch>,
+    /// List calls made.
+    pub pages: u32,
+}
+
+/// How far a list walk went.
+#[derive(Debug, Default)]
+struct Walk {
+    pages: u32,
+    scanned: usize,
+    /// The list's last page was read.
+    ended: bool,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -423,16 +439,73 @@ impl BatchClient {
         input_blob: &str,
         not_before: i64,
     ) -> Result<Option<Batch>, OpenAiError> {
-        let mut since = matches!(self.style, ApiStyle::Classic { .. }).then(|| not_before - 1);
+        let mut found = None;
+        let walk = self
+            .walk_list(Some(not_before - 1), ADOPTION_MAX_PAGES, |b| {
+                let matches = b.created_at.is_none_or(|t| t >= not_before)
+                    && b.input_blob
+                        .as_deref()
+                        .is_some_and(|u| same_blob_url(u, input_blob));
+                if matches {
+                    found = Some(b.clone());
+                }
+                !matches
+            })
+            .await?;
+        match found {
+            Some(b) => Ok(Some(b)),
+            None if walk.ended => Ok(None),
+            None => Err(OpenAiError::SearchIncomplete {
+                scanned: walk.scanned,
+            }),
+        }
+    }
+
+    /// The batches among `wanted` that the list shows, read 100 a page: how a tick learns
+    /// the state of many running batches in a few calls instead of one retrieve each. On a
+    /// dated api-version the list is asked for the batches created after `since`, oldest
+    /// first (as [`Self::find_by_input_blob`] asks); on `v1` it is read in the service's own
+    /// order. Stops once every wanted batch was seen, at the end of the list, or after
+    /// `max_pages`; whatever was not seen is for the caller to retrieve one by one.
+    pub async fn list_wanted(
+        &self,
+        wanted: &std::collections::HashSet<String>,
+        since: i64,
+        max_pages: u32,
+    ) -> Result<Listed, OpenAiError> {
+        let mut batches = std::collections::HashMap::new();
+        let walk = self
+            .walk_list(Some(since), max_pages, |b| {
+                if wanted.contains(&b.id) {
+                    batches.insert(b.id.clone(), b.clone());
+                }
+                batches.len() < wanted.len()
+            })
+            .await?;
+        Ok(Listed {
+            batches,
+            pages: walk.pages,
+        })
+    }
+
+    /// Reads the list page by page, handing each batch to `visit` until it returns `false`,
+    /// the list ends, or `max_pages` were read. `since` (unix seconds) asks a dated
+    /// api-version for the batches created after it, oldest first; `v1` has no such options,
+    /// and a service that refuses them (400) is read without them. Nothing here assumes an
+    /// order: the spec leaves the default open (its list example asks `created_at asc`;
+    /// OpenAI's v1 lists newest first).
+    async fn walk_list(
+        &self,
+        since: Option<i64>,
+        max_pages: u32,
+        mut visit: impl FnMut(&Batch) -> bool,
+    ) -> Result<Walk, OpenAiError> {
+        let mut since = since.filter(|_| matches!(self.style, ApiStyle::Classic { .. }));
         let mut after: Option<String> = None;
-        let mut scanned = 0usize;
-        let mut pages = 0u32;
-        loop {
-            if pages >= ADOPTION_MAX_PAGES {
-                return Err(OpenAiError::SearchIncomplete { scanned });
-            }
+        let mut walk = Walk::default();
+        while walk.pages < max_pages {
             let page = match self
-                .list_page_where(after.as_deref(), ADOPTION_PAGE_SIZE, since)
+                .list_page_where(after.as_deref(), LIST_PAGE_SIZE, since)
                 .await
             {
                 Err(OpenAiError::Rejected {
@@ -442,32 +515,30 @@ impl BatchClient {
                 }) if since.is_some() && after.is_none() => {
                     tracing::warn!(
                         error = %message,
-                        "the batch list refused $filter/$orderby; looking through every batch instead"
+                        "the batch list refused $filter/$orderby; reading every batch instead"
                     );
                     since = None;
                     continue;
                 }
                 other => other?,
             };
-            pages += 1;
-            scanned += page.data.len();
-            let found = page.data.iter().find(|b| {
-                b.created_at.is_none_or(|t| t >= not_before)
-                    && b.input_blob
-                        .as_deref()
-                        .is_some_and(|u| same_blob_url(u, input_blob))
-            });
-            if let Some(b) = found {
-                return Ok(Some(b.clone()));
+            walk.pages += 1;
+            walk.scanned += page.data.len();
+            for b in &page.data {
+                if !visit(b) {
+                    return Ok(walk);
+                }
             }
             let next = page
                 .last_id
                 .or_else(|| page.data.last().map(|b| b.id.clone()));
             if !page.has_more || next.is_none() || page.data.is_empty() {
-                return Ok(None);
+                walk.ended = true;
+                return Ok(walk);
             }
             after = next;
         }
+        Ok(walk)
     }
 
     async fn send<T: for<'de> Deserialize<'de>>(

@@ -29,7 +29,7 @@ use azure_storage_blob::{
     models::{
         BlobClientDeleteOptions, BlobClientDownloadOptions, BlobClientGetPropertiesResultHeaders,
         BlobContainerClientListBlobsOptions, BlockBlobClientCommitBlockListOptions,
-        BlockBlobClientUploadOptions, BlockLookupList, CopyStatus, KeyInfo,
+        BlockBlobClientUploadOptions, BlockLookupList, CopyStatus, KeyInfo, ListBlobsIncludeItem,
     },
 };
 use azure_storage_common::models::UserDelegationKey;
@@ -672,9 +672,32 @@ impl BlobStore {
         condition: WriteCondition,
         content_type: &str,
     ) -> Result<String> {
+        self.write_with_metadata(
+            container,
+            name,
+            data,
+            condition,
+            content_type,
+            HashMap::new(),
+        )
+        .await
+    }
+
+    /// [`Self::write`], with metadata set in the same request, so that the metadata a listing
+    /// returns always belongs to the content beside it.
+    pub async fn write_with_metadata(
+        &self,
+        container: &str,
+        name: &str,
+        data: Bytes,
+        condition: WriteCondition,
+        content_type: &str,
+        metadata: HashMap<String, String>,
+    ) -> Result<String> {
         let blob = self.service.blob_client(container, name);
         let mut options = BlockBlobClientUploadOptions {
             blob_content_type: Some(content_type.to_string()),
+            metadata: (!metadata.is_empty()).then_some(metadata),
             ..Default::default()
         };
         match condition {
@@ -733,10 +756,32 @@ impl BlobStore {
         container: &str,
         prefix: &str,
     ) -> impl Stream<Item = Result<BlobInfo>> + Send + 'static + use<> {
+        self.list_entries(container, prefix, false)
+            .map_ok(|(info, _)| info)
+    }
+
+    /// [`Self::list`] with each blob's metadata, in the same requests (`include=metadata`).
+    pub fn list_with_metadata(
+        &self,
+        container: &str,
+        prefix: &str,
+    ) -> impl Stream<Item = Result<(BlobInfo, HashMap<String, String>)>> + Send + 'static + use<>
+    {
+        self.list_entries(container, prefix, true)
+    }
+
+    fn list_entries(
+        &self,
+        container: &str,
+        prefix: &str,
+        metadata: bool,
+    ) -> impl Stream<Item = Result<(BlobInfo, HashMap<String, String>)>> + Send + 'static + use<>
+    {
         let client = self.service.blob_container_client(container);
         let options = BlobContainerClientListBlobsOptions {
             prefix: (!prefix.is_empty()).then(|| prefix.to_string()),
             maxresults: Some(5000),
+            include: metadata.then(|| vec![ListBlobsIncludeItem::Metadata]),
             ..Default::default()
         };
         let c = container.to_string();
@@ -751,16 +796,20 @@ impl BlobStore {
                         let item = item.map_err(|e| StorageError::from_sdk("list", &c, "", e))?;
                         let props = item.properties.unwrap_or_default();
                         let name = item.name.unwrap_or_default();
-                        Ok(BlobInfo {
-                            etag: required_etag(
-                                props.etag.map(|e| e.to_string()),
-                                "list",
-                                &c,
-                                &name,
-                            )?,
-                            name,
-                            size: props.content_length.unwrap_or(0),
-                        })
+                        let metadata = item.metadata.and_then(|m| m.values).unwrap_or_default();
+                        Ok((
+                            BlobInfo {
+                                etag: required_etag(
+                                    props.etag.map(|e| e.to_string()),
+                                    "list",
+                                    &c,
+                                    &name,
+                                )?,
+                                name,
+                                size: props.content_length.unwrap_or(0),
+                            },
+                            metadata,
+                        ))
                     })
                 }
             })
