@@ -6,12 +6,16 @@
 //! - queued jobs whose wait is over are submitted again;
 //! - running jobs are polled; those that ended are harvested.
 //!
-//! Jobs are handled concurrently, a bounded number at a time, so a tick with a thousand
-//! active jobs still ends well inside the schedule period.
+//! What a tick reads grows with what changed, not with how many jobs run: one listing of
+//! `active/` gives every job's index (`jobs::JobIndex`, kept in the record's metadata), one
+//! list walk of the service's batches (100 a page) gives the state of the running ones, and a
+//! job's record is read only when its index says something is due: its batch changed, its
+//! claim lapsed, its quota wait ended. Only the batches the walk did not show are retrieved
+//! one by one. Jobs are handled concurrently, a bounded number at a time.
 //!
 //! The top of the workflows: a tick calls `submit`, `harvest` and `split`; none calls back.
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 
 use futures::{StreamExt, TryStreamExt};
 
@@ -19,8 +23,10 @@ use crate::{
     app::{App, Journal, StepError, guarded},
     config::ApiStyle,
     harvest,
-    jobs::{AnyJob, InputRef, Job, Observed, Outcome, Queued, Running, job_key},
-    openai::{BatchStatus, OpenAiError},
+    jobs::{
+        ActiveEntry, AnyJob, InputRef, Job, JobState, Observed, Outcome, Queued, Running, job_key,
+    },
+    openai::{Batch, BatchStatus, OpenAiError},
     split,
     submit::{self, fail_job, queue_for_quota},
 };
@@ -42,12 +48,35 @@ const STUCK_AFTER_SECS: i64 = 3600;
 const MISSING_LOOKS: u32 = 3;
 const MISSING_FOR_SECS: i64 = 600;
 
+/// A running job's batch is taken from a list walk only as far back as its job's creation
+/// less this much: the service's clock and ours may differ a little.
+const LIST_CLOCK_SLACK_SECS: i64 = 600;
+
+/// The list walk reads at most one page (100 batches) per this many running jobs (and at least
+/// one): so it never costs more than retrieving them, even when the window also holds many
+/// batches that are not ours.
+const RUNNING_JOBS_PER_LIST_PAGE: usize = 50;
+
 #[derive(Debug, Default, Clone, Copy)]
 pub struct TickStats {
     pub swept: usize,
     pub active: usize,
     pub harvested: usize,
     pub faults: usize,
+    /// Running jobs, and how their batches were learnt: from list pages, or retrieved.
+    pub running: usize,
+    pub list_pages: u32,
+    pub retrieved: usize,
+    /// Job records read: only those whose index said something was due.
+    pub records_read: usize,
+}
+
+/// How a job's step went, for the tick's totals.
+#[derive(Debug, Default, Clone, Copy)]
+struct StepDone {
+    finished: bool,
+    retrieved: bool,
+    read: bool,
 }
 
 /// Azure OpenAI's gateway answering 404 `Resource not found` during a tick: a configuration
@@ -92,21 +121,48 @@ pub async fn tick(app: &App, j: &Journal) -> Result<TickStats, StepError> {
     let started = std::time::Instant::now();
     let mut stats = TickStats::default();
     let mut no_route = NoSuchRoute::default();
-    let active: HashSet<String> = app.jobs.active_keys().await?.into_iter().collect();
+    let mut entries = app.jobs.active_entries().await?;
+    let active: HashSet<String> = entries.iter().map(|e| e.key.clone()).collect();
     stats.swept = sweep(app, &active, &mut no_route, j).await?;
+    if stats.swept > 0 {
+        // Listed again: the sweep added jobs, and those are polled at once.
+        entries = app.jobs.active_entries().await?;
+    }
+    stats.active = entries.len();
 
-    // Listed again: the sweep may have added jobs, and those are polled at once.
-    let keys = app.jobs.active_keys().await?;
-    stats.active = keys.len();
-    let results: Vec<Result<bool, StepError>> = futures::stream::iter(keys)
-        .map(|key| async move { guarded(format!("job={key}"), step(app, &key, j)).await })
+    let listed = match list_running(app, &entries, &mut stats).await {
+        Ok(listed) => listed,
+        // The gateway's 404 reaches every call: the job steps meet it too, and the tick
+        // reports it once for all of them.
+        Err(OpenAiError::NoSuchRoute { .. }) => HashMap::new(),
+        Err(e) => {
+            // Each running job is then retrieved on its own, as without the walk.
+            j.warn(format!(
+                "listing the service's batches failed; retrieving them one by one: {e}"
+            ));
+            HashMap::new()
+        }
+    };
+    let listed = &listed;
+    let results: Vec<Result<StepDone, StepError>> = futures::stream::iter(entries)
+        .map(|entry| async move {
+            let batch = entry
+                .index
+                .as_ref()
+                .and_then(|ix| ix.batch.as_ref())
+                .and_then(|b| listed.get(&b.id));
+            guarded(format!("job={}", entry.key), step(app, &entry, batch, j)).await
+        })
         .buffer_unordered(TICK_CONCURRENCY)
         .collect()
         .await;
     for r in results {
         match r {
-            Ok(true) => stats.harvested += 1,
-            Ok(false) => {}
+            Ok(done) => {
+                stats.harvested += usize::from(done.finished);
+                stats.retrieved += usize::from(done.retrieved);
+                stats.records_read += usize::from(done.read);
+            }
             Err(e) => {
                 stats.faults += 1;
                 if !no_route.absorb(&e) {
@@ -119,14 +175,44 @@ pub async fn tick(app: &App, j: &Journal) -> Result<TickStats, StepError> {
     }
     no_route.report(app, j);
     j.info(format!(
-        "tick done in {} ms: {} new input(s), {} active job(s), {} finished, {} fault(s)",
+        "tick done in {} ms: {} new input(s), {} active job(s), {} finished, {} fault(s); \
+         running={} list_pages={} retrieved={} records_read={}",
         started.elapsed().as_millis(),
         stats.swept,
         stats.active,
         stats.harvested,
-        stats.faults
+        stats.faults,
+        stats.running,
+        stats.list_pages,
+        stats.retrieved,
+        stats.records_read,
     ));
     Ok(stats)
+}
+
+/// The running jobs' batches as one list walk shows them, keyed by batch id.
+async fn list_running(
+    app: &App,
+    entries: &[ActiveEntry],
+    stats: &mut TickStats,
+) -> Result<HashMap<String, Batch>, OpenAiError> {
+    let running: Vec<_> = entries
+        .iter()
+        .filter_map(|e| e.index.as_ref())
+        .filter(|ix| ix.state == JobState::Running)
+        .filter_map(|ix| ix.batch.as_ref().map(|b| (b.id.clone(), ix.created_at)))
+        .collect();
+    stats.running = running.len();
+    // One running batch is as cheaply retrieved as listed.
+    if running.len() < 2 {
+        return Ok(HashMap::new());
+    }
+    let since = running.iter().map(|(_, t)| *t).min().unwrap_or_default() - LIST_CLOCK_SLACK_SECS;
+    let wanted: HashSet<String> = running.into_iter().map(|(id, _)| id).collect();
+    let max_pages = (wanted.len() / RUNNING_JOBS_PER_LIST_PAGE).max(1) as u32;
+    let listed = app.openai.list_wanted(&wanted, since, max_pages).await?;
+    stats.list_pages = listed.pages;
+    Ok(listed.batches)
 }
 
 /// Submits inputs that have no job record for their current version.
@@ -202,11 +288,61 @@ async fn sweep(
     Ok(count)
 }
 
-/// Moves one active job a step; `Ok(true)` when it finished.
-async fn step(app: &App, key: &str, j: &Journal) -> Result<bool, StepError> {
-    let Some((job, etag)) = app.jobs.load_active(key).await? else {
-        return Ok(false);
+/// Moves one active job a step. `listed`: its batch as this tick's list walk showed it.
+async fn step(
+    app: &App,
+    entry: &ActiveEntry,
+    listed: Option<&Batch>,
+    j: &Journal,
+) -> Result<StepDone, StepError> {
+    let mut done = StepDone::default();
+    let t = app.now();
+    // First what the index alone can settle, without reading the record.
+    let mut batch = listed.cloned();
+    if let Some(ix) = &entry.index {
+        if ix.quiet_at(t) {
+            return Ok(done);
+        }
+        if ix.state == JobState::Running
+            && let Some(seen) = &ix.batch
+        {
+            if batch.is_none() {
+                done.retrieved = true;
+                // A batch the service says it does not know is the record's business: the
+                // step below retrieves it again with the record in hand.
+                batch = match app.openai.retrieve(&seen.id).await {
+                    Ok(b) => Some(b),
+                    Err(OpenAiError::NotFound(_)) => None,
+                    Err(e) => return Err(e.into()),
+                };
+            }
+            if let Some(b) = &batch
+                && ix.unchanged_by(b)
+            {
+                warn_if_stuck(app, &entry.key, b, j);
+                return Ok(done);
+            }
+        }
+    }
+    let Some((job, etag)) = app.jobs.load_active(&entry.key).await? else {
+        return Ok(done);
     };
+    done.read = true;
+    done.finished = step_record(app, job, etag, batch, j).await?;
+    Ok(done)
+}
+
+/// Moves one active job a step from its record; `Ok(true)` when it finished. `batch`: its
+/// running batch, when this tick already knows it.
+async fn step_record(
+    app: &App,
+    job: AnyJob,
+    etag: String,
+    batch: Option<Batch>,
+    j: &Journal,
+) -> Result<bool, StepError> {
+    let key = job.key().to_string();
+    let key = key.as_str();
     let t = app.now();
     let lease = app.config.submit_lease.as_secs();
     match job {
@@ -236,7 +372,12 @@ async fn step(app: &App, key: &str, j: &Journal) -> Result<bool, StepError> {
             }
             Ok(false)
         }
-        AnyJob::Running(job) => poll_running(app, job, etag, j).await,
+        AnyJob::Running(job) => {
+            // The batch in hand is this job's only if it is the one the record names (a
+            // follow-up round may have started since the index was listed).
+            let batch = batch.filter(|b| b.id == job.batch().id);
+            poll_running(app, job, etag, batch, j).await
+        }
         AnyJob::Split(job) => Ok(submit::advance_parts(app, job, etag, j).await?.combined),
         AnyJob::Harvesting(job) => harvest::harvest_batch(app, job, etag, None, j)
             .await
@@ -250,15 +391,33 @@ async fn step(app: &App, key: &str, j: &Journal) -> Result<bool, StepError> {
     }
 }
 
+fn warn_if_stuck(app: &App, key: &str, batch: &Batch, j: &Journal) {
+    if !batch.status.is_terminal()
+        && batch
+            .expires_at
+            .is_some_and(|e| app.now() > e + STUCK_AFTER_SECS)
+    {
+        j.warn(format!(
+            "job={key} batch={}: still {} more than an hour past its expiry time",
+            batch.id, batch.status
+        ));
+    }
+}
+
 async fn poll_running(
     app: &App,
     job: Job<Running>,
     etag: String,
+    known: Option<Batch>,
     j: &Journal,
 ) -> Result<bool, StepError> {
     let key = job.key().to_string();
     let batch_id = job.batch().id.clone();
-    let batch = match app.openai.retrieve(&batch_id).await {
+    let retrieved = match known {
+        Some(b) => Ok(b),
+        None => app.openai.retrieve(&batch_id).await,
+    };
+    let batch = match retrieved {
         Ok(b) => b,
         Err(OpenAiError::NotFound(_)) => {
             let mut job = job;
@@ -296,16 +455,7 @@ async fn poll_running(
         queue_for_quota(app, job, &etag, &message, j).await?;
         return Ok(false);
     }
-    if !batch.status.is_terminal()
-        && batch
-            .expires_at
-            .is_some_and(|e| app.now() > e + STUCK_AFTER_SECS)
-    {
-        j.warn(format!(
-            "job={key} batch={}: still {} more than an hour past its expiry time",
-            batch.id, batch.status
-        ));
-    }
+    warn_if_stuck(app, &key, &batch, j);
     let status_changed = job.batch().status != batch.status;
     let log_status = || {
         if status_changed {

@@ -1,5 +1,6 @@
-//! Section 4, tick scale: one timer tick with 1,000 active jobs against a sequential loop of
-//! the same 1,000 retrieve calls, on loopback and with a fixed added latency per request.
+//! Section 4, tick scale: one timer tick with N active jobs (1,000 by default; `--tick-jobs`)
+//! against a sequential loop of the same N retrieve calls, on loopback and with a fixed added
+//! latency per request; and how many service calls a tick makes per running job.
 
 use std::time::{Duration, Instant};
 
@@ -42,7 +43,19 @@ async fn timed_ticks(h: &Handler, n: usize, jobs: u64) -> Result<Vec<f64>> {
     Ok(t)
 }
 
+/// The sequential loops retrieve at most this many batches; beyond, the time is scaled to all
+/// of them (a sequential loop's time is linear in its calls: with +50 ms each, 10,000 would
+/// take over 8 minutes).
+const LOOP_SAMPLE: usize = 1000;
+
+/// A sequential loop over `ids` (over the first [`LOOP_SAMPLE`], scaled to all).
 async fn sequential_loop(endpoint: &str, ids: &[String]) -> Result<f64> {
+    let sample = &ids[..ids.len().min(LOOP_SAMPLE)];
+    let t = sequential_loop_over(endpoint, sample).await?;
+    Ok(t * ids.len() as f64 / sample.len().max(1) as f64)
+}
+
+async fn sequential_loop_over(endpoint: &str, ids: &[String]) -> Result<f64> {
     let client = stack::batch_client(endpoint)?;
     let t0 = Instant::now();
     for id in ids {
@@ -149,13 +162,18 @@ pub async fn run(cfg: &Config, stack: &Stack, rep: &mut Report) -> Result<()> {
         seq.push(sequential_loop(&stack.slow.endpoint(), &ids).await?);
     }
     let ratio = median(&seq) / median(&ticks);
+    let scaled = if jobs as usize > LOOP_SAMPLE {
+        format!(" (the loop timed over {LOOP_SAMPLE}, scaled)")
+    } else {
+        String::new()
+    };
     rep.row(
         G,
-        &format!("one tick, {jobs} active jobs, loopback (no added latency) vs {jobs} sequential retrieves"),
-        "≥ 10× faster",
+        &format!("one tick, {jobs} active jobs, loopback (no added latency) vs {jobs} sequential retrieves{scaled}"),
+        "at least as fast (≥ 1×)",
         format!("{} vs {}", secs(median(&ticks)), secs(median(&seq))),
         format!("{ratio:.2}×"),
-        verdict(ratio >= 10.0),
+        verdict(ratio >= 1.0),
         format!(
             "ticks: {}; loops: {}; CPU per tick: handler {:.2} s, Azurite {:.2} s, emulator {:.2} s (2 cores); handler peak RSS {:.1} MB",
             list(&ticks, secs),
@@ -192,7 +210,7 @@ pub async fn run(cfg: &Config, stack: &Stack, rep: &mut Report) -> Result<()> {
     rep.row(
         G,
         &format!(
-            "one tick, {jobs} active jobs, +{lo} ms per service call and +{ls} ms per storage call vs the same sequential retrieves (+{lo} ms each)"
+            "one tick, {jobs} active jobs, +{lo} ms per service call and +{ls} ms per storage call vs the same sequential retrieves (+{lo} ms each){scaled}"
         ),
         "≥ 10× faster",
         format!("{} vs {}", secs(median(&lticks)), secs(lseq)),
@@ -206,14 +224,29 @@ pub async fn run(cfg: &Config, stack: &Stack, rep: &mut Report) -> Result<()> {
             lticks.len()
         ),
     );
+    let per_job = calls.0 as f64 / (lticks.len() as f64 * jobs as f64);
+    rep.row(
+        G,
+        &format!("service calls per running job per tick, {jobs} active jobs"),
+        "≤ 0.05 (from 1,000 jobs)",
+        format!("{per_job:.4}"),
+        format!("{:.2} of goal", per_job / 0.05),
+        verdict(per_job <= 0.05),
+        format!(
+            "{} service calls and {} storage calls in {} ticks (with latency)",
+            calls.0,
+            calls.1,
+            lticks.len()
+        ),
+    );
     let worst = ticks.iter().chain(&lticks).fold(0.0f64, |a, b| a.max(*b));
     rep.row(
         G,
         &format!("longest tick with {jobs} active jobs vs the 5-minute period"),
-        "well inside: ≤ 10% (30 s)",
+        "≤ 5% (15 s)",
         secs(worst),
         format!("{:.1}% of 300 s", worst / 3.0),
-        verdict(worst <= 30.0),
+        verdict(worst <= 15.0),
         String::new(),
     );
     pipeline_clear(stack, &c).await

@@ -27,15 +27,17 @@
 //! `{parent key}/part-NNNN`), each reading a staged slice of the input and going through the
 //! same states; their results land in the staging folder, and the parent combines them.
 
+mod index;
 mod record;
 mod store;
 mod wire;
 
+pub use index::JobIndex;
 pub use record::{
-    AnyJob, BatchSeen, CanQueue, Combining, CreateCall, Finished, Harvesting, Job, Missing,
-    MovesResults, Observed, Queued, Running, Split, State, Submitting, Unfinished,
+    AnyJob, BatchSeen, CanQueue, Combining, CreateCall, Finished, Harvesting, Indexed, Job,
+    Missing, MovesResults, Observed, Queued, Running, Split, State, Submitting, Unfinished,
 };
-pub use store::{Claim, JobStore, JobStoreError};
+pub use store::{ActiveEntry, Claim, JobStore, JobStoreError};
 pub use wire::{InvalidRecord, Wire, WireState};
 
 use serde::{Deserialize, Serialize};

@@ -52,8 +52,19 @@ pub(super) struct Common {
 }
 
 /// What each state is called in records and history (and how it is written: `wire`).
-pub trait State: WireState {
+pub trait State: WireState + Indexed {
     const NAME: JobState;
+}
+
+/// What each state adds to the job index (`index`): the defaults say "nothing beyond the
+/// state".
+pub trait Indexed {
+    fn quiet_until(&self) -> Option<i64> {
+        None
+    }
+    fn running_batch(&self) -> Option<(&BatchSeen, bool)> {
+        None
+    }
 }
 
 /// Claimed by an invocation: validating, then creating the batch.
@@ -164,6 +175,27 @@ impl State for Combining {
 impl State for Finished {
     const NAME: JobState = JobState::Finished;
 }
+
+impl Indexed for Submitting {
+    fn quiet_until(&self) -> Option<i64> {
+        let in_flight = self.create.as_ref().and_then(|c| c.in_flight_until);
+        Some(in_flight.map_or(self.lease_until, |t| t.max(self.lease_until)))
+    }
+}
+impl Indexed for Queued {
+    fn quiet_until(&self) -> Option<i64> {
+        Some(self.next_attempt_at)
+    }
+}
+impl Indexed for Running {
+    fn running_batch(&self) -> Option<(&BatchSeen, bool)> {
+        Some((&self.batch, self.missing.is_some()))
+    }
+}
+impl Indexed for Split {}
+impl Indexed for Harvesting {}
+impl Indexed for Combining {}
+impl Indexed for Finished {}
 
 const TAKEN_OVER: &str = "taken over";
 

@@ -999,7 +999,9 @@ mod tests {
         let r = check_with(&f, limits);
         assert_eq!(codes(&r), vec![(Some(2), "line_too_large")]);
         assert!(
-            r.problems[0].message.contains("more than one request may be"),
+            r.problems[0]
+                .message
+                .contains("more than one request may be"),
             "{}",
             r.problems[0].message
         );

@@ -6,7 +6,7 @@
 
 use std::sync::{
     Arc,
-    atomic::{AtomicBool, Ordering},
+    atomic::{AtomicBool, AtomicU64, Ordering},
 };
 
 use axum::{
@@ -37,6 +37,30 @@ pub struct AppState {
     /// Every API call answered with the gateway's 404 (`--gateway-404`, or at run time
     /// `POST /_emulator/gateway-404?on=`), as Azure answers a wrong or retired api-version.
     pub gateway_404: Arc<AtomicBool>,
+    /// API calls received, by operation (`GET /_emulator/calls`): what a test asserts when it
+    /// checks how many service calls the handler made.
+    pub calls: Arc<CallCounts>,
+}
+
+#[derive(Debug, Default)]
+pub struct CallCounts {
+    create: AtomicU64,
+    list: AtomicU64,
+    retrieve: AtomicU64,
+    cancel: AtomicU64,
+}
+
+impl CallCounts {
+    fn count(&self, method: &axum::http::Method, path: &str) {
+        let counter = match (method.as_str(), path.trim_end_matches('/')) {
+            ("POST", p) if p.ends_with("/cancel") => &self.cancel,
+            ("POST", _) => &self.create,
+            ("GET", p) if p.ends_with("/batches") => &self.list,
+            ("GET", _) => &self.retrieve,
+            _ => return,
+        };
+        counter.fetch_add(1, Ordering::Relaxed);
+    }
 }
 
 pub fn router(state: AppState) -> Router {
@@ -59,6 +83,7 @@ pub fn router(state: AppState) -> Router {
         .route("/_emulator/step", post(control_step))
         .route("/_emulator/expire", post(control_expire))
         .route("/_emulator/gateway-404", post(control_gateway_404))
+        .route("/_emulator/calls", get(control_calls))
         .fallback(resource_not_found)
         .method_not_allowed_fallback(method_not_allowed)
         .layer(middleware::from_fn(log_request))
@@ -150,6 +175,7 @@ async fn gate(state: &AppState, classic: bool, mut req: Request, next: Next) -> 
         return resource_not_found().await.into_response();
     }
     req.extensions_mut().insert(Classic(classic));
+    state.calls.count(req.method(), req.uri().path());
     if !authorized(req.headers()) {
         return ApiError::gateway(
             StatusCode::UNAUTHORIZED,
@@ -529,6 +555,18 @@ async fn control_expire(
         .await
         .ok_or_else(|| not_found(&id))?;
     Ok(Json(batch).into_response())
+}
+
+/// `GET /_emulator/calls`: the API calls received so far, by operation.
+async fn control_calls(State(state): State<AppState>) -> Json<Value> {
+    let c = &state.calls;
+    let n = |a: &AtomicU64| a.load(Ordering::Relaxed);
+    Json(json!({
+        "create": n(&c.create),
+        "list": n(&c.list),
+        "retrieve": n(&c.retrieve),
+        "cancel": n(&c.cancel),
+    }))
 }
 
 /// `POST /_emulator/gateway-404?on=true|false`: from now on every API call gets (or no longer

@@ -178,6 +178,7 @@ async fn main() -> anyhow::Result<()> {
             cli.http_500_rate,
         )),
         gateway_404: Arc::new(cli.gateway_404.into()),
+        calls: Default::default(),
     };
 
     let listener = tokio::net::TcpListener::bind(cli.listen)

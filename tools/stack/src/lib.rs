@@ -341,6 +341,20 @@ impl Emulator {
         self.control("gateway-404", &[("on", on.to_string())]).await;
     }
 
+    /// The API calls the emulator has answered so far, by operation (`GET /_emulator/calls`):
+    /// `{"create", "list", "retrieve", "cancel"}`.
+    pub async fn calls(&self) -> Value {
+        let url = format!("{}/_emulator/calls", self.endpoint());
+        let resp = self
+            .http
+            .get(url)
+            .send()
+            .await
+            .unwrap_or_else(|e| panic!("the emulator's call counts: {e}"));
+        assert!(resp.status().is_success(), "{}", resp.status());
+        resp.json().await.expect("call counts as JSON")
+    }
+
     async fn control(&self, what: &str, query: &[(&str, String)]) -> Value {
         let mut url =
             url::Url::parse(&format!("{}/_emulator/{what}", self.endpoint())).expect("a URL");

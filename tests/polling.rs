@@ -1,0 +1,211 @@
+//! A timer tick at scale: running batches learnt from the service's list (100 a page), not
+//! retrieved one by one; job records read only when something changed (their index rides in
+//! the record blob's metadata). Real Azurite, the batch emulator (manual mode: nothing moves
+//! until the test steps it) and the real handler; the emulator counts the calls it gets.
+
+mod support;
+
+use std::{collections::HashMap, time::Duration};
+
+use aoai_blob_batch::{openai::CreateBatch, storage::WriteCondition};
+use futures::TryStreamExt;
+use serde_json::Value;
+use support::*;
+
+/// The numbers the tick's summary line reports (`key=value` after the `;`).
+fn tick_figures(logs: &[String]) -> HashMap<String, u64> {
+    let line = logs
+        .iter()
+        .find(|l| l.contains("tick done in"))
+        .unwrap_or_else(|| panic!("no tick line in {logs:?}"));
+    line.split_whitespace()
+        .filter_map(|w| w.split_once('='))
+        .filter_map(|(k, v)| Some((k.to_string(), v.trim_end_matches(',').parse().ok()?)))
+        .collect()
+}
+
+fn calls(c: &Value, op: &str) -> u64 {
+    c[op]
+        .as_u64()
+        .unwrap_or_else(|| panic!("no {op} count in {c}"))
+}
+
+async fn tick(s: &Stack) -> HashMap<String, u64> {
+    let (status, answer) = s.handler.tick().await;
+    assert_eq!(status, 200, "{:?}", answer.logs);
+    tick_figures(&answer.logs)
+}
+
+/// The active records' ETags: a record rewritten gets a new one.
+async fn record_etags(s: &Stack) -> HashMap<String, String> {
+    let items: Vec<_> = s
+        .azurite
+        .store()
+        .list("batch-jobs", "active/")
+        .try_collect()
+        .await
+        .unwrap();
+    items.into_iter().map(|b| (b.name, b.etag)).collect()
+}
+
+async fn submit_many(s: &Stack, n: usize) {
+    for i in 0..n {
+        let body = format!("{}\n", chat_line(&format!("q{i}"), "hello"));
+        s.submit(&format!("many/f{i:02}.jsonl"), body.as_bytes())
+            .await;
+    }
+}
+
+async fn run_to_completion(s: &Stack, n: usize) {
+    for _ in 0..10 {
+        s.emulator.step(None, 1).await;
+        tick(s).await;
+    }
+    for i in 0..n {
+        let summary = read_json(
+            &s.azurite.store(),
+            "batch-output",
+            &format!("many/f{i:02}/summary.json"),
+        )
+        .await
+        .unwrap_or_else(|| panic!("no summary for f{i:02}"));
+        assert_eq!(summary["status"], "completed", "{summary}");
+    }
+    assert!(record_etags(s).await.is_empty(), "every job finished");
+}
+
+async fn polled_from_the_list(api_version: &str) {
+    let s = Stack::start(
+        &["--step-ms", "0"],
+        &[("AZURE_OPENAI_API_VERSION", api_version)],
+    );
+    let n = 30;
+    submit_many(&s, n).await;
+    let before = s.emulator.calls().await;
+    let etags = record_etags(&s).await;
+    assert_eq!(etags.len(), n);
+
+    // Nothing moved: one list call tells all 30 batches, and no record is read or written.
+    let f = tick(&s).await;
+    let after = s.emulator.calls().await;
+    assert_eq!(f["running"], n as u64, "{f:?}");
+    assert_eq!(f["list_pages"], 1, "{f:?}");
+    assert_eq!(f["retrieved"], 0, "{f:?}");
+    assert_eq!(f["records_read"], 0, "{f:?}");
+    assert_eq!(calls(&after, "list") - calls(&before, "list"), 1, "{after}");
+    assert_eq!(
+        calls(&after, "retrieve"),
+        calls(&before, "retrieve"),
+        "{after}"
+    );
+    assert_eq!(record_etags(&s).await, etags, "no record was rewritten");
+
+    // Every batch moved on: each record is read and written once, still from one list call.
+    s.emulator.step(None, 1).await;
+    let f = tick(&s).await;
+    let after2 = s.emulator.calls().await;
+    assert_eq!(f["records_read"], n as u64, "{f:?}");
+    assert_eq!(f["retrieved"], 0, "{f:?}");
+    assert_eq!(
+        calls(&after2, "list") - calls(&after, "list"),
+        1,
+        "{after2}"
+    );
+    assert_eq!(calls(&after2, "retrieve"), calls(&before, "retrieve"));
+    let rewritten = record_etags(&s).await;
+    assert!(
+        rewritten.iter().all(|(name, etag)| etags[name] != *etag),
+        "every record took the new status"
+    );
+
+    run_to_completion(&s, n).await;
+}
+
+#[tokio::test]
+async fn a_tick_learns_running_batches_from_the_list_on_a_dated_version() {
+    polled_from_the_list("2025-04-01-preview").await;
+}
+
+#[tokio::test]
+async fn a_tick_learns_running_batches_from_the_list_on_v1() {
+    polled_from_the_list("v1").await;
+}
+
+#[tokio::test]
+async fn batches_the_list_walk_does_not_reach_are_retrieved_one_by_one() {
+    let s = Stack::start(&["--step-ms", "0"], &[]);
+    // 150 batches that are not ours, created just before ours: the walk (oldest first from
+    // shortly before our jobs, one page for five jobs) sees only those.
+    let store = s.azurite.store();
+    let (url, _) = upload_input(
+        &store,
+        "elsewhere/other.jsonl",
+        format!("{}\n", chat_line("x", "hi")).as_bytes(),
+    )
+    .await;
+    let client = s.emulator.client();
+    for _ in 0..150 {
+        client
+            .create(
+                &CreateBatch {
+                    endpoint: "/chat/completions".into(),
+                    input_blob: url.clone(),
+                    output_folder_url: store.container_url("batch-output"),
+                },
+                Duration::from_secs(30),
+            )
+            .await
+            .expect("a foreign batch");
+    }
+    // Ours stay apart from the foreign ones' input: only the five are jobs.
+    store
+        .delete("batch-input", "elsewhere/other.jsonl", None)
+        .await
+        .unwrap();
+    let n = 5;
+    submit_many(&s, n).await;
+
+    let before = s.emulator.calls().await;
+    let f = tick(&s).await;
+    let after = s.emulator.calls().await;
+    assert_eq!(f["list_pages"], 1, "{f:?}");
+    assert_eq!(f["retrieved"], n as u64, "{f:?}");
+    assert_eq!(calls(&after, "list") - calls(&before, "list"), 1);
+    assert_eq!(
+        calls(&after, "retrieve") - calls(&before, "retrieve"),
+        n as u64
+    );
+    assert_eq!(f["records_read"], 0, "{f:?}");
+
+    run_to_completion(&s, n).await;
+}
+
+#[tokio::test]
+async fn a_record_without_an_index_is_read_and_polled_as_before() {
+    let s = Stack::start(&["--step-ms", "0"], &[]);
+    submit_many(&s, 2).await;
+    // Rewrite one record as an earlier version wrote it: the same JSON, no metadata.
+    let store = s.azurite.store();
+    let name = record_etags(&s).await.into_keys().next().unwrap();
+    let (bytes, etag) = store.read("batch-jobs", &name).await.unwrap().unwrap();
+    store
+        .write(
+            "batch-jobs",
+            &name,
+            bytes,
+            WriteCondition::IfMatch(etag),
+            "application/json",
+        )
+        .await
+        .unwrap();
+
+    let f = tick(&s).await;
+    assert_eq!(f["records_read"], 1, "only the one without an index: {f:?}");
+    // Once written again (here: when its batch moves), it carries an index.
+    s.emulator.step(None, 1).await;
+    let f = tick(&s).await;
+    assert_eq!(f["records_read"], 2, "{f:?}");
+    let f = tick(&s).await;
+    assert_eq!(f["records_read"], 0, "{f:?}");
+    run_to_completion(&s, 2).await;
+}
