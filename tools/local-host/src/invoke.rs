@@ -94,21 +94,69 @@ pub fn blob_created_event(source: &EventSource, blob: &CreatedBlob, now: DateTim
     })
 }
 
-/// The invocation for an `eventGridTrigger` function: the event under the binding's name, and
-/// its `data` promoted into Metadata (the extension's binding contract).
+/// The invocation for an `eventGridTrigger` function, as the real host builds it for a custom
+/// handler. Read in the sources (Azure/azure-functions-host, Azure/azure-webjobs-sdk,
+/// Azure/azure-sdk-for-net's EventGrid extension), not observed on a live host:
+/// - the extension registers `BindToTrigger<JToken>` with a `JToken → string` converter
+///   (`jtoken.ToString(Formatting.Indented)`) and no `JToken → byte[]`/`JObject`/`JArray` one
+///   (`EventGridExtensionConfigProvider.Initialize`);
+/// - a function.json binding without `dataType` gets the first of `byte[]`, `JObject`,
+///   `JArray`, `string` the extension converts to (`TriggerAdapterBindingProvider
+///   .GetDefaultType`, via `GeneralScriptBindingProvider`): here `string`, the indented JSON;
+/// - `ScriptInvocationContextExtensions.ToHttpScriptInvocationContext` puts each input in
+///   `Data` through `GetHttpScriptInvocationContextValue`: a string is not a `JObject`, so it
+///   goes through `JsonConvert.SerializeObject`, which quotes it once more (the host's test
+///   `GetHttpScriptInvocationContextValueTest_String` expects `"\"stringTest\""`). So
+///   `Data.event` is a JSON string whose content is a JSON string holding the event;
+/// - `WorkerFunctionInvoker.TransformInput` → `Utility.ApplyBindingData` adds the event's
+///   top-level non-array properties to the binding data (objects as objects, the rest cast
+///   to string), beside the extension's contract (`data`, `EventGridTriggerBinding`) and
+///   `sys`; `Metadata` gets them all through the same conversion, so `data` stays an object
+///   and every string arrives quoted again.
 pub fn event_grid_payload(
     function: &str,
     binding: &str,
     event: &Value,
     now: DateTime<Utc>,
 ) -> Value {
+    // Newtonsoft's `Formatting.Indented` (two spaces, `": "`) is what serde_json's pretty
+    // printer writes too; the host runs on Linux in Flex Consumption, so lines end in `\n`.
+    let indented = serde_json::to_string_pretty(event).expect("a JSON value serialises");
+    let quoted_again = Value::String(indented).to_string();
+    let mut metadata = serde_json::Map::new();
+    if let Some(top) = event.as_object() {
+        for (key, value) in top {
+            let converted = match value {
+                Value::Null | Value::Array(_) => continue,
+                Value::Object(_) => value.clone(),
+                Value::String(s) if key == "eventTime" => {
+                    Value::String(Value::String(net_invariant_date(s)).to_string())
+                }
+                Value::String(s) => Value::String(Value::String(s.clone()).to_string()),
+                other => Value::String(Value::String(other.to_string()).to_string()),
+            };
+            metadata.insert(key.clone(), converted);
+        }
+    }
+    metadata.insert("data".into(), event["data"].clone());
+    metadata.insert("sys".into(), sys(function, now));
     json!({
-        "Data": { binding: event },
-        "Metadata": {
-            "data": event["data"],
-            "sys": sys(function, now),
-        },
+        "Data": { binding: quoted_again },
+        "Metadata": metadata,
     })
+}
+
+/// `JObject.Parse` reads an ISO 8601 string as a date, and casting that token to string
+/// formats it with .NET's invariant culture (`MM/dd/yyyy HH:mm:ss`); anything else is kept.
+fn net_invariant_date(iso: &str) -> String {
+    DateTime::parse_from_rfc3339(iso).map_or_else(
+        |_| iso.to_string(),
+        |t| {
+            t.with_timezone(&Utc)
+                .format("%m/%d/%Y %H:%M:%S")
+                .to_string()
+        },
+    )
 }
 
 /// `TimerInfo.ScheduleStatus`, present when the schedule monitor is on.
@@ -193,7 +241,17 @@ impl Invoker {
 
     /// POSTs one invocation. `Err` means no HTTP answer at all (refused, reset, timed out).
     pub async fn invoke(&self, function: &str, payload: &Value) -> Result<Outcome, String> {
-        let invocation_id = uuid::Uuid::new_v4().to_string();
+        self.invoke_as(new_invocation_id(), function, payload).await
+    }
+
+    /// [`Invoker::invoke`] with an id chosen by the caller, who may need to name the
+    /// invocation before it ends.
+    pub async fn invoke_as(
+        &self,
+        invocation_id: String,
+        function: &str,
+        payload: &Value,
+    ) -> Result<Outcome, String> {
         let response = self
             .client
             .post(format!("{}/{function}", self.base))
@@ -234,6 +292,11 @@ impl Invoker {
             body_excerpt: String::from_utf8_lossy(&body[..body.len().min(300)]).into_owned(),
         })
     }
+}
+
+/// A fresh invocation id, as the host gives every invocation (retries included).
+pub fn new_invocation_id() -> String {
+    uuid::Uuid::new_v4().to_string()
 }
 
 fn describe_error(e: &reqwest::Error) -> String {
@@ -385,8 +448,21 @@ mod tests {
         let top: Vec<_> = payload.as_object().unwrap().keys().cloned().collect();
         assert_eq!(top, ["Data", "Metadata"]);
         assert_eq!(payload["Data"].as_object().unwrap().len(), 1);
-        assert_eq!(payload["Data"]["event"], event);
-        assert_eq!(payload["Metadata"]["data"], event["data"]);
+        // A JSON string holding a JSON string holding the indented event.
+        let once: String = serde_json::from_str(payload["Data"]["event"].as_str().unwrap())
+            .expect("the binding's string is itself a JSON string");
+        assert!(once.starts_with("{\n  \""), "indented: {once}");
+        assert_eq!(serde_json::from_str::<Value>(&once).unwrap(), event);
+        let metadata = &payload["Metadata"];
+        assert_eq!(metadata["data"], event["data"]);
+        assert_eq!(
+            metadata["subject"],
+            format!("\"{}\"", event["subject"].as_str().unwrap())
+        );
+        assert_eq!(metadata["eventType"], "\"Microsoft.Storage.BlobCreated\"");
+        assert_eq!(metadata["dataVersion"], "\"\"");
+        assert_eq!(metadata["eventTime"], "\"11/28/2026 08:00:01\"");
+        assert_eq!(metadata.as_object().unwrap().len(), 9, "{metadata}");
         let sys = &payload["Metadata"]["sys"];
         assert_eq!(sys["MethodName"], "function-trigger");
         assert_eq!(sys["UtcNow"], "2026-11-28T08:00:01.1234567Z");
