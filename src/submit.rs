@@ -460,6 +460,16 @@ async fn release(
 }
 
 async fn validate_input(app: &App, input: &InputRef) -> Result<Report, StorageError> {
+    if let Some(delay) = app.config.test_validate_delay {
+        tracing::warn!(
+            "blob={}/{}: test-only delay of {} ms before validating ({})",
+            input.container,
+            input.name,
+            delay.as_millis(),
+            crate::config::names::TEST_VALIDATE_DELAY_MS
+        );
+        tokio::time::sleep(delay).await;
+    }
     let (_, body) = app
         .store
         .download(&input.container, &input.name, Some(&input.etag))
