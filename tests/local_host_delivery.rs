@@ -2,7 +2,8 @@
 //! waits a delivery timeout (Event Grid: 30 s) for the answer, then redelivers the same event
 //! while the host keeps the first invocation running. Azurite, the batch emulator and the real
 //! handler; the intake is made slow with the debug-only `BATCH_TEST_VALIDATE_DELAY_MS`, as a
-//! large file's is (a 1 GB input takes about 40 s).
+//! large file's is (a 1 GB input takes about 40 s). Also: the event in the other shape the
+//! handler decodes, a JSON string holding a JSON string.
 
 mod support;
 
@@ -102,4 +103,31 @@ async fn a_redelivery_during_a_long_intake_makes_no_second_batch_and_no_second_v
     .expect("job record");
     assert_eq!(rec["state"], "running");
     assert_eq!(rec["batch_id"], batches[0].id.as_str());
+}
+
+/// Issue 14 supposed the host hands the event over as a JSON string; its source says an object
+/// (local-host's default, see `event_grid_payload` there). The handler takes either: here the
+/// string shape, a JSON string holding a JSON string, through local-host.
+#[tokio::test]
+async fn the_event_as_a_json_string_in_a_json_string_makes_its_batch_too() {
+    let azurite = Azurite::start();
+    let emulator = Emulator::start(&azurite, &["--step-ms", "60000"]);
+    let mut env = handler_env(&azurite, &emulator);
+    env.push(("BATCH_TIMER_SCHEDULE".into(), "0 0 0 1 1 *".into()));
+    let host = LocalHost::start(&env, &["--poll-ms", "200", "--event-shape", "string"]);
+    let body = [chat_line("a", "one"), chat_line("b", "two")].join("\n");
+    upload_input(&azurite.store(), "quoted.jsonl", body.as_bytes()).await;
+    let logs = logs_until(&host, "the delivery's answer", |l| {
+        l.contains("function-trigger succeeded (HTTP 200")
+    })
+    .await;
+    let batches = emulator.batches().await;
+    assert_eq!(batches.len(), 1, "{logs}");
+    assert!(
+        logs.contains(&format!(
+            "batch={}: created for blob=batch-input/quoted.jsonl",
+            batches[0].id
+        )),
+        "{logs}"
+    );
 }

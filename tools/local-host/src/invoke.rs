@@ -94,69 +94,67 @@ pub fn blob_created_event(source: &EventSource, blob: &CreatedBlob, now: DateTim
     })
 }
 
+/// How `Data.{binding}` carries the event.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum EventShape {
+    /// A JSON object: what the real host sends (see [`event_grid_payload`]).
+    Object,
+    /// A JSON string holding a JSON string holding the indented event: what the host would
+    /// send if the extension bound the trigger to `string`. Not the host's shape; for testing
+    /// a handler's lenient decoding.
+    String,
+}
+
 /// The invocation for an `eventGridTrigger` function, as the real host builds it for a custom
-/// handler. Read in the sources (Azure/azure-functions-host, Azure/azure-webjobs-sdk,
-/// Azure/azure-sdk-for-net's EventGrid extension), not observed on a live host:
-/// - the extension registers `BindToTrigger<JToken>` with a `JToken → string` converter
-///   (`jtoken.ToString(Formatting.Indented)`) and no `JToken → byte[]`/`JObject`/`JArray` one
-///   (`EventGridExtensionConfigProvider.Initialize`);
-/// - a function.json binding without `dataType` gets the first of `byte[]`, `JObject`,
-///   `JArray`, `string` the extension converts to (`TriggerAdapterBindingProvider
-///   .GetDefaultType`, via `GeneralScriptBindingProvider`): here `string`, the indented JSON;
-/// - `ScriptInvocationContextExtensions.ToHttpScriptInvocationContext` puts each input in
-///   `Data` through `GetHttpScriptInvocationContextValue`: a string is not a `JObject`, so it
-///   goes through `JsonConvert.SerializeObject`, which quotes it once more (the host's test
-///   `GetHttpScriptInvocationContextValueTest_String` expects `"\"stringTest\""`). So
-///   `Data.event` is a JSON string whose content is a JSON string holding the event;
-/// - `WorkerFunctionInvoker.TransformInput` → `Utility.ApplyBindingData` adds the event's
-///   top-level non-array properties to the binding data (objects as objects, the rest cast
-///   to string), beside the extension's contract (`data`, `EventGridTriggerBinding`) and
-///   `sys`; `Metadata` gets them all through the same conversion, so `data` stays an object
-///   and every string arrives quoted again.
+/// handler. Read in the sources, not observed on a live host:
+/// - Azure/azure-functions-host `ScriptInvocationContextExtensions
+///   .ToHttpScriptInvocationContext` puts each input in `Data` through
+///   `GetHttpScriptInvocationContextValue`: `byte[]` → base64, anything `JObject.FromObject`
+///   takes → a JSON object, anything else (a string) → `JsonConvert.SerializeObject`, a JSON
+///   string quoted once more (its test `GetHttpScriptInvocationContextValueTest_String`).
+///   Which one depends on the CLR type the trigger is bound to.
+/// - That type, for a function.json binding without `dataType`, is the first of `byte[]`,
+///   `JObject`, `JArray`, `string` the extension can convert its trigger value to
+///   (Azure/azure-webjobs-sdk `TriggerAdapterBindingProvider.GetDefaultType`, reached through
+///   the host's `GeneralScriptBindingProvider`).
+/// - The EventGrid extension (Azure/azure-sdk-for-net, `EventGridExtensionConfigProvider`)
+///   registers `BindToTrigger<JToken>` with `JToken → string` and an open
+///   `JToken → OpenType.Poco` converter. `OpenType.Poco` accepts `JObject` (its test for
+///   `IEnumerable<T>` looks the interface up in namespace `System` and never matches; the
+///   SDK's own `ConverterManagerTests` say "Poco is a base class of JObject"), and nothing
+///   converts to `byte[]`: the trigger is bound to `JObject`, so `Data.event` is a JSON
+///   object. The gRPC path agrees: a `JObject` becomes `TypedData.Json`, a string
+///   `TypedData.String`, and the Python library's Event Grid converter accepts only `json`.
+/// - `Metadata`: the binding data, each value through the same conversion: the extension's
+///   contract (`data`, from `EventGridTriggerBinding.BindAsync`) and `sys`.
+///   (`WorkerFunctionInvoker.TransformInput` adds a string input's top-level JSON fields too,
+///   but the input is a `JObject`, so nothing is added.)
+///
+/// Issue 14 supposed the host sends a JSON string; the sources above say otherwise, so the
+/// object is the default and the string is `--event-shape string`.
 pub fn event_grid_payload(
     function: &str,
     binding: &str,
     event: &Value,
+    shape: EventShape,
     now: DateTime<Utc>,
 ) -> Value {
-    // Newtonsoft's `Formatting.Indented` (two spaces, `": "`) is what serde_json's pretty
-    // printer writes too; the host runs on Linux in Flex Consumption, so lines end in `\n`.
-    let indented = serde_json::to_string_pretty(event).expect("a JSON value serialises");
-    let quoted_again = Value::String(indented).to_string();
-    let mut metadata = serde_json::Map::new();
-    if let Some(top) = event.as_object() {
-        for (key, value) in top {
-            let converted = match value {
-                Value::Null | Value::Array(_) => continue,
-                Value::Object(_) => value.clone(),
-                Value::String(s) if key == "eventTime" => {
-                    Value::String(Value::String(net_invariant_date(s)).to_string())
-                }
-                Value::String(s) => Value::String(Value::String(s.clone()).to_string()),
-                other => Value::String(Value::String(other.to_string()).to_string()),
-            };
-            metadata.insert(key.clone(), converted);
-        }
-    }
-    metadata.insert("data".into(), event["data"].clone());
-    metadata.insert("sys".into(), sys(function, now));
+    let sent = match shape {
+        EventShape::Object => event.clone(),
+        // Newtonsoft's `Formatting.Indented` (two spaces, `": "`) is what serde_json's pretty
+        // printer writes too; Flex Consumption runs on Linux, so lines end in `\n`.
+        EventShape::String => Value::String(
+            Value::String(serde_json::to_string_pretty(event).expect("JSON serialises"))
+                .to_string(),
+        ),
+    };
     json!({
-        "Data": { binding: quoted_again },
-        "Metadata": metadata,
-    })
-}
-
-/// `JObject.Parse` reads an ISO 8601 string as a date, and casting that token to string
-/// formats it with .NET's invariant culture (`MM/dd/yyyy HH:mm:ss`); anything else is kept.
-fn net_invariant_date(iso: &str) -> String {
-    DateTime::parse_from_rfc3339(iso).map_or_else(
-        |_| iso.to_string(),
-        |t| {
-            t.with_timezone(&Utc)
-                .format("%m/%d/%Y %H:%M:%S")
-                .to_string()
+        "Data": { binding: sent },
+        "Metadata": {
+            "data": event["data"],
+            "sys": sys(function, now),
         },
-    )
+    })
 }
 
 /// `TimerInfo.ScheduleStatus`, present when the schedule monitor is on.
@@ -444,30 +442,41 @@ mod tests {
     #[test]
     fn event_grid_payload_is_the_hosts_shape() {
         let event = blob_created_event(&EventSource::for_account("a"), &sample_blob(), fixed_now());
-        let payload = event_grid_payload("function-trigger", "event", &event, fixed_now());
+        let payload = event_grid_payload(
+            "function-trigger",
+            "event",
+            &event,
+            EventShape::Object,
+            fixed_now(),
+        );
         let top: Vec<_> = payload.as_object().unwrap().keys().cloned().collect();
         assert_eq!(top, ["Data", "Metadata"]);
         assert_eq!(payload["Data"].as_object().unwrap().len(), 1);
-        // A JSON string holding a JSON string holding the indented event.
-        let once: String = serde_json::from_str(payload["Data"]["event"].as_str().unwrap())
-            .expect("the binding's string is itself a JSON string");
-        assert!(once.starts_with("{\n  \""), "indented: {once}");
-        assert_eq!(serde_json::from_str::<Value>(&once).unwrap(), event);
-        let metadata = &payload["Metadata"];
-        assert_eq!(metadata["data"], event["data"]);
-        assert_eq!(
-            metadata["subject"],
-            format!("\"{}\"", event["subject"].as_str().unwrap())
-        );
-        assert_eq!(metadata["eventType"], "\"Microsoft.Storage.BlobCreated\"");
-        assert_eq!(metadata["dataVersion"], "\"\"");
-        assert_eq!(metadata["eventTime"], "\"11/28/2026 08:00:01\"");
-        assert_eq!(metadata.as_object().unwrap().len(), 9, "{metadata}");
+        assert_eq!(payload["Data"]["event"], event);
+        assert_eq!(payload["Metadata"]["data"], event["data"]);
+        assert_eq!(payload["Metadata"].as_object().unwrap().len(), 2);
         let sys = &payload["Metadata"]["sys"];
         assert_eq!(sys["MethodName"], "function-trigger");
         assert_eq!(sys["UtcNow"], "2026-11-28T08:00:01.1234567Z");
         assert!(is_uuid(&sys["RandGuid"]));
         assert_eq!(sys.as_object().unwrap().len(), 3);
+    }
+
+    #[test]
+    fn the_string_shape_is_the_indented_event_quoted_twice() {
+        let event = blob_created_event(&EventSource::for_account("a"), &sample_blob(), fixed_now());
+        let payload = event_grid_payload(
+            "function-trigger",
+            "event",
+            &event,
+            EventShape::String,
+            fixed_now(),
+        );
+        let once: String = serde_json::from_str(payload["Data"]["event"].as_str().unwrap())
+            .expect("the binding's string is itself a JSON string");
+        assert!(once.starts_with("{\n  \""), "indented: {once}");
+        assert_eq!(serde_json::from_str::<Value>(&once).unwrap(), event);
+        assert_eq!(payload["Metadata"]["data"], event["data"]);
     }
 
     #[test]

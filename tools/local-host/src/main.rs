@@ -25,7 +25,7 @@ use tokio::task::JoinHandle;
 use crate::{
     app_root::{AppRoot, Settings, Trigger},
     child::HandlerProcess,
-    invoke::{EventSource, Invoker},
+    invoke::{EventShape, EventSource, Invoker},
     schedule::Schedule,
     timer::TimerFunction,
     watch::{DeliveryPolicy, Target, Watcher},
@@ -148,6 +148,11 @@ struct RunArgs {
     /// subscription's eventTimeToLiveInMinutes, default 1440 = 24 h); then it is dropped.
     #[arg(long, default_value_t = 1440, value_name = "MINUTES", value_parser = clap::value_parser!(u64).range(1..=1440))]
     event_ttl_minutes: u64,
+    /// How Data.{binding} carries the event: `object`, as the real host sends it (read in
+    /// its source; see tools/local-host/README.md), or `string`, a JSON string holding a
+    /// JSON string, to check that a handler decodes that too.
+    #[arg(long, value_enum, default_value_t = EventShape::Object)]
+    event_shape: EventShape,
     /// Stop (exit 0) once this blob exists; repeatable, then all of them.
     #[arg(long, value_name = "CONTAINER/BLOB")]
     exit_when_exists: Vec<String>,
@@ -457,6 +462,7 @@ async fn serve(
                 max_attempts: args.max_delivery_attempts,
                 time_to_live: Duration::from_secs(args.event_ttl_minutes * 60),
             },
+            event_shape: args.event_shape,
             concurrency: Arc::new(tokio::sync::Semaphore::new(EVENT_CONCURRENCY)),
         };
         tasks.push(tokio::spawn(watcher.run()));

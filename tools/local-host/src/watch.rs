@@ -21,7 +21,7 @@ use futures::TryStreamExt;
 use serde_json::Value;
 use tokio::sync::Semaphore;
 
-use crate::invoke::{self, CreatedBlob, EventSource, Invoker};
+use crate::invoke::{self, CreatedBlob, EventShape, EventSource, Invoker};
 
 /// A function with an `eventGridTrigger`: where the events go.
 #[derive(Debug, Clone)]
@@ -39,6 +39,7 @@ pub struct Watcher {
     pub poll: Duration,
     pub skip_existing: bool,
     pub delivery: DeliveryPolicy,
+    pub event_shape: EventShape,
     /// Invocations in flight at once. Event Grid's own limit is far higher, but an initial sync
     /// of a full container must not flood a handler on a laptop.
     pub concurrency: Arc<Semaphore>,
@@ -178,8 +179,13 @@ impl Watcher {
         let mut invocation = tokio::spawn({
             let concurrency = self.concurrency.clone();
             let invoker = self.invoker.clone();
-            let payload =
-                invoke::event_grid_payload(&target.function, &target.binding, event, Utc::now());
+            let payload = invoke::event_grid_payload(
+                &target.function,
+                &target.binding,
+                event,
+                self.event_shape,
+                Utc::now(),
+            );
             let function = target.function.clone();
             let invocation_id = invocation_id.clone();
             let abandoned = abandoned.clone();
