@@ -530,6 +530,22 @@ mod tests {
     }
 
     #[test]
+    fn the_test_validate_delay_is_read_in_debug_builds_and_named_when_malformed() {
+        assert_eq!(Config::from_map(&base()).unwrap().test_validate_delay, None);
+        let mut env = base();
+        env.insert(names::TEST_VALIDATE_DELAY_MS.into(), "1500".into());
+        assert_eq!(
+            Config::from_map(&env).unwrap().test_validate_delay,
+            TEST_SWITCHES_COMPILED.then_some(Duration::from_millis(1500))
+        );
+        env.insert(names::TEST_VALIDATE_DELAY_MS.into(), "soon".into());
+        if TEST_SWITCHES_COMPILED {
+            let err = Config::from_map(&env).unwrap_err().to_string();
+            assert!(err.contains(names::TEST_VALIDATE_DELAY_MS), "{err}");
+        }
+    }
+
+    #[test]
     fn split_limits_default_to_the_services_and_stay_within_them() {
         let c = Config::from_map(&base()).unwrap();
         assert_eq!(c.split_limits, crate::validate::Limits::default());
