@@ -32,6 +32,10 @@ pub mod names {
     pub const TEST_FAULT: &str = "BATCH_TEST_FAULT";
     /// Test-only: `1` serves the test hooks (`server`). Debug builds only.
     pub const TEST_HOOKS: &str = "BATCH_TEST_HOOKS";
+    /// Test-only: milliseconds every validation of an input waits before it reads the blob,
+    /// so a test sees an intake as long as a large file's without uploading one (a
+    /// redelivery arriving mid-intake). Debug builds only.
+    pub const TEST_VALIDATE_DELAY_MS: &str = "BATCH_TEST_VALIDATE_DELAY_MS";
 }
 
 /// Whether this build honours the test-only settings: debug builds (every test's), not the
@@ -135,6 +139,7 @@ pub struct Config {
     /// Defaults: the service's own limits per batch file.
     pub split_limits: crate::validate::Limits,
     pub test_fault: Option<String>,
+    pub test_validate_delay: Option<Duration>,
 }
 
 impl Config {
@@ -359,6 +364,15 @@ impl Config {
                 }
             },
             test_fault: get(names::TEST_FAULT).filter(|_| TEST_SWITCHES_COMPILED),
+            test_validate_delay: match get(names::TEST_VALIDATE_DELAY_MS) {
+                Some(_) if TEST_SWITCHES_COMPILED => Some(Duration::from_millis(ranged(
+                    names::TEST_VALIDATE_DELAY_MS,
+                    0,
+                    0..=DAY * 1000,
+                    "a delay in milliseconds",
+                )?)),
+                _ => None,
+            },
         })
     }
 }
@@ -513,6 +527,22 @@ mod tests {
             0,
             "no follow-ups is a choice"
         );
+    }
+
+    #[test]
+    fn the_test_validate_delay_is_read_in_debug_builds_and_named_when_malformed() {
+        assert_eq!(Config::from_map(&base()).unwrap().test_validate_delay, None);
+        let mut env = base();
+        env.insert(names::TEST_VALIDATE_DELAY_MS.into(), "1500".into());
+        assert_eq!(
+            Config::from_map(&env).unwrap().test_validate_delay,
+            TEST_SWITCHES_COMPILED.then_some(Duration::from_millis(1500))
+        );
+        env.insert(names::TEST_VALIDATE_DELAY_MS.into(), "soon".into());
+        if TEST_SWITCHES_COMPILED {
+            let err = Config::from_map(&env).unwrap_err().to_string();
+            assert!(err.contains(names::TEST_VALIDATE_DELAY_MS), "{err}");
+        }
     }
 
     #[test]

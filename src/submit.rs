@@ -240,7 +240,13 @@ pub async fn run_claimed(
     let facts = match job.facts() {
         Some(facts) => facts.clone(),
         None => {
-            let report = match validate_input(app, job.input()).await {
+            let input = job.input().clone();
+            let validated =
+                holding_claim(app, &mut job, &mut etag, validate_input(app, &input), j).await?;
+            let Some(validated) = validated else {
+                return Ok(Intake::InProgressElsewhere);
+            };
+            let report = match validated {
                 Ok(r) => r,
                 Err(StorageError::NotFound { .. }) | Err(StorageError::ConditionNotMet { .. }) => {
                     j.info(format!(
@@ -370,6 +376,53 @@ pub async fn run_claimed(
     }
 }
 
+/// Runs `work`, a long step of an intake (validating, staging the parts of a split), while
+/// renewing the claim's lease every third of it. A redelivery that comes meanwhile (Event
+/// Grid stops waiting after 30 s, a large input takes longer to read) or the timer's sweep
+/// then finds the claim held by a live intake and leaves it, instead of taking over a lapsed
+/// claim and reading the whole file a second time. Should this process die, the renewals
+/// stop with it and the lease lapses as before, so the file is not lost.
+///
+/// `Ok(None)`: the claim was lost (only possible after renewals failed for a whole lease);
+/// its new holder goes on, and this intake stops without acting on `work`'s result.
+async fn holding_claim<T>(
+    app: &App,
+    job: &mut Job<Submitting>,
+    etag: &mut String,
+    work: impl std::future::Future<Output = T>,
+    j: &Journal,
+) -> Result<Option<T>, StepError> {
+    let lease = app.config.submit_lease;
+    let every = (lease / 3).max(std::time::Duration::from_millis(100));
+    let mut renewals = tokio::time::interval_at(tokio::time::Instant::now() + every, every);
+    renewals.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut work = std::pin::pin!(work);
+    loop {
+        tokio::select! {
+            done = &mut work => return Ok(Some(done)),
+            _ = renewals.tick() => {
+                job.renew(lease.as_secs(), app.now());
+                match app.jobs.update(job, etag).await {
+                    Ok(Some(renewed)) => *etag = renewed,
+                    Ok(None) => {
+                        j.warn(format!(
+                            "job={}: lost the claim while working on it; its new holder goes on",
+                            job.key()
+                        ));
+                        return Ok(None);
+                    }
+                    // The next renewal may get through; the lease has two more thirds to go.
+                    Err(e) => tracing::warn!(
+                        invocation_id = %j.invocation_id(),
+                        "job={}: could not renew the claim: {e}",
+                        job.key()
+                    ),
+                }
+            }
+        }
+    }
+}
+
 /// Quota is full: wait with exponential backoff, or give up after the configured tries.
 pub async fn queue_for_quota<S: CanQueue>(
     app: &App,
@@ -460,6 +513,16 @@ async fn release(
 }
 
 async fn validate_input(app: &App, input: &InputRef) -> Result<Report, StorageError> {
+    if let Some(delay) = app.config.test_validate_delay {
+        tracing::warn!(
+            "blob={}/{}: test-only delay of {} ms before validating ({})",
+            input.container,
+            input.name,
+            delay.as_millis(),
+            crate::config::names::TEST_VALIDATE_DELAY_MS
+        );
+        tokio::time::sleep(delay).await;
+    }
     let (_, body) = app
         .store
         .download(&input.container, &input.name, Some(&input.etag))
@@ -554,13 +617,26 @@ async fn reject(
 /// split, and starts the first parts.
 async fn split_input(
     app: &App,
-    job: Job<Submitting>,
-    etag: String,
+    mut job: Job<Submitting>,
+    mut etag: String,
     spans: &[PartSpan],
     j: &Journal,
 ) -> Result<Intake, StepError> {
     let key = job.key().to_string();
-    let parts = match split::stage_parts(app, &job, spans).await {
+    // Staging reads the whole input again and writes every part: as long as validating.
+    let staging = job.clone();
+    let staged = holding_claim(
+        app,
+        &mut job,
+        &mut etag,
+        split::stage_parts(app, &staging, spans),
+        j,
+    )
+    .await?;
+    let Some(staged) = staged else {
+        return Ok(Intake::InProgressElsewhere);
+    };
+    let parts = match staged {
         Ok(parts) => parts,
         Err(StorageError::NotFound { .. }) | Err(StorageError::ConditionNotMet { .. }) => {
             j.info(format!(

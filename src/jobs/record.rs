@@ -442,6 +442,13 @@ impl Job<Submitting> {
         self.note(at, format!("{TAKEN_OVER} (previous owner {previous})"));
     }
 
+    /// Extends the claim of a holder that is still at work (a long validation or staging),
+    /// so that nobody takes over a claim whose holder is alive; a dead holder renews nothing
+    /// and its lease lapses as before. Never shortens it (a create window may run longer).
+    pub fn renew(&mut self, lease_secs: u64, at: i64) {
+        self.state.lease_until = self.state.lease_until.max(at + lease_secs as i64);
+    }
+
     /// Records what validation learnt; returns it for the create that follows.
     pub fn validated(&mut self, facts: InputFacts, at: i64) -> &InputFacts {
         self.note(
@@ -882,6 +889,17 @@ mod tests {
                 .contains("batch_missing")
         );
         assert_eq!(r.batch_missing(T + 900).looks, 3);
+    }
+
+    #[test]
+    fn a_renewed_claim_stays_held_while_its_holder_works() {
+        let mut r = Job::claim(input(), "me", 300, T);
+        assert!(!r.is_leased(T + 400), "a 300 s lease lapses");
+        r.renew(300, T + 200);
+        assert!(r.is_leased(T + 400), "renewed at T+200 for 300 s");
+        assert!(!r.is_leased(T + 500));
+        r.renew(10, T + 201);
+        assert!(r.is_leased(T + 400), "a renewal never shortens the claim");
     }
 
     #[test]

@@ -94,16 +94,62 @@ pub fn blob_created_event(source: &EventSource, blob: &CreatedBlob, now: DateTim
     })
 }
 
-/// The invocation for an `eventGridTrigger` function: the event under the binding's name, and
-/// its `data` promoted into Metadata (the extension's binding contract).
+/// How `Data.{binding}` carries the event.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum EventShape {
+    /// A JSON object: what the real host sends (see [`event_grid_payload`]).
+    Object,
+    /// A JSON string holding a JSON string holding the indented event: what the host would
+    /// send if the extension bound the trigger to `string`. Not the host's shape; for testing
+    /// a handler's lenient decoding.
+    String,
+}
+
+/// The invocation for an `eventGridTrigger` function, as the real host builds it for a custom
+/// handler. Read in the sources, not observed on a live host:
+/// - Azure/azure-functions-host `ScriptInvocationContextExtensions
+///   .ToHttpScriptInvocationContext` puts each input in `Data` through
+///   `GetHttpScriptInvocationContextValue`: `byte[]` → base64, anything `JObject.FromObject`
+///   takes → a JSON object, anything else (a string) → `JsonConvert.SerializeObject`, a JSON
+///   string quoted once more (its test `GetHttpScriptInvocationContextValueTest_String`).
+///   Which one depends on the CLR type the trigger is bound to.
+/// - That type, for a function.json binding without `dataType`, is the first of `byte[]`,
+///   `JObject`, `JArray`, `string` the extension can convert its trigger value to
+///   (Azure/azure-webjobs-sdk `TriggerAdapterBindingProvider.GetDefaultType`, reached through
+///   the host's `GeneralScriptBindingProvider`).
+/// - The EventGrid extension (Azure/azure-sdk-for-net, `EventGridExtensionConfigProvider`)
+///   registers `BindToTrigger<JToken>` with `JToken → string` and an open
+///   `JToken → OpenType.Poco` converter. `OpenType.Poco` accepts `JObject` (its test for
+///   `IEnumerable<T>` looks the interface up in namespace `System` and never matches; the
+///   SDK's own `ConverterManagerTests` say "Poco is a base class of JObject"), and nothing
+///   converts to `byte[]`: the trigger is bound to `JObject`, so `Data.event` is a JSON
+///   object. The gRPC path agrees: a `JObject` becomes `TypedData.Json`, a string
+///   `TypedData.String`, and the Python library's Event Grid converter accepts only `json`.
+/// - `Metadata`: the binding data, each value through the same conversion: the extension's
+///   contract (`data`, from `EventGridTriggerBinding.BindAsync`) and `sys`.
+///   (`WorkerFunctionInvoker.TransformInput` adds a string input's top-level JSON fields too,
+///   but the input is a `JObject`, so nothing is added.)
+///
+/// Issue 14 supposed the host sends a JSON string; the sources above say otherwise, so the
+/// object is the default and the string is `--event-shape string`.
 pub fn event_grid_payload(
     function: &str,
     binding: &str,
     event: &Value,
+    shape: EventShape,
     now: DateTime<Utc>,
 ) -> Value {
+    let sent = match shape {
+        EventShape::Object => event.clone(),
+        // Newtonsoft's `Formatting.Indented` (two spaces, `": "`) is what serde_json's pretty
+        // printer writes too; Flex Consumption runs on Linux, so lines end in `\n`.
+        EventShape::String => Value::String(
+            Value::String(serde_json::to_string_pretty(event).expect("JSON serialises"))
+                .to_string(),
+        ),
+    };
     json!({
-        "Data": { binding: event },
+        "Data": { binding: sent },
         "Metadata": {
             "data": event["data"],
             "sys": sys(function, now),
@@ -193,7 +239,17 @@ impl Invoker {
 
     /// POSTs one invocation. `Err` means no HTTP answer at all (refused, reset, timed out).
     pub async fn invoke(&self, function: &str, payload: &Value) -> Result<Outcome, String> {
-        let invocation_id = uuid::Uuid::new_v4().to_string();
+        self.invoke_as(new_invocation_id(), function, payload).await
+    }
+
+    /// [`Invoker::invoke`] with an id chosen by the caller, who may need to name the
+    /// invocation before it ends.
+    pub async fn invoke_as(
+        &self,
+        invocation_id: String,
+        function: &str,
+        payload: &Value,
+    ) -> Result<Outcome, String> {
         let response = self
             .client
             .post(format!("{}/{function}", self.base))
@@ -234,6 +290,11 @@ impl Invoker {
             body_excerpt: String::from_utf8_lossy(&body[..body.len().min(300)]).into_owned(),
         })
     }
+}
+
+/// A fresh invocation id, as the host gives every invocation (retries included).
+pub fn new_invocation_id() -> String {
+    uuid::Uuid::new_v4().to_string()
 }
 
 fn describe_error(e: &reqwest::Error) -> String {
@@ -381,17 +442,41 @@ mod tests {
     #[test]
     fn event_grid_payload_is_the_hosts_shape() {
         let event = blob_created_event(&EventSource::for_account("a"), &sample_blob(), fixed_now());
-        let payload = event_grid_payload("function-trigger", "event", &event, fixed_now());
+        let payload = event_grid_payload(
+            "function-trigger",
+            "event",
+            &event,
+            EventShape::Object,
+            fixed_now(),
+        );
         let top: Vec<_> = payload.as_object().unwrap().keys().cloned().collect();
         assert_eq!(top, ["Data", "Metadata"]);
         assert_eq!(payload["Data"].as_object().unwrap().len(), 1);
         assert_eq!(payload["Data"]["event"], event);
         assert_eq!(payload["Metadata"]["data"], event["data"]);
+        assert_eq!(payload["Metadata"].as_object().unwrap().len(), 2);
         let sys = &payload["Metadata"]["sys"];
         assert_eq!(sys["MethodName"], "function-trigger");
         assert_eq!(sys["UtcNow"], "2026-11-28T08:00:01.1234567Z");
         assert!(is_uuid(&sys["RandGuid"]));
         assert_eq!(sys.as_object().unwrap().len(), 3);
+    }
+
+    #[test]
+    fn the_string_shape_is_the_indented_event_quoted_twice() {
+        let event = blob_created_event(&EventSource::for_account("a"), &sample_blob(), fixed_now());
+        let payload = event_grid_payload(
+            "function-trigger",
+            "event",
+            &event,
+            EventShape::String,
+            fixed_now(),
+        );
+        let once: String = serde_json::from_str(payload["Data"]["event"].as_str().unwrap())
+            .expect("the binding's string is itself a JSON string");
+        assert!(once.starts_with("{\n  \""), "indented: {once}");
+        assert_eq!(serde_json::from_str::<Value>(&once).unwrap(), event);
+        assert_eq!(payload["Metadata"]["data"], event["data"]);
     }
 
     #[test]

@@ -25,10 +25,10 @@ use tokio::task::JoinHandle;
 use crate::{
     app_root::{AppRoot, Settings, Trigger},
     child::HandlerProcess,
-    invoke::{EventSource, Invoker},
+    invoke::{EventShape, EventSource, Invoker},
     schedule::Schedule,
     timer::TimerFunction,
-    watch::{Target, Watcher},
+    watch::{DeliveryPolicy, Target, Watcher},
 };
 
 const BANNER: &str = "local-host: a stand-in for the Azure Functions host, for local runs only; in Azure the Functions host does this";
@@ -124,21 +124,49 @@ struct RunArgs {
     /// Fire timer functions every N ms instead of on their NCRONTAB schedule.
     #[arg(long, value_name = "N")]
     timer_every_ms: Option<u64>,
-    /// Waits before redelivering an event whose invocation failed (Event Grid waits 10 s, 30 s,
-    /// 1 min, 5 min, … up to 24 h); after the last, the event is dropped.
+    /// How long Event Grid waits for the answer to a delivery before it counts the attempt
+    /// as failed and redelivers (Event Grid: 30 s). The invocation itself keeps running
+    /// until it ends or reaches host.json's functionTimeout, as in the host.
+    #[arg(long, default_value_t = 30.0, value_name = "SECS", value_parser = positive_secs)]
+    event_delivery_timeout_secs: f64,
+    /// Waits before the 2nd, 3rd, … delivery of an event whose attempt failed (non-2xx, no
+    /// answer, or none within --event-delivery-timeout-secs); the last one repeats. Default:
+    /// Event Grid's schedule (10 s, 30 s, 1 min, 5 min, 10 min, 30 min, then hourly). Give a
+    /// scaled-down one for tests, e.g. 100,300.
     #[arg(
         long,
         value_delimiter = ',',
-        default_value = "1000,3000,10000,30000",
+        default_value = "10000,30000,60000,300000,600000,1800000,3600000",
         value_name = "MS,MS,…"
     )]
     retry_delays_ms: Vec<u64>,
+    /// Deliveries of one event at most, the first included (an Event Grid subscription's
+    /// maxDeliveryAttempts, default 30); then the event is dropped.
+    #[arg(long, default_value_t = 30, value_name = "N", value_parser = clap::value_parser!(u32).range(1..=30))]
+    max_delivery_attempts: u32,
+    /// No delivery of an event starts later than this after it was raised (an Event Grid
+    /// subscription's eventTimeToLiveInMinutes, default 1440 = 24 h); then it is dropped.
+    #[arg(long, default_value_t = 1440, value_name = "MINUTES", value_parser = clap::value_parser!(u64).range(1..=1440))]
+    event_ttl_minutes: u64,
+    /// How Data.{binding} carries the event: `object`, as the real host sends it (read in
+    /// its source; see tools/local-host/README.md), or `string`, a JSON string holding a
+    /// JSON string, to check that a handler decodes that too.
+    #[arg(long, value_enum, default_value_t = EventShape::Object)]
+    event_shape: EventShape,
     /// Stop (exit 0) once this blob exists; repeatable, then all of them.
     #[arg(long, value_name = "CONTAINER/BLOB")]
     exit_when_exists: Vec<String>,
     /// Give up (exit 1) after this long.
     #[arg(long, value_name = "N")]
     timeout_secs: Option<u64>,
+}
+
+/// A duration in seconds, fractions allowed (tests scale Event Grid's 30 s down).
+fn positive_secs(text: &str) -> Result<f64, String> {
+    match text.parse::<f64>() {
+        Ok(s) if s.is_finite() && s > 0.0 && s <= 86_400.0 => Ok(s),
+        _ => Err(format!("`{text}` is not a number of seconds in (0, 86400]")),
+    }
 }
 
 fn init_logging() {
@@ -318,11 +346,13 @@ async fn run(args: RunArgs) -> Result<u8> {
     for t in &plan.targets {
         match &plan.store {
             Some(_) => tracing::info!(
-                "{}: eventGridTrigger (binding `{}`) ← BlobCreated for {}/*.jsonl, listed every {} ms",
+                "{}: eventGridTrigger (binding `{}`) ← BlobCreated for {}/*.jsonl, listed every {} ms; each delivery waits {} s for an answer, up to {} attempts",
                 t.function,
                 t.binding,
                 args.input_container,
-                poll.as_millis()
+                poll.as_millis(),
+                args.event_delivery_timeout_secs,
+                args.max_delivery_attempts
             ),
             None => tracing::warn!(
                 "{}: eventGridTrigger, but no storage connection string: no events will be delivered",
@@ -422,11 +452,17 @@ async fn serve(
             invoker: invoker.clone(),
             poll,
             skip_existing: args.skip_existing,
-            retry_delays: args
-                .retry_delays_ms
-                .iter()
-                .map(|&ms| Duration::from_millis(ms))
-                .collect(),
+            delivery: DeliveryPolicy {
+                timeout: Duration::from_secs_f64(args.event_delivery_timeout_secs),
+                retry_delays: args
+                    .retry_delays_ms
+                    .iter()
+                    .map(|&ms| Duration::from_millis(ms))
+                    .collect(),
+                max_attempts: args.max_delivery_attempts,
+                time_to_live: Duration::from_secs(args.event_ttl_minutes * 60),
+            },
+            event_shape: args.event_shape,
             concurrency: Arc::new(tokio::sync::Semaphore::new(EVENT_CONCURRENCY)),
         };
         tasks.push(tokio::spawn(watcher.run()));

@@ -10,9 +10,9 @@ use std::{
     collections::{HashMap, HashSet},
     sync::{
         Arc,
-        atomic::{AtomicU64, Ordering},
+        atomic::{AtomicBool, AtomicU64, Ordering},
     },
-    time::Duration,
+    time::{Duration, Instant},
 };
 
 use aoai_blob_batch::storage::{BlobInfo, BlobStore};
@@ -21,7 +21,7 @@ use futures::TryStreamExt;
 use serde_json::Value;
 use tokio::sync::Semaphore;
 
-use crate::invoke::{self, CreatedBlob, EventSource, Invoker};
+use crate::invoke::{self, CreatedBlob, EventShape, EventSource, Invoker};
 
 /// A function with an `eventGridTrigger`: where the events go.
 #[derive(Debug, Clone)]
@@ -38,8 +38,8 @@ pub struct Watcher {
     pub invoker: Invoker,
     pub poll: Duration,
     pub skip_existing: bool,
-    /// Waits before each redelivery; after the last one the event is dropped.
-    pub retry_delays: Vec<Duration>,
+    pub delivery: DeliveryPolicy,
+    pub event_shape: EventShape,
     /// Invocations in flight at once. Event Grid's own limit is far higher, but an initial sync
     /// of a full container must not flood a handler on a laptop.
     pub concurrency: Arc<Semaphore>,
@@ -111,7 +111,10 @@ impl Watcher {
     }
 
     /// One event to one function: the same event (same id) on every attempt, a fresh
-    /// invocation each time, as Event Grid redelivery through the host would give.
+    /// invocation each time, as Event Grid redelivery through the host would give. An attempt
+    /// fails on a non-2xx answer, on none, or on no answer within the delivery timeout; then
+    /// the event is redelivered on the retry schedule until an attempt succeeds, the attempts
+    /// run out or the event's time to live ends.
     async fn deliver(&self, target: &Target, blob: &BlobInfo, seq: u64) {
         let url = self.store.blob_url(&self.container, &blob.name);
         // Event Grid sequencers order the events of one blob; a clock-based high half keeps
@@ -131,56 +134,139 @@ impl Watcher {
             Utc::now(),
         );
         let what = format!("BlobCreated {}/{}", self.container, blob.name);
+        let published = Instant::now();
         let mut attempt = 0;
         loop {
             attempt += 1;
-            let delivered = {
-                let _permit = self.concurrency.acquire().await;
-                deliver_once(&self.invoker, target, &event, &what, attempt).await
-            };
-            if delivered {
+            if self.attempt(target, &event, &what, attempt).await {
                 return;
             }
-            let Some(delay) = self.retry_delays.get(attempt - 1) else {
+            let policy = &self.delivery;
+            let Some(delay) = policy.delay_before(attempt + 1) else {
                 tracing::error!(
-                    "{what}: gave up after {attempt} attempts (Event Grid would dead-letter or drop it; the timer's sweep still finds the blob)"
+                    "{what}: gave up after {attempt} attempts (--max-delivery-attempts; Event Grid would dead-letter or drop it; the timer's sweep still finds the blob)"
                 );
                 return;
             };
-            tracing::warn!("{what}: redelivering in {} ms", delay.as_millis());
-            tokio::time::sleep(*delay).await;
+            if published.elapsed() + delay > policy.time_to_live {
+                tracing::error!(
+                    "{what}: gave up after {attempt} attempts: the next would come after the event's time to live ({} min, --event-ttl-minutes; Event Grid would dead-letter or drop it; the timer's sweep still finds the blob)",
+                    policy.time_to_live.as_secs() / 60
+                );
+                return;
+            }
+            tracing::warn!(
+                "{what}: redelivering in {} ms (attempt {} of at most {})",
+                delay.as_millis(),
+                attempt + 1,
+                policy.max_attempts
+            );
+            tokio::time::sleep(delay).await;
+        }
+    }
+
+    /// One delivery attempt. The invocation runs in its own task: when Event Grid stops
+    /// waiting (the delivery timeout), the host does not cancel the function, which runs on
+    /// to its end or to `functionTimeout`, and its outcome is only logged.
+    async fn attempt(&self, target: &Target, event: &Value, what: &str, attempt: u32) -> bool {
+        let invocation_id = invoke::new_invocation_id();
+        tracing::info!(
+            "{what} → {} (attempt {attempt}, event id {}, invocation {invocation_id})",
+            target.function,
+            event["id"].as_str().unwrap_or_default()
+        );
+        let abandoned = Arc::new(AtomicBool::new(false));
+        let mut invocation = tokio::spawn({
+            let concurrency = self.concurrency.clone();
+            let invoker = self.invoker.clone();
+            let payload = invoke::event_grid_payload(
+                &target.function,
+                &target.binding,
+                event,
+                self.event_shape,
+                Utc::now(),
+            );
+            let function = target.function.clone();
+            let invocation_id = invocation_id.clone();
+            let abandoned = abandoned.clone();
+            async move {
+                // The slot is held for as long as the function runs, abandoned or not.
+                let _permit = concurrency.acquire_owned().await;
+                let outcome = invoker.invoke_as(invocation_id, &function, &payload).await;
+                report(&function, outcome, abandoned.load(Ordering::Relaxed))
+            }
+        });
+        let timeout = self.delivery.timeout;
+        match tokio::time::timeout(timeout, &mut invocation).await {
+            Ok(Ok(succeeded)) => succeeded,
+            Ok(Err(e)) => {
+                tracing::warn!(
+                    "{}: invocation {invocation_id} was lost: {e}",
+                    target.function
+                );
+                false
+            }
+            Err(_) => {
+                abandoned.store(true, Ordering::Relaxed);
+                tracing::warn!(
+                    "{what}: no answer from {} within {} s (--event-delivery-timeout-secs): Event Grid counts attempt {attempt} as failed; invocation {invocation_id} keeps running in the host",
+                    target.function,
+                    timeout.as_secs_f64()
+                );
+                false
+            }
         }
     }
 }
 
-async fn deliver_once(
-    invoker: &Invoker,
-    target: &Target,
-    event: &Value,
-    what: &str,
-    attempt: usize,
-) -> bool {
-    let payload = invoke::event_grid_payload(&target.function, &target.binding, event, Utc::now());
-    tracing::info!(
-        "{what} → {} (attempt {attempt}, event id {})",
-        target.function,
-        event["id"].as_str().unwrap_or_default()
-    );
-    match invoker.invoke(&target.function, &payload).await {
+/// When and how often Event Grid delivers an event (event-grid/delivery-and-retry.md):
+/// it waits 30 s for an answer, then retries after 10 s, 30 s, 1 min, 5 min, 10 min,
+/// 30 min, 1 h and hourly after that, up to 30 attempts or 24 h (the subscription's
+/// `maxDeliveryAttempts` and `eventTimeToLiveInMinutes` defaults).
+#[derive(Debug, Clone)]
+pub struct DeliveryPolicy {
+    pub timeout: Duration,
+    /// Waits before the 2nd, 3rd, … attempt; the last one repeats.
+    pub retry_delays: Vec<Duration>,
+    pub max_attempts: u32,
+    pub time_to_live: Duration,
+}
+
+impl DeliveryPolicy {
+    /// The wait before attempt number `attempt` (the first is 1), or `None` when there is none.
+    pub fn delay_before(&self, attempt: u32) -> Option<Duration> {
+        if attempt < 2 || attempt > self.max_attempts {
+            return None;
+        }
+        let index = (attempt - 2) as usize;
+        self.retry_delays
+            .get(index)
+            .or(self.retry_delays.last())
+            .copied()
+    }
+}
+
+/// Logs how an invocation ended; true when the host counts it as a success. An abandoned
+/// invocation's answer reaches nobody: Event Grid has already counted its attempt as failed.
+fn report(function: &str, outcome: Result<invoke::Outcome, String>, abandoned: bool) -> bool {
+    let late = if abandoned {
+        " after Event Grid stopped waiting; its redelivery comes all the same"
+    } else {
+        ""
+    };
+    match outcome {
         Ok(outcome) => {
-            invoke::print_logs(&target.function, &outcome.logs);
+            invoke::print_logs(function, &outcome.logs);
             if outcome.succeeded() {
                 tracing::info!(
-                    "{} succeeded (HTTP {}, invocation {})",
-                    target.function,
+                    "{function} succeeded (HTTP {}, invocation {}){late}",
                     outcome.status,
                     outcome.invocation_id
                 );
                 true
             } else {
                 tracing::warn!(
-                    "{} failed (HTTP {}, invocation {}){}: {}",
-                    target.function,
+                    "{function} failed (HTTP {}, invocation {}){}{late}: {}",
                     outcome.status,
                     outcome.invocation_id,
                     outcome
@@ -194,7 +280,7 @@ async fn deliver_once(
             }
         }
         Err(e) => {
-            tracing::warn!("{} failed: {e}", target.function);
+            tracing::warn!("{function} failed: {e}{late}");
             false
         }
     }
@@ -202,6 +288,28 @@ async fn deliver_once(
 
 #[cfg(test)]
 mod tests {
+    use super::*;
+
+    #[test]
+    fn the_default_schedule_is_event_grids() {
+        let secs = |s| Duration::from_secs(s);
+        let policy = DeliveryPolicy {
+            timeout: secs(30),
+            retry_delays: [10, 30, 60, 300, 600, 1800, 3600].map(secs).to_vec(),
+            max_attempts: 30,
+            time_to_live: secs(24 * 3600),
+        };
+        assert_eq!(policy.delay_before(1), None, "the first attempt is at once");
+        assert_eq!(policy.delay_before(2), Some(secs(10)));
+        assert_eq!(policy.delay_before(8), Some(secs(3600)));
+        assert_eq!(
+            policy.delay_before(30),
+            Some(secs(3600)),
+            "hourly after that"
+        );
+        assert_eq!(policy.delay_before(31), None, "30 attempts at most");
+    }
+
     #[test]
     fn only_jsonl_any_case() {
         assert!(super::wanted("a/b.jsonl"));

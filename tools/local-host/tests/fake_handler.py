@@ -6,6 +6,7 @@ every POST with the host's JSON answer. Settings (environment):
   FAKE_RECORD      file to append one JSON line per POST to (path, headers, body, start, end)
   FAKE_FAIL_FIRST  answer the first N POSTs to function-trigger with HTTP 500
   FAKE_TIMER_SLEEP seconds each function-timer invocation takes
+  FAKE_TRIGGER_SLEEP seconds each function-trigger invocation takes
   FAKE_EXIT_AT_ONCE exit with status 3 before listening
 """
 import json
@@ -22,6 +23,7 @@ if os.environ.get("FAKE_EXIT_AT_ONCE"):
 RECORD = os.environ["FAKE_RECORD"]
 FAIL_FIRST = int(os.environ.get("FAKE_FAIL_FIRST", "0"))
 TIMER_SLEEP = float(os.environ.get("FAKE_TIMER_SLEEP", "0"))
+TRIGGER_SLEEP = float(os.environ.get("FAKE_TRIGGER_SLEEP", "0"))
 lock = threading.Lock()
 trigger_calls = 0
 
@@ -47,6 +49,8 @@ class Handler(BaseHTTPRequestHandler):
                     status = 500
         if function == "function-timer":
             time.sleep(TIMER_SLEEP)
+        if function == "function-trigger":
+            time.sleep(TRIGGER_SLEEP)
         print(f"fake handler: {function} -> {status}", flush=True)
         with lock, open(RECORD, "a") as f:
             f.write(json.dumps({"path": self.path, "headers": {k.lower(): v for k, v in self.headers.items()}, "body": body,

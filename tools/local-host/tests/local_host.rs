@@ -121,8 +121,20 @@ fn for_function<'a>(records: &'a [Value], function: &str) -> Vec<&'a Value> {
         .collect()
 }
 
-fn subject_of(r: &Value) -> &str {
-    r["body"]["Data"]["event"]["subject"].as_str().unwrap()
+/// The event of a recorded trigger invocation: `Data.event`, an object as the host sends it,
+/// or with `--event-shape string` a JSON string holding a JSON string holding it.
+fn event_of(r: &Value) -> Value {
+    match &r["body"]["Data"]["event"] {
+        Value::String(sent) => {
+            let once: String = serde_json::from_str(sent).expect("a JSON string inside");
+            serde_json::from_str(&once).expect("the event's JSON inside that")
+        }
+        event => event.clone(),
+    }
+}
+
+fn subject_of(r: &Value) -> String {
+    event_of(r)["subject"].as_str().unwrap().to_string()
 }
 
 fn is_uuid(v: &Value) -> bool {
@@ -249,7 +261,11 @@ fn delivers_events_and_timer_ticks_then_exits_when_the_blob_exists() {
     ] {
         let body = &r["body"];
         assert_eq!(body["Data"].as_object().unwrap().len(), 1);
-        let event = &body["Data"]["event"];
+        assert!(
+            body["Data"]["event"].is_object(),
+            "the host's shape: {body}"
+        );
+        let event = &event_of(r);
         assert_eq!(
             event["subject"],
             format!("/blobServices/default/containers/batch-input/blobs/{name}")
@@ -277,7 +293,7 @@ fn delivers_events_and_timer_ticks_then_exits_when_the_blob_exists() {
         assert!(is_uuid(&body["Metadata"]["sys"]["RandGuid"]));
     }
     assert_eq!(
-        after["body"]["Data"]["event"]["data"]["url"]
+        event_of(after)["data"]["url"]
             .as_str()
             .unwrap()
             .rsplit("/batch-input/")
@@ -342,6 +358,88 @@ fn skip_existing_then_timeout_stops_the_handler() {
         "no event for a blob present before start"
     );
     run.assert_handler_gone();
+}
+
+/// Event Grid waits 30 s (here 1 s) for an answer, then redelivers while the host keeps the
+/// first invocation running; after --max-delivery-attempts the event is dropped.
+#[test]
+fn a_slow_answer_is_redelivered_while_the_first_invocation_runs_on() {
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let azurite = Azurite::start();
+    let store = azurite.store_with(RetryPolicy::default());
+    upload(&rt, &store, "batch-input", "slow.jsonl");
+    let cs = azurite.connection_string();
+    let run = local_host(
+        &[
+            "--storage-connection-string",
+            &cs,
+            "--poll-ms",
+            "200",
+            "--event-delivery-timeout-secs",
+            "1",
+            "--retry-delays-ms",
+            "300",
+            "--max-delivery-attempts",
+            "2",
+            "--event-shape",
+            "string",
+        ],
+        &[("FAKE_TRIGGER_SLEEP", "3")],
+    );
+    let records = run.wait_records("both deliveries to finish", |r| {
+        for_function(r, "function-trigger").len() >= 2
+    });
+    let mut triggers = for_function(&records, "function-trigger");
+    triggers.sort_by(|a, b| {
+        a["start"]
+            .as_f64()
+            .partial_cmp(&b["start"].as_f64())
+            .unwrap()
+    });
+    let (first, second) = (triggers[0], triggers[1]);
+    let at = |r: &Value, k: &str| r[k].as_f64().unwrap();
+    assert!(
+        at(second, "start") < at(first, "end"),
+        "the redelivery came while the first invocation still ran"
+    );
+    let gap = at(second, "start") - at(first, "start");
+    assert!(
+        (1.2..2.9).contains(&gap),
+        "1 s timeout + 0.3 s wait, not the whole 3 s: {gap}"
+    );
+    assert!(
+        at(first, "end") - at(first, "start") >= 3.0,
+        "not cancelled"
+    );
+    assert!(
+        first["body"]["Data"]["event"].is_string(),
+        "--event-shape string"
+    );
+    assert_eq!(event_of(first), event_of(second), "the same event");
+    assert_ne!(
+        first["headers"]["x-azure-functions-invocationid"],
+        second["headers"]["x-azure-functions-invocationid"]
+    );
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !run.proc.logs().contains("gave up after 2 attempts") {
+        assert!(Instant::now() < deadline, "{}", run.proc.logs());
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let logs = run.proc.logs();
+    assert!(
+        logs.contains("no answer from function-trigger within 1 s (--event-delivery-timeout-secs): Event Grid counts attempt 1 as failed"),
+        "{logs}"
+    );
+    assert!(
+        logs.contains("succeeded (HTTP 200") && logs.contains("after Event Grid stopped waiting"),
+        "the late answer is logged: {logs}"
+    );
+    std::thread::sleep(Duration::from_secs(1));
+    assert_eq!(
+        for_function(&run.records(), "function-trigger").len(),
+        2,
+        "no third attempt"
+    );
 }
 
 #[test]

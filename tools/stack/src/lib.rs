@@ -115,21 +115,8 @@ impl Bins {
     pub fn local() -> &'static Bins {
         static BINS: OnceLock<Bins> = OnceLock::new();
         BINS.get_or_init(|| {
-            let exe = std::env::current_exe().expect("the running executable");
-            let mut dir = exe.parent().expect("its directory").to_path_buf();
-            if dir.ends_with("deps") {
-                dir.pop();
-            }
-            let mut build = Command::new(std::env::var_os("CARGO").unwrap_or("cargo".into()));
-            build.args(["build", "--quiet", "-p", "aoai-batch-emulator"]);
-            match dir.file_name().and_then(OsStr::to_str) {
-                Some("debug") | None => {}
-                Some(profile) => {
-                    build.args(["--profile", profile]);
-                }
-            }
-            let status = build.current_dir(root()).status().expect("cargo runs");
-            assert!(status.success(), "building the emulator failed");
+            let dir = profile_dir();
+            build_package("aoai-batch-emulator", &dir);
             Bins {
                 handler: dir.join("handler"),
                 emulator: dir.join("aoai-batch-emulator"),
@@ -137,6 +124,41 @@ impl Bins {
             }
         })
     }
+}
+
+/// The binaries of the running executable's profile (see [`Bins::local`]).
+fn profile_dir() -> PathBuf {
+    let exe = std::env::current_exe().expect("the running executable");
+    let mut dir = exe.parent().expect("its directory").to_path_buf();
+    if dir.ends_with("deps") {
+        dir.pop();
+    }
+    dir
+}
+
+/// `cargo build -p package` in the profile whose binaries are in `dir`.
+fn build_package(package: &str, dir: &Path) {
+    let mut build = Command::new(std::env::var_os("CARGO").unwrap_or("cargo".into()));
+    build.args(["build", "--quiet", "-p", package]);
+    match dir.file_name().and_then(OsStr::to_str) {
+        Some("debug") | None => {}
+        Some(profile) => {
+            build.args(["--profile", profile]);
+        }
+    }
+    let status = build.current_dir(root()).status().expect("cargo runs");
+    assert!(status.success(), "building {package} failed");
+}
+
+/// The workspace's `local-host` (tools/local-host), built on first use: only the tests that
+/// run the handler under it pay for building it.
+pub fn local_host_bin() -> &'static Path {
+    static BIN: OnceLock<PathBuf> = OnceLock::new();
+    BIN.get_or_init(|| {
+        let dir = profile_dir();
+        build_package("local-host", &dir);
+        dir.join("local-host")
+    })
 }
 
 /// The npm package's Azurite (`npm ci` installs it).
@@ -489,5 +511,41 @@ impl Handler {
             .json(payload)
             .send()
             .await
+    }
+}
+
+/// The handler under `local-host`, the stand-in for the Functions host (tools/local-host),
+/// with the repository as its app root: events for new input blobs and timer ticks reach
+/// the handler the way the host delivers them, not as a test's direct POSTs.
+pub struct LocalHost {
+    pub proc: Proc,
+}
+
+impl LocalHost {
+    /// Starts local-host with only `env` (and `PATH`) as its environment, which it passes on
+    /// to the handler as app settings, plus `args`; waits until the handler is ready.
+    pub fn start(env: &[(String, String)], args: &[&str]) -> LocalHost {
+        let mut cmd = Command::new(local_host_bin());
+        cmd.env_clear()
+            .env("PATH", std::env::var_os("PATH").unwrap_or_default())
+            .envs(env.iter().map(|(k, v)| (k, v)))
+            .arg("--app-root")
+            .arg(root())
+            .arg("--handler")
+            .arg(&Bins::local().handler)
+            .args(args);
+        let mut proc = or_panic(
+            "local-host",
+            Proc::spawn("local-host", cmd, &Options::default()),
+        );
+        if let Err(e) = proc.wait_for_line("handler ready", Duration::from_secs(60)) {
+            panic!("local-host did not start the handler: {e}");
+        }
+        LocalHost { proc }
+    }
+
+    /// Everything local-host and the handler printed so far.
+    pub fn logs(&self) -> String {
+        self.proc.logs()
     }
 }
