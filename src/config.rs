@@ -36,6 +36,9 @@ pub mod names {
     /// so a test sees an intake as long as a large file's without uploading one (a
     /// redelivery arriving mid-intake). Debug builds only.
     pub const TEST_VALIDATE_DELAY_MS: &str = "BATCH_TEST_VALIDATE_DELAY_MS";
+    /// Test-only: the sweep's look-back before its mark, in seconds (default 900), so a test
+    /// sees old inputs left alone without waiting a quarter of an hour. Debug builds only.
+    pub const TEST_SWEEP_OVERLAP_SECONDS: &str = "BATCH_TEST_SWEEP_OVERLAP_SECONDS";
 }
 
 /// Whether this build honours the test-only settings: debug builds (every test's), not the
@@ -140,6 +143,9 @@ pub struct Config {
     pub split_limits: crate::validate::Limits,
     pub test_fault: Option<String>,
     pub test_validate_delay: Option<Duration>,
+    /// How far before its mark the timer's sweep looks again (`poll`): storage's clock on
+    /// a blob's Last-Modified, with room for a commit that lands while the listing runs.
+    pub sweep_overlap_secs: i64,
 }
 
 impl Config {
@@ -373,9 +379,21 @@ impl Config {
                 )?)),
                 _ => None,
             },
+            sweep_overlap_secs: match get(names::TEST_SWEEP_OVERLAP_SECONDS) {
+                Some(_) if TEST_SWITCHES_COMPILED => ranged(
+                    names::TEST_SWEEP_OVERLAP_SECONDS,
+                    SWEEP_OVERLAP_SECS,
+                    0..=DAY,
+                    "seconds",
+                )? as i64,
+                _ => SWEEP_OVERLAP_SECS as i64,
+            },
         })
     }
 }
+
+/// The sweep's look-back before its mark: 15 minutes, far beyond the time a listing takes.
+const SWEEP_OVERLAP_SECS: u64 = 900;
 
 const DAY: u64 = 24 * 3600;
 

@@ -105,6 +105,7 @@ fn serve() -> ExitCode {
             names::TEST_FAULT,
             names::TEST_HOOKS,
             names::TEST_VALIDATE_DELAY_MS,
+            names::TEST_SWEEP_OVERLAP_SECONDS,
         ] {
             if std::env::var_os(name).is_some() {
                 tracing::warn!(

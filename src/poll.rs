@@ -69,6 +69,8 @@ pub struct TickStats {
     pub retrieved: usize,
     /// Job records read: only those whose index said something was due.
     pub records_read: usize,
+    /// Inputs the sweep looked at: those modified since its mark, with no active job.
+    pub sweep_looked_at: usize,
 }
 
 /// How a job's step went, for the tick's totals.
@@ -123,7 +125,7 @@ pub async fn tick(app: &App, j: &Journal) -> Result<TickStats, StepError> {
     let mut no_route = NoSuchRoute::default();
     let mut entries = app.jobs.active_entries().await?;
     let active: HashSet<String> = entries.iter().map(|e| e.key.clone()).collect();
-    stats.swept = sweep(app, &active, &mut no_route, j).await?;
+    stats.swept = sweep(app, &active, &mut no_route, &mut stats, j).await?;
     if stats.swept > 0 {
         // Listed again: the sweep added jobs, and those are polled at once.
         entries = app.jobs.active_entries().await?;
@@ -176,7 +178,7 @@ pub async fn tick(app: &App, j: &Journal) -> Result<TickStats, StepError> {
     no_route.report(app, j);
     j.info(format!(
         "tick done in {} ms: {} new input(s), {} active job(s), {} finished, {} fault(s); \
-         running={} list_pages={} retrieved={} records_read={}",
+         running={} list_pages={} retrieved={} records_read={} sweep_looked_at={}",
         started.elapsed().as_millis(),
         stats.swept,
         stats.active,
@@ -186,6 +188,7 @@ pub async fn tick(app: &App, j: &Journal) -> Result<TickStats, StepError> {
         stats.list_pages,
         stats.retrieved,
         stats.records_read,
+        stats.sweep_looked_at,
     ));
     Ok(stats)
 }
@@ -216,12 +219,21 @@ async fn list_running(
 }
 
 /// Submits inputs that have no job record for their current version.
+///
+/// Its cost does not grow with the history: a sweep that finishes records a mark (the newest
+/// Last-Modified among the inputs it saw, storage's clock), and the next looks only at inputs
+/// modified since then, less an overlap for a commit that lands while the listing runs. An
+/// input older than that was looked at by an earlier sweep, and a re-upload is modified anew.
+/// Whether such a recent input's job has finished is asked of it alone, so `done/` is never
+/// listed; only the very first sweep (no mark yet) lists it, once.
 async fn sweep(
     app: &App,
     active: &HashSet<String>,
     no_route: &mut NoSuchRoute,
+    stats: &mut TickStats,
     j: &Journal,
 ) -> Result<usize, StepError> {
+    let mark = app.jobs.sweep_mark().await?;
     let (inputs, others): (Vec<_>, Vec<_>) = app
         .store
         .list(&app.config.input_container, "")
@@ -249,19 +261,39 @@ async fn sweep(
             }
         ));
     }
-    if inputs.is_empty() {
-        return Ok(0);
-    }
-    // The done/ listing grows with history; one listing per tick (5,000 names a page)
-    // is far cheaper than a HEAD request per input.
-    let done = app.jobs.done_keys().await?;
-    let missing: Vec<_> = inputs
+    let newest = inputs.iter().filter_map(|b| b.modified).max();
+    let since = mark.map(|m| m - app.config.sweep_overlap_secs);
+    let candidates: Vec<_> = inputs
         .into_iter()
-        .filter(|b| {
-            let key = job_key(&b.name, &b.etag);
-            !active.contains(&key) && !done.contains(&key)
+        .filter(|b| match (since, b.modified) {
+            (Some(since), Some(t)) => t >= since,
+            _ => true,
         })
+        .filter(|b| !active.contains(&job_key(&b.name, &b.etag)))
         .collect();
+    stats.sweep_looked_at = candidates.len();
+    let missing = match mark {
+        None => {
+            // The first sweep: one listing of done/ (5,000 names a page) is far cheaper
+            // than a request per input.
+            let done = app.jobs.done_keys().await?;
+            candidates
+                .into_iter()
+                .filter(|b| !done.contains(&job_key(&b.name, &b.etag)))
+                .collect()
+        }
+        Some(_) => {
+            let checked: Vec<_> = futures::stream::iter(candidates)
+                .map(|b| async move {
+                    let done = app.jobs.is_done(&job_key(&b.name, &b.etag)).await?;
+                    Ok::<_, StepError>((!done).then_some(b))
+                })
+                .buffer_unordered(TICK_CONCURRENCY)
+                .try_collect()
+                .await?;
+            checked.into_iter().flatten().collect::<Vec<_>>()
+        }
+    };
     let count = missing.len();
     for blob in &missing {
         j.info(format!(
@@ -278,12 +310,22 @@ async fn sweep(
         .collect()
         .await;
     // One input's fault must not keep the others (or the polling after) from their turn.
+    let mut all_taken = true;
     for r in results {
-        if let Err(e) = r
-            && !no_route.absorb(&e)
-        {
-            j.error(format!("sweep: an input will be retried next tick: {e}"));
+        if let Err(e) = r {
+            all_taken = false;
+            if !no_route.absorb(&e) {
+                j.error(format!("sweep: an input will be retried next tick: {e}"));
+            }
         }
+    }
+    // The mark moves only past a sweep that took in everything it found: an input whose
+    // intake failed is looked at again next tick.
+    if all_taken
+        && let Some(newest) = newest
+        && mark.is_none_or(|m| newest > m)
+    {
+        app.jobs.set_sweep_mark(newest).await?;
     }
     Ok(count)
 }

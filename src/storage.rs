@@ -165,6 +165,9 @@ pub struct BlobInfo {
     pub name: String,
     pub etag: String,
     pub size: u64,
+    /// Last-Modified (unix seconds, the storage service's clock), where the call returns it:
+    /// listings do.
+    pub modified: Option<i64>,
 }
 
 /// A blob's properties as intake needs them.
@@ -598,6 +601,7 @@ impl BlobStore {
                         name: name.to_string(),
                         etag,
                         size,
+                        modified: None,
                     },
                     copy_pending: matches!(
                         r.copy_status().map_err(sdk)?,
@@ -644,6 +648,7 @@ impl BlobStore {
                 name,
             )?,
             size: res.properties.content_length.unwrap_or(0),
+            modified: None,
         };
         let (c, n) = (container.to_string(), name.to_string());
         let body = res
@@ -807,6 +812,7 @@ impl BlobStore {
                                 )?,
                                 name,
                                 size: props.content_length.unwrap_or(0),
+                                modified: props.last_modified.map(|t| t.unix_timestamp()),
                             },
                             metadata,
                         ))

@@ -209,3 +209,61 @@ async fn a_record_without_an_index_is_read_and_polled_as_before() {
     assert_eq!(f["records_read"], 0, "{f:?}");
     run_to_completion(&s, 2).await;
 }
+
+/// The timer's sweep looks only at inputs modified since its last pass (with the overlap set
+/// to 0 here; 15 minutes in a deployment), so its cost does not grow with the inputs and jobs
+/// of the past; a new file and a re-upload of an old one are still taken in.
+#[tokio::test]
+async fn the_sweep_looks_only_at_inputs_modified_since_its_last_pass() {
+    let s = Stack::start(
+        &["--step-ms", "0"],
+        &[("BATCH_TEST_SWEEP_OVERLAP_SECONDS", "0")],
+    );
+    let store = s.azurite.store();
+    let body = |i: usize| format!("{}\n", chat_line(&format!("q{i}"), "hello")).into_bytes();
+    // No events: only the sweep takes these in. Last-Modified has whole seconds, so the last
+    // one comes a second later and is alone the newest.
+    for i in 0..5 {
+        upload_input(&store, &format!("old/f{i}.jsonl"), &body(i)).await;
+    }
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    upload_input(&store, "old/f5.jsonl", &body(5)).await;
+
+    let f = tick(&s).await;
+    assert_eq!(
+        f["sweep_looked_at"], 6,
+        "the first sweep looks at all: {f:?}"
+    );
+    for _ in 0..6 {
+        s.emulator.step(None, 1).await;
+        tick(&s).await;
+    }
+    assert!(record_etags(&s).await.is_empty(), "all six finished");
+
+    // Only the newest input (Last-Modified at the mark) is looked at again, not the history.
+    let f = tick(&s).await;
+    assert_eq!(f["sweep_looked_at"], 1, "{f:?}");
+
+    // A new file without its event, and a re-upload of an old one: both taken in.
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    upload_input(&store, "new/g.jsonl", &body(7)).await;
+    upload_input(&store, "old/f0.jsonl", &body(8)).await;
+    let (status, answer) = s.handler.tick().await;
+    assert_eq!(status, 200, "{:?}", answer.logs);
+    let f = tick_figures(&answer.logs);
+    assert_eq!(
+        f["sweep_looked_at"], 3,
+        "f5 at the old mark, g and f0 after it: {f:?}"
+    );
+    for name in ["new/g.jsonl", "old/f0.jsonl"] {
+        assert!(
+            answer
+                .logs
+                .iter()
+                .any(|l| l.contains(&format!("blob=batch-input/{name} has no job yet"))),
+            "{name} taken in: {:?}",
+            answer.logs
+        );
+    }
+    assert_eq!(record_etags(&s).await.len(), 2);
+}

@@ -53,6 +53,16 @@ pub struct JobStore {
 
 const ACTIVE: &str = "active/";
 const DONE: &str = "done/";
+/// Where the timer's sweep keeps its mark (`sweep_mark`).
+const SWEEP_MARK: &str = "sweep.json";
+
+/// The sweep's mark as stored.
+#[derive(serde::Serialize, serde::Deserialize)]
+struct SweepMark {
+    /// Every input last modified before this (storage's clock, unix seconds) was looked at
+    /// by a sweep that finished.
+    inputs_seen_until: i64,
+}
 
 impl JobStore {
     pub fn new(store: Arc<BlobStore>, container: String) -> Self {
@@ -208,6 +218,41 @@ impl JobStore {
                 })
             })
             .collect())
+    }
+
+    /// Whether the job has finished (its record is under `done/`), in one request.
+    pub async fn is_done(&self, key: &str) -> Result<bool, JobStoreError> {
+        Ok(self
+            .store
+            .properties(&self.container, &Self::done(key))
+            .await?
+            .is_some())
+    }
+
+    /// The sweep's mark; `None` before the first sweep finished, or when the mark cannot be
+    /// read: the sweep then looks at every input, as it always did.
+    pub async fn sweep_mark(&self) -> Result<Option<i64>, JobStoreError> {
+        Ok(self
+            .store
+            .read(&self.container, SWEEP_MARK)
+            .await?
+            .and_then(|(bytes, _)| serde_json::from_slice::<SweepMark>(&bytes).ok())
+            .map(|m| m.inputs_seen_until))
+    }
+
+    pub async fn set_sweep_mark(&self, inputs_seen_until: i64) -> Result<(), JobStoreError> {
+        let body = serde_json::to_vec(&SweepMark { inputs_seen_until })
+            .expect("a struct of one integer serializes");
+        self.store
+            .write(
+                &self.container,
+                SWEEP_MARK,
+                Bytes::from(body),
+                WriteCondition::Always,
+                "application/json",
+            )
+            .await?;
+        Ok(())
     }
 
     /// The keys of every finished job.
