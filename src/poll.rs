@@ -202,8 +202,9 @@ async fn sweep(
     Ok(count)
 }
 
-/// Moves one active job a step; `Ok(true)` when it finished.
-async fn step(app: &App, key: &str, j: &Journal) -> Result<bool, StepError> {
+/// Moves one active job a step; `Ok(true)` when it finished. Also what a webhook event runs
+/// for the job of its batch (`webhook`), so both paths take the same, ETag-guarded step.
+pub async fn step(app: &App, key: &str, j: &Journal) -> Result<bool, StepError> {
     let Some((job, etag)) = app.jobs.load_active(key).await? else {
         return Ok(false);
     };
