@@ -1,0 +1,331 @@
+//! `function-webhook` end to end: Azure OpenAI's signed `batch.*` events (here the batch
+//! emulator's, registered as the docs show) move a job on at once, with no timer tick; a
+//! forged, replayed or stale event changes nothing; a duplicate event racing a tick gives one
+//! harvest. Real Azurite, the emulator and the handler; the test plays the Functions host,
+//! which forwards the request raw to `/api/function-webhook` (host.json
+//! `enableForwardingHttpRequest`).
+
+mod support;
+
+use std::time::{Duration, Instant};
+
+use aoai_blob_batch::webhook::signature::sign;
+use base64::Engine;
+use serde_json::{Value, json};
+use support::*;
+
+/// The secret the handler is given in the tests that sign events themselves.
+const SECRET: &str = "whsec_dGVzdC13ZWJob29rLXNlY3JldC0wMTIzNDU2Nzg5"; // "test-webhook-secret-0123456789"
+const OTHER_SECRET: &str = "whsec_YW5vdGhlci1zZWNyZXQ=";
+
+fn key(secret: &str) -> Vec<u8> {
+    base64::engine::general_purpose::STANDARD
+        .decode(secret.trim_start_matches("whsec_"))
+        .unwrap()
+}
+
+fn now() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs() as i64
+}
+
+fn event(batch_id: &str, kind: &str) -> Vec<u8> {
+    json!({
+        "object": "event",
+        "id": format!("evt_{}", uuid::Uuid::new_v4().simple()),
+        "type": kind,
+        "created_at": now(),
+        "data": {"id": batch_id},
+    })
+    .to_string()
+    .into_bytes()
+}
+
+/// A delivery as the service sends it, signed with `secret` at `timestamp`.
+async fn deliver(
+    handler: &Handler,
+    secret: &str,
+    webhook_id: &str,
+    timestamp: i64,
+    body: &[u8],
+) -> (u16, String) {
+    let ts = timestamp.to_string();
+    let resp = reqwest::Client::new()
+        .post(handler.url("/api/function-webhook"))
+        .header("content-type", "application/json")
+        .header("webhook-id", webhook_id)
+        .header("webhook-timestamp", &ts)
+        .header("webhook-signature", sign(&key(secret), webhook_id, &ts, body))
+        .body(body.to_vec())
+        .send()
+        .await
+        .expect("the handler answers");
+    let status = resp.status().as_u16();
+    (status, resp.text().await.unwrap())
+}
+
+/// The stack with a manual emulator (batches move only when stepped) and the handler given
+/// `secret`.
+fn stack(secret: &str) -> Stack {
+    Stack::start(&["--step-ms", "0"], &[("AZURE_OPENAI_WEBHOOK_SECRET", secret)])
+}
+
+/// Submits the seed sample; returns its batch id.
+async fn submit_sample(s: &Stack) -> String {
+    let seed = std::fs::read(root().join("samples/test.jsonl")).unwrap();
+    s.submit("test.jsonl", &seed).await;
+    let batches = s.emulator.batches().await;
+    assert_eq!(batches.len(), 1);
+    batches[0].id.clone()
+}
+
+/// Steps the batch until it has ended.
+async fn finish_batch(s: &Stack, batch_id: &str) {
+    for _ in 0..20 {
+        let b = s.emulator.step(Some(batch_id), 1).await;
+        if b.iter().all(|b| b.status.is_terminal()) {
+            return;
+        }
+    }
+    panic!("batch {batch_id} did not end in 20 steps");
+}
+
+/// Everything a webhook could change: the state container's records (with their ETags) and
+/// the output container's blobs.
+async fn snapshot(s: &Stack) -> Vec<String> {
+    use futures::TryStreamExt;
+    let store = s.azurite.store();
+    let mut all = Vec::new();
+    for container in ["batch-jobs", "batch-output"] {
+        let items: Vec<_> = store.list(container, "").try_collect().await.unwrap_or_default();
+        all.extend(
+            items
+                .into_iter()
+                // The handled-id records are the webhook's own bookkeeping.
+                .filter(|b| !b.name.starts_with("webhooks/"))
+                .map(|b| format!("{container}/{} {}", b.name, b.etag)),
+        );
+    }
+    all.sort();
+    all
+}
+
+async fn summary(s: &Stack) -> Option<Value> {
+    read_json(&s.azurite.store(), "batch-output", "test/summary.json").await
+}
+
+#[tokio::test]
+async fn a_signed_batch_completed_event_from_the_service_harvests_the_job_without_a_tick() {
+    let azurite = Azurite::start();
+    let emulator = Emulator::start(&azurite, &["--step-ms", "0"]);
+    // Registered as the docs show; the secret is answered once, and goes into the app setting.
+    let http = reqwest::Client::new();
+    let endpoints = format!("{}/openai/v1/dashboard/webhook_endpoints", emulator.endpoint());
+    let created: Value = http
+        .post(&endpoints)
+        .header("api-key", API_KEY)
+        .json(&json!({"name": "batch-handler", "url": "http://127.0.0.1:9/", "event_types":
+            ["batch.completed", "batch.failed", "batch.cancelled", "batch.expired"]}))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let secret = created["signing_secret"].as_str().unwrap().to_string();
+    let mut env = handler_env(&azurite, &emulator);
+    env.push(("AZURE_OPENAI_WEBHOOK_SECRET".into(), secret));
+    let handler = Handler::start(env);
+    // Now that the handler's address is known, the endpoint points at it.
+    let updated = http
+        .post(format!("{endpoints}/{}", created["id"].as_str().unwrap()))
+        .header("api-key", API_KEY)
+        .json(&json!({"url": handler.url("/api/function-webhook")}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(updated.status(), 200);
+    let s = Stack {
+        azurite,
+        emulator,
+        handler,
+    };
+
+    let batch_id = submit_sample(&s).await;
+    finish_batch(&s, &batch_id).await;
+    let ended = Instant::now();
+
+    // No tick is ever posted: only the event can have done it.
+    let summary = eventually(Duration::from_secs(10), "summary.json", || summary(&s)).await;
+    let latency = ended.elapsed();
+    assert_eq!(summary["status"], "completed", "{summary}");
+    assert_eq!(summary["batch_id"], batch_id.as_str());
+    assert_eq!(summary["request_counts"]["completed"], 3);
+    let results = read_text(&s.azurite.store(), "batch-output", "test/results.jsonl")
+        .await
+        .expect("results.jsonl");
+    assert_eq!(results.lines().count(), 3);
+    assert!(
+        latency < Duration::from_secs(5),
+        "batch end to summary.json took {latency:?}"
+    );
+    eprintln!("batch end -> summary.json through the webhook: {latency:?}");
+}
+
+#[tokio::test]
+async fn forged_stale_or_unknown_events_are_refused_and_change_nothing() {
+    let s = stack(SECRET);
+    let batch_id = submit_sample(&s).await;
+    finish_batch(&s, &batch_id).await;
+    let before = snapshot(&s).await;
+    let body = event(&batch_id, "batch.completed");
+
+    // Signed with a secret the handler does not have.
+    let (status, text) = deliver(&s.handler, OTHER_SECRET, "msg_forged", now(), &body).await;
+    assert_eq!(status, 400, "{text}");
+    assert!(text.contains("signature"), "{text}");
+    // The right secret, but one byte of the body changed after signing.
+    let ts = now().to_string();
+    let signature = sign(&key(SECRET), "msg_changed", &ts, &body);
+    let changed = String::from_utf8(body.clone())
+        .unwrap()
+        .replace("batch.completed", "batch.completeD");
+    let resp = reqwest::Client::new()
+        .post(s.handler.url("/api/function-webhook"))
+        .header("webhook-id", "msg_changed")
+        .header("webhook-timestamp", &ts)
+        .header("webhook-signature", signature)
+        .body(changed)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 400);
+    // Signed right, but sent 10 minutes ago (a captured delivery played again later), or
+    // dated 10 minutes ahead.
+    for at in [now() - 600, now() + 600] {
+        let (status, text) = deliver(&s.handler, SECRET, "msg_stale", at, &body).await;
+        assert_eq!(status, 400, "{text}");
+        assert!(text.contains("timestamp"), "{text}");
+    }
+    // No signature at all.
+    let resp = reqwest::Client::new()
+        .post(s.handler.url("/api/function-webhook"))
+        .body(body.clone())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 400);
+    // The same forgery through the host's envelope (forwarding off) is refused in Outputs.res.
+    let ts = now().to_string();
+    let envelope = json!({
+        "Data": {"req": {
+            "Url": "https://app.azurewebsites.net/api/function-webhook",
+            "Method": "POST",
+            "Headers": {
+                "webhook-id": ["msg_envelope"],
+                "webhook-timestamp": [ts],
+                "webhook-signature": [sign(&key(OTHER_SECRET), "msg_envelope", &ts, &body)],
+            },
+            "Body": String::from_utf8(body.clone()).unwrap(),
+        }},
+        "Metadata": {},
+    });
+    let (status, answer) = s.handler.invoke("function-webhook", &envelope).await;
+    assert_eq!(status, 200);
+    assert_eq!(answer.outputs["res"]["statusCode"], 400, "{:?}", answer.outputs);
+    assert_eq!(snapshot(&s).await, before, "a refused event changed something");
+
+    // Signed right, for a batch that is not this app's: acknowledged, nothing done.
+    let (status, text) = deliver(
+        &s.handler,
+        SECRET,
+        "msg_unknown",
+        now(),
+        &event("batch_not_ours", "batch.completed"),
+    )
+    .await;
+    assert_eq!(status, 200, "{text}");
+    assert!(text.contains("no active job"), "{text}");
+    assert_eq!(snapshot(&s).await, before, "an unknown batch changed something");
+    assert!(summary(&s).await.is_none());
+
+    // The timer still harvests the job: nothing was lost.
+    let summary = s.harvest("test", Duration::from_secs(30)).await;
+    assert_eq!(summary["status"], "completed");
+}
+
+#[tokio::test]
+async fn a_replayed_webhook_id_is_handled_once() {
+    let s = stack(SECRET);
+    let batch_id = submit_sample(&s).await;
+    // Delivered (and handled) while the batch still runs: the job is polled, nothing ends.
+    let first = event(&batch_id, "batch.completed");
+    let (status, text) = deliver(&s.handler, SECRET, "msg_once", now(), &first).await;
+    assert_eq!(status, 200, "{text}");
+    assert!(text.contains("moved on"), "{text}");
+
+    finish_batch(&s, &batch_id).await;
+    let before = snapshot(&s).await;
+    // The same webhook-id again, freshly signed and now about a finished batch: a replay (or
+    // a redelivery) is not acted on a second time.
+    let (status, text) = deliver(&s.handler, SECRET, "msg_once", now(), &first).await;
+    assert_eq!(status, 200, "{text}");
+    assert!(text.contains("duplicate"), "{text}");
+    assert_eq!(snapshot(&s).await, before, "a replay changed something");
+    assert!(summary(&s).await.is_none());
+
+    // A new delivery id moves it on.
+    let (status, text) = deliver(&s.handler, SECRET, "msg_next", now(), &first).await;
+    assert_eq!(status, 200, "{text}");
+    assert!(text.contains("finished"), "{text}");
+    assert_eq!(summary(&s).await.unwrap()["status"], "completed");
+}
+
+#[tokio::test]
+async fn a_duplicate_event_racing_a_tick_gives_one_harvest() {
+    let s = stack(SECRET);
+    let batch_id = submit_sample(&s).await;
+    finish_batch(&s, &batch_id).await;
+    let body = event(&batch_id, "batch.completed");
+
+    // The service's delivery, its redelivery (same id), a second event (another id) and the
+    // timer, all at once.
+    let (a, b, c, (tick, answer)) = tokio::join!(
+        deliver(&s.handler, SECRET, "msg_race", now(), &body),
+        deliver(&s.handler, SECRET, "msg_race", now(), &body),
+        deliver(&s.handler, SECRET, "msg_race_2", now(), &body),
+        s.handler.tick(),
+    );
+    for (status, text) in [&a, &b, &c] {
+        assert_eq!(*status, 200, "{text}");
+    }
+    assert_eq!(tick, 200, "{:?}", answer.logs);
+    assert!(
+        [&a, &b].iter().any(|(_, t)| t.contains("duplicate")),
+        "one of the two deliveries of msg_race is the duplicate: {a:?} {b:?}"
+    );
+
+    let summary = summary(&s).await.expect("summary.json");
+    assert_eq!(summary["status"], "completed");
+    assert_eq!(summary["request_counts"]["total"], 3);
+    let store = s.azurite.store();
+    let results = read_text(&store, "batch-output", "test/results.jsonl")
+        .await
+        .unwrap();
+    assert_eq!(results.lines().count(), 3, "results once: {results}");
+    let merged = read_text(&store, "batch-output", "test/merged.jsonl")
+        .await
+        .unwrap();
+    assert_eq!(merged.lines().count(), 3);
+    let mut names = blob_names(&store, "batch-output", "").await;
+    names.sort();
+    assert_eq!(
+        names,
+        ["test/merged.jsonl", "test/results.jsonl", "test/summary.json"],
+        "the service's folder is gone and nothing is doubled"
+    );
+    assert!(blob_names(&store, "batch-jobs", "active/").await.is_empty());
+    assert_eq!(blob_names(&store, "batch-jobs", "done/").await.len(), 1);
+}
