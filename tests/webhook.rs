@@ -57,7 +57,10 @@ async fn deliver(
         .header("content-type", "application/json")
         .header("webhook-id", webhook_id)
         .header("webhook-timestamp", &ts)
-        .header("webhook-signature", sign(&key(secret), webhook_id, &ts, body))
+        .header(
+            "webhook-signature",
+            sign(&key(secret), webhook_id, &ts, body),
+        )
         .body(body.to_vec())
         .send()
         .await
@@ -69,7 +72,10 @@ async fn deliver(
 /// The stack with a manual emulator (batches move only when stepped) and the handler given
 /// `secret`.
 fn stack(secret: &str) -> Stack {
-    Stack::start(&["--step-ms", "0"], &[("AZURE_OPENAI_WEBHOOK_SECRET", secret)])
+    Stack::start(
+        &["--step-ms", "0"],
+        &[("AZURE_OPENAI_WEBHOOK_SECRET", secret)],
+    )
 }
 
 /// Submits the seed sample; returns its batch id.
@@ -99,7 +105,11 @@ async fn snapshot(s: &Stack) -> Vec<String> {
     let store = s.azurite.store();
     let mut all = Vec::new();
     for container in ["batch-jobs", "batch-output"] {
-        let items: Vec<_> = store.list(container, "").try_collect().await.unwrap_or_default();
+        let items: Vec<_> = store
+            .list(container, "")
+            .try_collect()
+            .await
+            .unwrap_or_default();
         all.extend(
             items
                 .into_iter()
@@ -122,12 +132,17 @@ async fn a_signed_batch_completed_event_from_the_service_harvests_the_job_withou
     let emulator = Emulator::start(&azurite, &["--step-ms", "0"]);
     // Registered as the docs show; the secret is answered once, and goes into the app setting.
     let http = reqwest::Client::new();
-    let endpoints = format!("{}/openai/v1/dashboard/webhook_endpoints", emulator.endpoint());
+    let endpoints = format!(
+        "{}/openai/v1/dashboard/webhook_endpoints",
+        emulator.endpoint()
+    );
     let created: Value = http
         .post(&endpoints)
         .header("api-key", API_KEY)
-        .json(&json!({"name": "batch-handler", "url": "http://127.0.0.1:9/", "event_types":
-            ["batch.completed", "batch.failed", "batch.cancelled", "batch.expired"]}))
+        .json(
+            &json!({"name": "batch-handler", "url": "http://127.0.0.1:9/", "event_types":
+            ["batch.completed", "batch.failed", "batch.cancelled", "batch.expired"]}),
+        )
         .send()
         .await
         .unwrap()
@@ -234,8 +249,16 @@ async fn forged_stale_or_unknown_events_are_refused_and_change_nothing() {
     });
     let (status, answer) = s.handler.invoke("function-webhook", &envelope).await;
     assert_eq!(status, 200);
-    assert_eq!(answer.outputs["res"]["statusCode"], 400, "{:?}", answer.outputs);
-    assert_eq!(snapshot(&s).await, before, "a refused event changed something");
+    assert_eq!(
+        answer.outputs["res"]["statusCode"], 400,
+        "{:?}",
+        answer.outputs
+    );
+    assert_eq!(
+        snapshot(&s).await,
+        before,
+        "a refused event changed something"
+    );
 
     // Signed right, for a batch that is not this app's: acknowledged, nothing done.
     let (status, text) = deliver(
@@ -248,7 +271,11 @@ async fn forged_stale_or_unknown_events_are_refused_and_change_nothing() {
     .await;
     assert_eq!(status, 200, "{text}");
     assert!(text.contains("no active job"), "{text}");
-    assert_eq!(snapshot(&s).await, before, "an unknown batch changed something");
+    assert_eq!(
+        snapshot(&s).await,
+        before,
+        "an unknown batch changed something"
+    );
     assert!(summary(&s).await.is_none());
 
     // The timer still harvests the job: nothing was lost.
@@ -323,9 +350,90 @@ async fn a_duplicate_event_racing_a_tick_gives_one_harvest() {
     names.sort();
     assert_eq!(
         names,
-        ["test/merged.jsonl", "test/results.jsonl", "test/summary.json"],
+        [
+            "test/merged.jsonl",
+            "test/results.jsonl",
+            "test/summary.json"
+        ],
         "the service's folder is gone and nothing is doubled"
     );
     assert!(blob_names(&store, "batch-jobs", "active/").await.is_empty());
     assert_eq!(blob_names(&store, "batch-jobs", "done/").await.len(), 1);
+}
+
+#[tokio::test]
+async fn handler_webhook_register_registers_the_url_and_writes_the_secret_to_a_file_only() {
+    let azurite = Azurite::start();
+    let emulator = Emulator::start(&azurite, &[]);
+    let dir = tempfile::tempdir().unwrap();
+    let secret_file = dir.path().join("webhook-secret");
+    let url = "https://app.example.net/api/function-webhook?code=function-key-123";
+    let out = std::process::Command::new(&Bins::local().handler)
+        .args(["webhook", "register", "--url", url, "--secret-file"])
+        .arg(&secret_file)
+        .env("AZURE_OPENAI_ENDPOINT", emulator.endpoint())
+        .env("AZURE_OPENAI_API_KEY", API_KEY)
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stdout}{stderr}");
+    assert!(stdout.contains("AZURE_OPENAI_WEBHOOK_SECRET"), "{stdout}");
+
+    let secret = std::fs::read_to_string(&secret_file).unwrap();
+    assert!(
+        secret.starts_with("whsec_"),
+        "the file holds the setting's value"
+    );
+    for printed in [&stdout, &stderr] {
+        assert!(
+            !printed.contains(&secret[6..]),
+            "the secret was printed: {printed}"
+        );
+        assert!(
+            !printed.contains("function-key-123"),
+            "the function key was printed"
+        );
+    }
+    use std::os::unix::fs::PermissionsExt;
+    let mode = std::fs::metadata(&secret_file)
+        .unwrap()
+        .permissions()
+        .mode();
+    assert_eq!(mode & 0o077, 0, "only its owner may read the secret file");
+
+    let listed: Value = reqwest::Client::new()
+        .get(format!(
+            "{}/openai/v1/dashboard/webhook_endpoints",
+            emulator.endpoint()
+        ))
+        .header("api-key", API_KEY)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(listed["data"][0]["url"], url);
+    assert_eq!(
+        listed["data"][0]["event_types"],
+        json!([
+            "batch.completed",
+            "batch.failed",
+            "batch.cancelled",
+            "batch.expired"
+        ])
+    );
+    // A second registration (another region, or a rotation) adds its secret to the list.
+    let again = std::process::Command::new(&Bins::local().handler)
+        .args(["webhook", "register", "--url", url, "--secret-file"])
+        .arg(&secret_file)
+        .env("AZURE_OPENAI_ENDPOINT", emulator.endpoint())
+        .env("AZURE_OPENAI_API_KEY", API_KEY)
+        .output()
+        .unwrap();
+    assert!(again.status.success());
+    let both = std::fs::read_to_string(&secret_file).unwrap();
+    assert_eq!(both.split(',').count(), 2, "{}", both.len());
+    assert!(both.starts_with(&secret));
 }

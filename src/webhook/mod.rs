@@ -13,6 +13,7 @@
 //!
 //! A workflow above `poll` (it calls `poll::step`); nothing below calls it.
 
+pub mod register;
 pub mod signature;
 
 use std::{sync::Arc, time::Duration};
