@@ -129,7 +129,7 @@ impl Hub {
         let targets: Vec<Endpoint> = self
             .endpoints()
             .iter()
-            .filter(|e| e.event_types.iter().any(|t| *t == kind))
+            .filter(|e| e.event_types.contains(&kind))
             .cloned()
             .collect();
         if targets.is_empty() {
@@ -205,17 +205,32 @@ pub fn routes() -> Router<AppState> {
         )
 }
 
-fn invalid(message: impl Into<String>, param: Option<&str>) -> Response {
-    (
-        StatusCode::BAD_REQUEST,
-        Json(json!({"error": {
-            "message": message.into(),
-            "type": "invalid_request_error",
-            "param": param,
-            "code": "invalid_value",
-        }})),
-    )
-        .into_response()
+/// A 400 as the service words it; small, so `Result`s carrying it stay small.
+struct Invalid {
+    message: String,
+    param: Option<&'static str>,
+}
+
+impl IntoResponse for Invalid {
+    fn into_response(self) -> Response {
+        (
+            StatusCode::BAD_REQUEST,
+            Json(json!({"error": {
+                "message": self.message,
+                "type": "invalid_request_error",
+                "param": self.param,
+                "code": "invalid_value",
+            }})),
+        )
+            .into_response()
+    }
+}
+
+fn invalid(message: impl Into<String>, param: Option<&'static str>) -> Invalid {
+    Invalid {
+        message: message.into(),
+        param,
+    }
 }
 
 fn not_found(id: &str) -> Response {
@@ -238,13 +253,13 @@ struct Fields {
     event_types: Option<Vec<String>>,
 }
 
-fn fields(body: &[u8]) -> Result<Fields, Response> {
+fn fields(body: &[u8]) -> Result<Fields, Invalid> {
     let v: Value = serde_json::from_slice(body)
         .map_err(|_| invalid("The body is not a JSON object.", None))?;
     let obj = v
         .as_object()
         .ok_or_else(|| invalid("The body is not a JSON object.", None))?;
-    let text = |key: &str| -> Result<Option<String>, Response> {
+    let text = |key: &'static str| -> Result<Option<String>, Invalid> {
         match obj.get(key) {
             None | Some(Value::Null) => Ok(None),
             Some(Value::String(s)) => Ok(Some(s.clone())),
@@ -294,10 +309,10 @@ fn fields(body: &[u8]) -> Result<Fields, Response> {
 async fn create(State(state): State<AppState>, body: Bytes) -> Response {
     let f = match fields(&body) {
         Ok(f) => f,
-        Err(r) => return r,
+        Err(r) => return r.into_response(),
     };
     let Some(url) = f.url else {
-        return invalid("Missing required parameter: 'url'.", Some("url"));
+        return invalid("Missing required parameter: 'url'.", Some("url")).into_response();
     };
     let event_types = match f.event_types {
         Some(t) if !t.is_empty() => t,
@@ -305,7 +320,8 @@ async fn create(State(state): State<AppState>, body: Bytes) -> Response {
             return invalid(
                 "Missing required parameter: 'event_types'.",
                 Some("event_types"),
-            );
+            )
+            .into_response();
         }
     };
     let key: [u8; 32] = rand::random();
@@ -361,7 +377,7 @@ async fn retrieve(State(state): State<AppState>, Path(id): Path<String>) -> Resp
 async fn update(State(state): State<AppState>, Path(id): Path<String>, body: Bytes) -> Response {
     let f = match fields(&body) {
         Ok(f) => f,
-        Err(r) => return r,
+        Err(r) => return r.into_response(),
     };
     let mut endpoints = state.registry.webhooks.endpoints();
     let Some(e) = endpoints.iter_mut().find(|e| e.id == id) else {
