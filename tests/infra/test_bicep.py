@@ -104,7 +104,11 @@ def test_no_keys_sas_or_connection_strings(path: Path) -> None:
             assert "APPLICATIONINSIGHTS_CONNECTION_STRING" in line or "appInsights.properties.ConnectionString" in line, (
                 f"{path.name}: connection string outside Application Insights: {line.strip()}"
             )
-    assert "@secure()" not in code, f"{path.name}: a secure parameter means a secret is passed in"
+    # One secret has no Entra ID alternative: Azure OpenAI signs webhooks with a shared secret
+    # (Standard Webhooks). It is the one secure parameter, `webhookSecret`, and never an output.
+    secure = re.findall(r"@secure\(\)\s*param\s+(\w+)", code)
+    assert secure in ([], ["webhookSecret"]), f"{path.name}: secure parameters {secure}"
+    assert not re.search(r"^output\b.*webhookSecret", code, re.MULTILINE), f"{path.name}: the webhook secret is an output"
 
 
 def test_app_settings_hold_no_secret(deployment: Deployment) -> None:
@@ -113,6 +117,11 @@ def test_app_settings_hold_no_secret(deployment: Deployment) -> None:
     for name, value in settings.items():
         if name == "APPLICATIONINSIGHTS_CONNECTION_STRING":
             assert value == "appInsights.properties.ConnectionString"
+            continue
+        if name == "AZURE_OPENAI_WEBHOOK_SECRET":
+            # The secure parameter (resolved to its default, empty): passed at deployment,
+            # never a value written in the template.
+            assert value in ("", "webhookSecret"), value
             continue
         assert not re.search(r"KEY|PASSWORD|SECRET|SAS|CONNECTION_?STRING", name, re.IGNORECASE), name
         if isinstance(value, str):
