@@ -132,6 +132,10 @@ module storage 'modules/storage.bicep' = {
       deadLetterContainerName
       deploymentContainerName
     ]
+    // The handler's record of each handled webhook id (src/webhook/mod.rs, SEEN_PREFIX).
+    oneDayPrefixes: [
+      '${stateContainerName}/webhooks/'
+    ]
   }
 }
 

@@ -489,3 +489,16 @@ def test_every_checkov_skip_is_justified(path: Path) -> None:
             m = re.search(r"//\s*checkov:skip=(CKV2?_[A-Z]+_\d+):(.+)$", line)
             assert m, f"{path.name}:{number}: malformed skip: {line.strip()}"
             assert len(m.group(2).strip()) >= 40, f"{path.name}:{number}: give a real reason for {m.group(1)}"
+
+
+def test_handled_webhook_ids_expire_after_a_day(deployment: Deployment) -> None:
+    """`batch-jobs/webhooks/{id}` records matter for the 5 minutes a delivery is accepted; the
+    storage lifecycle deletes them, so they do not pile up."""
+    _, storage_module = deployment.module_for("storage.bicep")
+    _, policy = single(storage_module, "Microsoft.Storage/storageAccounts/managementPolicies")
+    config, _ = unwrap(policy)
+    [rule] = config["properties"]["policy"]["rules"]
+    assert rule["definition"]["actions"]["baseBlob"]["delete"] == {"daysAfterModificationGreaterThan": 1}
+    assert rule["definition"]["filters"]["blobTypes"] == ["blockBlob"]
+    # The prefix is the state container's webhooks/ folder (the handler's SEEN_PREFIX).
+    assert "'${stateContainerName}/webhooks/'" in (INFRA / "main.bicep").read_text(encoding="utf-8")
