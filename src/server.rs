@@ -289,14 +289,22 @@ async fn function_webhook_envelope(
     body: Bytes,
 ) -> Answer {
     let journal = journal_for(&headers);
+    let refused = |journal: &Journal| {
+        let mut response = InvocationResponse::with_logs(journal.lines());
+        response.outputs.insert(
+            HTTP_OUTPUT.to_string(),
+            protocol::http_output(400, "refused: not an HTTP request\n"),
+        );
+        (StatusCode::OK, Json(response))
+    };
     let Some(request) = parse_request(&body, &journal) else {
-        return answer(StatusCode::OK, &journal);
+        return refused(&journal);
     };
     let http = match protocol::decode_http_request(&request, HTTP_BINDING) {
         Ok(h) => h,
         Err(e) => {
             journal.error(format!("cannot decode the HTTP request: {e}"));
-            return answer(StatusCode::OK, &journal);
+            return refused(&journal);
         }
     };
     let h = signature::Headers {

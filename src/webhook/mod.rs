@@ -168,22 +168,45 @@ async fn act(app: &Arc<App>, event: &Event, j: &Journal) -> Result<Handled, Step
             Ok::<bool, StepError>(finished)
         })
     };
-    match tokio::time::timeout(ANSWER_WITHIN, work).await {
-        Ok(Ok(Ok(finished))) => Ok(Handled::Stepped { job: key, finished }),
-        Ok(Ok(Err(e))) => Err(e),
-        Ok(Err(join)) => Err(StepError::Panicked {
-            what: format!("job={key}"),
-            message: join.to_string(),
-        }),
+    let mut work = work;
+    match tokio::time::timeout(ANSWER_WITHIN, &mut work).await {
+        Ok(joined) => {
+            joined_outcome(&key, joined).map(|finished| Handled::Stepped { job: key, finished })
+        }
         Err(_) => {
             j.info(format!(
                 "job={key}: still working after {} s; answering now, the work goes on (the \
                  next tick finishes it if this instance stops)",
                 ANSWER_WITHIN.as_secs()
             ));
+            // Nobody waits for the answer any more: its outcome is logged here.
+            let (j, job) = (j.clone(), key.clone());
+            tokio::spawn(async move {
+                match joined_outcome(&job, work.await) {
+                    Ok(finished) => j.info(format!(
+                        "job={job}: the webhook's work is done ({})",
+                        if finished { "finished" } else { "moved on" }
+                    )),
+                    Err(e) => j.error(format!(
+                        "job={job}: the webhook's work failed; the next tick retries: {e}"
+                    )),
+                }
+            });
             Ok(Handled::Continuing { job: key })
         }
     }
+}
+
+fn joined_outcome(
+    key: &str,
+    joined: Result<Result<bool, StepError>, tokio::task::JoinError>,
+) -> Result<bool, StepError> {
+    joined.unwrap_or_else(|join| {
+        Err(StepError::Panicked {
+            what: format!("job={key}"),
+            message: join.to_string(),
+        })
+    })
 }
 
 /// The active job whose current batch is `batch_id`, and for a part, its file's job.
