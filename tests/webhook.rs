@@ -437,3 +437,46 @@ async fn handler_webhook_register_registers_the_url_and_writes_the_secret_to_a_f
     assert_eq!(both.split(',').count(), 2, "{}", both.len());
     assert!(both.starts_with(&secret));
 }
+
+#[tokio::test]
+async fn the_last_parts_event_combines_a_split_file_without_a_tick() {
+    let s = Stack::start(
+        &["--step-ms", "0"],
+        &[
+            ("AZURE_OPENAI_WEBHOOK_SECRET", SECRET),
+            ("BATCH_SPLIT_MAX_REQUESTS", "2"),
+        ],
+    );
+    let input: String = (0..4)
+        .map(|i| chat_line(&format!("q-{i}"), &format!("question {i}")) + "\n")
+        .collect();
+    s.submit("big.jsonl", input.as_bytes()).await;
+    let batches = s.emulator.batches().await;
+    assert_eq!(batches.len(), 2, "4 lines, 2 a part: two batches");
+
+    let read = || async { read_json(&s.azurite.store(), "batch-output", "big/summary.json").await };
+    for (i, batch) in batches.iter().enumerate() {
+        finish_batch(&s, &batch.id).await;
+        let (status, text) = deliver(
+            &s.handler,
+            SECRET,
+            &format!("msg_part_{i}"),
+            now(),
+            &event(&batch.id, "batch.completed"),
+        )
+        .await;
+        assert_eq!(status, 200, "{text}");
+        if i == 0 {
+            assert!(read().await.is_none(), "one part ended, the file has not");
+        }
+    }
+    let summary = read()
+        .await
+        .expect("the last part's event combined the file");
+    assert_eq!(summary["status"], "completed", "{summary}");
+    assert_eq!(summary["request_counts"]["total"], 4);
+    let merged = read_text(&s.azurite.store(), "batch-output", "big/merged.jsonl")
+        .await
+        .unwrap();
+    assert_eq!(merged.lines().count(), 4);
+}
