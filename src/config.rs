@@ -33,6 +33,9 @@ pub mod names {
     pub const TEST_FAULT: &str = "BATCH_TEST_FAULT";
     /// Test-only: `1` serves the test hooks (`server`). Debug builds only.
     pub const TEST_HOOKS: &str = "BATCH_TEST_HOOKS";
+    /// Test-only: how long a webhook's step may run before the answer goes out, in ms
+    /// (`webhook::ANSWER_WITHIN` otherwise). Debug builds only.
+    pub const TEST_WEBHOOK_ANSWER_MS: &str = "BATCH_TEST_WEBHOOK_ANSWER_MS";
 }
 
 /// Whether this build honours the test-only settings: debug builds (every test's), not the

@@ -129,7 +129,11 @@ fn serve() -> ExitCode {
         }
     };
     if !aoai_blob_batch::config::TEST_SWITCHES_COMPILED {
-        for name in [names::TEST_FAULT, names::TEST_HOOKS] {
+        for name in [
+            names::TEST_FAULT,
+            names::TEST_HOOKS,
+            names::TEST_WEBHOOK_ANSWER_MS,
+        ] {
             if std::env::var_os(name).is_some() {
                 tracing::warn!(
                     "setting {name} is for tests of a debug build; this release build ignores it"

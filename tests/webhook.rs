@@ -480,3 +480,30 @@ async fn the_last_parts_event_combines_a_split_file_without_a_tick() {
         .unwrap();
     assert_eq!(merged.lines().count(), 4);
 }
+
+#[tokio::test]
+async fn a_step_longer_than_the_services_wait_is_answered_in_time_and_still_completes() {
+    // The answer may wait 1 ms here (8 s in a real deployment): every step outlives it.
+    let s = Stack::start(
+        &["--step-ms", "0"],
+        &[
+            ("AZURE_OPENAI_WEBHOOK_SECRET", SECRET),
+            ("BATCH_TEST_WEBHOOK_ANSWER_MS", "1"),
+        ],
+    );
+    let batch_id = submit_sample(&s).await;
+    finish_batch(&s, &batch_id).await;
+    let (status, text) = deliver(
+        &s.handler,
+        SECRET,
+        "msg_slow",
+        now(),
+        &event(&batch_id, "batch.completed"),
+    )
+    .await;
+    assert_eq!(status, 200, "{text}");
+    assert!(text.contains("being moved on"), "{text}");
+    // The work went on after the answer.
+    let summary = eventually(Duration::from_secs(10), "summary.json", || summary(&s)).await;
+    assert_eq!(summary["status"], "completed");
+}
