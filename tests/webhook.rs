@@ -507,3 +507,81 @@ async fn a_step_longer_than_the_services_wait_is_answered_in_time_and_still_comp
     let summary = eventually(Duration::from_secs(10), "summary.json", || summary(&s)).await;
     assert_eq!(summary["status"], "completed");
 }
+
+#[tokio::test]
+async fn a_crash_at_each_harvest_step_of_a_webhook_loses_nothing() {
+    let s = stack(SECRET);
+    let store = s.azurite.store();
+    let points: Vec<&str> = aoai_blob_batch::app::FAULT_POINTS
+        .iter()
+        .copied()
+        .filter(|p| p.starts_with("harvest:"))
+        .collect();
+    let mut names = Vec::new();
+    for (i, point) in points.iter().enumerate() {
+        let name = format!("crash-{i}");
+        let body: String = (0..3)
+            .map(|k| chat_line(&format!("c{i}-{k}"), "why?") + "\n")
+            .collect();
+        s.submit(&format!("{name}.jsonl"), body.as_bytes()).await;
+        let batch = s
+            .emulator
+            .batches()
+            .await
+            .into_iter()
+            .find(|b| {
+                b.input_blob
+                    .as_deref()
+                    .is_some_and(|u| u.ends_with(&format!("/{name}.jsonl")))
+            })
+            .expect("its batch");
+        finish_batch(&s, &batch.id).await;
+        // A second handler, which aborts at this step, gets the event.
+        let mut env = s.handler.env.clone();
+        env.push(("BATCH_TEST_FAULT".into(), point.to_string()));
+        let mut faulty = Handler::start(env);
+        let body = event(&batch.id, "batch.completed");
+        let ts = now().to_string();
+        let _ = reqwest::Client::new()
+            .post(faulty.url("/api/function-webhook"))
+            .header("webhook-id", format!("msg_crash_{i}"))
+            .header("webhook-timestamp", &ts)
+            .header(
+                "webhook-signature",
+                sign(&key(SECRET), &format!("msg_crash_{i}"), &ts, &body),
+            )
+            .body(body.clone())
+            .timeout(Duration::from_secs(30))
+            .send()
+            .await;
+        let exit = faulty.proc.wait_exit(Duration::from_secs(20));
+        assert!(
+            exit.is_some_and(|e| !e.success()),
+            "{point}: the handler did not abort; logs:\n{}",
+            faulty.proc.logs()
+        );
+        // The service redelivers (the same id) to a live instance.
+        let (status, text) =
+            deliver(&s.handler, SECRET, &format!("msg_crash_{i}"), now(), &body).await;
+        assert_eq!(status, 200, "{point}: {text}");
+        names.push(name);
+    }
+    // The timer finishes whatever the crashes left.
+    let (status, answer) = s.handler.tick().await;
+    assert_eq!(status, 200, "{:?}", answer.logs);
+    for name in &names {
+        let summary = read_json(&store, "batch-output", &format!("{name}/summary.json"))
+            .await
+            .unwrap_or_else(|| panic!("{name}: no summary"));
+        assert_eq!(summary["status"], "completed", "{name}: {summary}");
+        let results = read_text(&store, "batch-output", &format!("{name}/results.jsonl"))
+            .await
+            .unwrap();
+        assert_eq!(results.lines().count(), 3, "{name}: results once");
+        let merged = read_text(&store, "batch-output", &format!("{name}/merged.jsonl"))
+            .await
+            .unwrap();
+        assert_eq!(merged.lines().count(), 3, "{name}");
+    }
+    assert!(blob_names(&store, "batch-jobs", "active/").await.is_empty());
+}
