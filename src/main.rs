@@ -4,6 +4,8 @@
 //!   `127.0.0.1:$FUNCTIONS_CUSTOMHANDLER_PORT`.
 //! - `handler validate FILE`: checks a batch input file before upload; prints every problem
 //!   (line, code, message) and exits 1 when there is one, 0 when it would be accepted.
+//! - `handler webhook register --url URL --secret-file FILE`: registers function-webhook with
+//!   Azure OpenAI for the `batch.*` events; the signing secret goes to FILE, never to the output.
 
 use std::{io::Write, net::SocketAddr, path::PathBuf, process::ExitCode, sync::Arc};
 
