@@ -91,6 +91,10 @@ param maximumInstanceCount int = 40
 ])
 param instanceMemoryMB int = 2048
 
+@description('Optional: the webhook signing secret(s) (`whsec_…`, comma-separated while rotating) that `handler webhook register` wrote to its file. Empty: function-webhook refuses every event and the timer alone moves jobs on.')
+@secure()
+param webhookSecret string = ''
+
 @description('Optional object id of a user/group/service principal allowed to upload inputs and read results (e.g. `az ad signed-in-user show --query id -o tsv`).')
 param userPrincipalId string = ''
 
@@ -127,6 +131,10 @@ module storage 'modules/storage.bicep' = {
       stateContainerName
       deadLetterContainerName
       deploymentContainerName
+    ]
+    // The handler's record of each handled webhook id (src/webhook/mod.rs, SEEN_PREFIX).
+    oneDayPrefixes: [
+      '${stateContainerName}/webhooks/'
     ]
   }
 }
@@ -177,6 +185,7 @@ module functionApp 'modules/functionapp.bicep' = {
     outputContainerName: outputContainerName
     stateContainerName: stateContainerName
     timerSchedule: timerSchedule
+    webhookSecret: webhookSecret
     maximumInstanceCount: maximumInstanceCount
     instanceMemoryMB: instanceMemoryMB
   }

@@ -26,6 +26,7 @@ pub mod names {
     pub const SPLIT_MAX_REQUESTS: &str = "BATCH_SPLIT_MAX_REQUESTS";
     pub const SPLIT_MAX_BYTES: &str = "BATCH_SPLIT_MAX_BYTES";
     pub const MANAGED_IDENTITY_CLIENT_ID: &str = "AZURE_CLIENT_ID";
+    pub const WEBHOOK_SECRET: &str = "AZURE_OPENAI_WEBHOOK_SECRET";
     pub const HANDLER_PORT: &str = "FUNCTIONS_CUSTOMHANDLER_PORT";
     /// Test-only: makes the process abort at a named step, to prove crash recovery.
     /// Debug builds only: the release build (the one published) ignores it.
@@ -39,6 +40,9 @@ pub mod names {
     /// Test-only: the sweep's look-back before its mark, in seconds (default 900), so a test
     /// sees old inputs left alone without waiting a quarter of an hour. Debug builds only.
     pub const TEST_SWEEP_OVERLAP_SECONDS: &str = "BATCH_TEST_SWEEP_OVERLAP_SECONDS";
+    /// Test-only: how long a webhook's step may run before the answer goes out, in ms
+    /// (`webhook::ANSWER_WITHIN` otherwise). Debug builds only.
+    pub const TEST_WEBHOOK_ANSWER_MS: &str = "BATCH_TEST_WEBHOOK_ANSWER_MS";
 }
 
 /// Whether this build honours the test-only settings: debug builds (every test's), not the
@@ -141,11 +145,48 @@ pub struct Config {
     /// An input beyond either limit is split into parts within them, one batch each.
     /// Defaults: the service's own limits per batch file.
     pub split_limits: crate::validate::Limits,
+    /// The webhook signing secrets (`AZURE_OPENAI_WEBHOOK_SECRET`, comma-separated for
+    /// rotation), decoded; empty when webhooks are not configured.
+    pub webhook_keys: Vec<SigningKey>,
     pub test_fault: Option<String>,
     pub test_validate_delay: Option<Duration>,
     /// How far before its mark the timer's sweep looks again (`poll`): storage's clock on
     /// a blob's Last-Modified, with room for a commit that lands while the listing runs.
     pub sweep_overlap_secs: i64,
+}
+
+/// A webhook signing secret's key bytes: the base64 after `whsec_`. Never printed.
+#[derive(Clone, PartialEq, Eq)]
+pub struct SigningKey(Vec<u8>);
+
+impl SigningKey {
+    pub fn bytes(&self) -> &[u8] {
+        &self.0
+    }
+
+    /// Parses `whsec_<base64>`, the form Azure OpenAI shows once when an endpoint is
+    /// registered. The error says what is wrong without repeating the value.
+    pub fn parse(text: &str) -> Result<Self, String> {
+        use base64::Engine;
+        let Some(b64) = text.trim().strip_prefix("whsec_") else {
+            return Err(
+                "a secret does not start with `whsec_` (copy the endpoint's \
+                        signing_secret as shown when it was registered)"
+                    .to_string(),
+            );
+        };
+        match base64::engine::general_purpose::STANDARD.decode(b64) {
+            Ok(key) if !key.is_empty() => Ok(Self(key)),
+            Ok(_) => Err("a secret is empty after `whsec_`".to_string()),
+            Err(_) => Err("a secret is not base64 after `whsec_`".to_string()),
+        }
+    }
+}
+
+impl std::fmt::Debug for SigningKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("SigningKey(..)")
+    }
 }
 
 impl Config {
@@ -311,6 +352,18 @@ impl Config {
             openai_endpoint,
             api_style,
             openai_api_key: get(names::OPENAI_API_KEY).map(Secret),
+            webhook_keys: match get(names::WEBHOOK_SECRET) {
+                None => Vec::new(),
+                Some(list) => list
+                    .split(',')
+                    .filter(|s| !s.trim().is_empty())
+                    .map(SigningKey::parse)
+                    .collect::<Result<_, _>>()
+                    .map_err(|reason| ConfigError::Malformed {
+                        name: names::WEBHOOK_SECRET,
+                        reason,
+                    })?,
+            },
             managed_identity_client_id: get(names::MANAGED_IDENTITY_CLIENT_ID),
             storage,
             input_container,
@@ -596,5 +649,33 @@ mod tests {
         let err = Config::from_map(&env).unwrap_err().to_string();
         assert!(err.contains("BATCH_STORAGE_CONNECTION_STRING"), "{err}");
         assert!(!err.contains("secret"), "{err}");
+    }
+
+    #[test]
+    fn webhook_secrets_are_a_comma_separated_list_named_when_malformed_never_printed() {
+        let c = Config::from_map(&base()).unwrap();
+        assert!(c.webhook_keys.is_empty(), "webhooks are optional");
+
+        let mut env = base();
+        // base64 of "key-one" and "key-two": a rotation lists the new secret beside the old.
+        env.insert(
+            names::WEBHOOK_SECRET.into(),
+            "whsec_a2V5LW9uZQ==, whsec_a2V5LXR3bw==".into(),
+        );
+        let keys = Config::from_map(&env).unwrap().webhook_keys;
+        assert_eq!(keys.len(), 2);
+        assert_eq!(keys[1].bytes(), b"key-two");
+        assert_eq!(format!("{keys:?}"), "[SigningKey(..), SigningKey(..)]");
+
+        for bad in ["not-a-whsec-secret", "whsec_%%%secret%%%", "whsec_"] {
+            let mut env = base();
+            env.insert(names::WEBHOOK_SECRET.into(), bad.into());
+            let err = Config::from_map(&env).unwrap_err().to_string();
+            assert!(err.contains("AZURE_OPENAI_WEBHOOK_SECRET"), "{err}");
+            assert!(
+                !err.contains("%%%") && !err.contains("not-a-whsec"),
+                "{err}"
+            );
+        }
     }
 }

@@ -5,7 +5,7 @@
 //! ```text
 //!  host face     server (routes)  protocol (the host's payloads)     main.rs (the commands)
 //!                   │
-//!  workflows     poll (a timer tick) ──▶ harvest ──▶ submit ──▶ split ──▶ outputs
+//!  workflows     webhook (an event) ──▶ poll (a timer tick) ──▶ harvest ──▶ submit ──▶ split ──▶ outputs
 //!                   (each a module of functions taking `&App`; the arrows are who calls whom)
 //!                   │
 //!  context       app (App: settings, clients, clock; Journal; StepError; guarded; fault points)
@@ -14,6 +14,7 @@
 //!                   │
 //!  clients and   openai (the batch REST client)   storage (Blob Storage)
 //!  pure logic    validate (the input checker)     config (settings)
+//!                webhook::signature (the Standard Webhooks check; the one pure part of `webhook`)
 //! ```
 //!
 //! `protocol` and `server` are the only modules that know the Functions host, so the
@@ -36,3 +37,4 @@ pub mod storage;
 pub mod submit;
 pub mod summary;
 pub mod validate;
+pub mod webhook;

@@ -4,6 +4,8 @@
 //!   `127.0.0.1:$FUNCTIONS_CUSTOMHANDLER_PORT`.
 //! - `handler validate FILE`: checks a batch input file before upload; prints every problem
 //!   (line, code, message) and exits 1 when there is one, 0 when it would be accepted.
+//! - `handler webhook register --url URL --secret-file FILE`: registers function-webhook with
+//!   Azure OpenAI for the `batch.*` events; the signing secret goes to FILE, never to the output.
 
 use std::{io::Write, net::SocketAddr, path::PathBuf, process::ExitCode, sync::Arc};
 
@@ -36,6 +38,29 @@ enum Command {
         /// The .jsonl file to check.
         file: PathBuf,
     },
+    /// Azure OpenAI webhooks for function-webhook.
+    #[command(subcommand)]
+    Webhook(WebhookCommand),
+}
+
+#[derive(Subcommand)]
+enum WebhookCommand {
+    /// Register function-webhook's URL for the batch.* events with the Azure OpenAI
+    /// resource(s) of AZURE_OPENAI_ENDPOINT (api key from AZURE_OPENAI_API_KEY, else your
+    /// `az login`). The signing secret is written to --secret-file, never printed.
+    Register {
+        /// function-webhook's URL with its function key:
+        /// https://<app>.azurewebsites.net/api/function-webhook?code=<key>
+        #[arg(long)]
+        url: String,
+        /// The endpoint's name in the resource.
+        #[arg(long, default_value = "aoai-blob-batch")]
+        name: String,
+        /// Where the signing secret goes (added, comma-separated, when the file exists);
+        /// its content is the value of the app setting AZURE_OPENAI_WEBHOOK_SECRET.
+        #[arg(long, value_name = "FILE")]
+        secret_file: PathBuf,
+    },
 }
 
 fn main() -> ExitCode {
@@ -43,6 +68,11 @@ fn main() -> ExitCode {
     match cli.command.unwrap_or(Command::Serve) {
         Command::Validate { file } => validate_file(&file),
         Command::Serve => serve(),
+        Command::Webhook(WebhookCommand::Register {
+            url,
+            name,
+            secret_file,
+        }) => webhook_register(&url, &name, &secret_file),
     }
 }
 
@@ -106,6 +136,7 @@ fn serve() -> ExitCode {
             names::TEST_HOOKS,
             names::TEST_VALIDATE_DELAY_MS,
             names::TEST_SWEEP_OVERLAP_SECONDS,
+            names::TEST_WEBHOOK_ANSWER_MS,
         ] {
             if std::env::var_os(name).is_some() {
                 tracing::warn!(
@@ -192,4 +223,76 @@ fn serve() -> ExitCode {
             }
         }
     })
+}
+
+fn webhook_register(url: &str, name: &str, secret_file: &std::path::Path) -> ExitCode {
+    use aoai_blob_batch::webhook::register::{self, Credential};
+    let endpoints = std::env::var(names::OPENAI_ENDPOINT).unwrap_or_default();
+    let endpoints: Vec<&str> = endpoints
+        .split(',')
+        .map(str::trim)
+        .filter(|e| !e.is_empty())
+        .collect();
+    if endpoints.is_empty() {
+        eprintln!(
+            "error: setting {} is required: the Azure OpenAI resource to register with",
+            names::OPENAI_ENDPOINT
+        );
+        return ExitCode::from(2);
+    }
+    let credential = match std::env::var(names::OPENAI_API_KEY)
+        .ok()
+        .filter(|k| !k.trim().is_empty())
+    {
+        Some(key) => Credential::ApiKey(aoai_blob_batch::config::Secret::new(key)),
+        None => match azure_identity::DeveloperToolsCredential::new(None) {
+            Ok(c) => Credential::Entra(c),
+            Err(e) => {
+                eprintln!(
+                    "error: no {} and no Azure CLI login: {e}",
+                    names::OPENAI_API_KEY
+                );
+                return ExitCode::from(2);
+            }
+        },
+    };
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("tokio runtime");
+    for endpoint in endpoints {
+        let Ok(parsed) = url::Url::parse(endpoint) else {
+            eprintln!(
+                "error: setting {} is malformed: `{endpoint}` is not a URL",
+                names::OPENAI_ENDPOINT
+            );
+            return ExitCode::from(2);
+        };
+        match runtime.block_on(register::register(
+            &parsed,
+            &credential,
+            name,
+            url,
+            secret_file,
+        )) {
+            Ok(r) => println!(
+                "registered webhook endpoint {} at {endpoint} for {}; its secret ({}) was added to {}",
+                r.id,
+                register::BATCH_EVENTS.join(", "),
+                r.secret_hint,
+                secret_file.display()
+            ),
+            Err(e) => {
+                eprintln!("error: {e}");
+                return ExitCode::from(1);
+            }
+        }
+    }
+    println!(
+        "next: set the app setting {} to the file's content, e.g.\n  az functionapp config appsettings set -g <resource group> -n <function app> --settings \"{}=$(cat {})\"\nthen delete the file",
+        names::WEBHOOK_SECRET,
+        names::WEBHOOK_SECRET,
+        secret_file.display()
+    );
+    ExitCode::SUCCESS
 }

@@ -374,6 +374,16 @@ async fn step(
     Ok(done)
 }
 
+/// Moves one active job a step from its record; `Ok(true)` when it finished. Also what a
+/// webhook event runs for the job of its batch (`webhook`), so both paths take the same,
+/// ETag-guarded step.
+pub async fn step_job(app: &App, key: &str, j: &Journal) -> Result<bool, StepError> {
+    let Some((job, etag)) = app.jobs.load_active(key).await? else {
+        return Ok(false);
+    };
+    step_record(app, job, etag, None, j).await
+}
+
 /// Moves one active job a step from its record; `Ok(true)` when it finished. `batch`: its
 /// running batch, when this tick already knows it.
 async fn step_record(

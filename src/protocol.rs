@@ -200,6 +200,77 @@ pub fn decode_timer(request: &InvocationRequest, binding: &str) -> TimerInfo {
         .unwrap_or_default()
 }
 
+/// An HTTP trigger's request as the host passes it in `Data.{binding}` when it does not
+/// forward the request itself (`enableForwardingHttpRequest` off): azure-functions-host
+/// `HttpRequestExtensions.GetRequestAsJObject` gives `Url`, `Method`, `Query`, `Headers`
+/// (name → list of values) and `Body` (the body read as a string; base64 for
+/// `application/octet-stream`). The body is then text the host decoded, not the bytes
+/// that were sent, which is why `host.json` has the host forward the request instead.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct HttpRequestData {
+    pub headers: Vec<(String, String)>,
+    pub body: Vec<u8>,
+}
+
+impl HttpRequestData {
+    /// The first value of a header, by case-insensitive name.
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers
+            .iter()
+            .find(|(k, _)| k.eq_ignore_ascii_case(name))
+            .map(|(_, v)| v.as_str())
+    }
+}
+
+/// Decodes the HTTP trigger binding `binding` of an invocation.
+pub fn decode_http_request(
+    request: &InvocationRequest,
+    binding: &str,
+) -> Result<HttpRequestData, DecodeError> {
+    let raw = request
+        .data
+        .get(binding)
+        .ok_or_else(|| DecodeError::MissingBinding(binding.to_string()))?;
+    let value = unwrap_encodings(raw.clone()).ok_or(DecodeError::Undecodable)?;
+    let obj = value.as_object().ok_or(DecodeError::Undecodable)?;
+    let field = |name: &str| {
+        obj.iter()
+            .find(|(k, _)| k.eq_ignore_ascii_case(name))
+            .map(|(_, v)| v)
+    };
+    let mut headers = Vec::new();
+    if let Some(Value::Object(map)) = field("Headers") {
+        for (name, values) in map {
+            match values {
+                Value::String(v) => headers.push((name.clone(), v.clone())),
+                Value::Array(vs) => headers.extend(
+                    vs.iter()
+                        .filter_map(Value::as_str)
+                        .map(|v| (name.clone(), v.to_string())),
+                ),
+                _ => {}
+            }
+        }
+    }
+    let body = match field("Body") {
+        None | Some(Value::Null) => Vec::new(),
+        Some(Value::String(text)) => text.clone().into_bytes(),
+        // An older host parsed a JSON body: only its re-serialisation is left (a signature
+        // over the original bytes will then not match, and says so).
+        Some(other) => other.to_string().into_bytes(),
+    };
+    Ok(HttpRequestData { headers, body })
+}
+
+/// The value of an `http` output binding in `Outputs`: the response the host sends.
+pub fn http_output(status: u16, body: &str) -> Value {
+    serde_json::json!({
+        "statusCode": status,
+        "body": body,
+        "headers": { "Content-Type": "text/plain; charset=utf-8" },
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -359,5 +430,28 @@ mod tests {
         }))
         .unwrap();
         assert!(decode_timer(&req, "timer").is_past_due);
+    }
+
+    #[test]
+    fn an_http_trigger_request_gives_its_headers_and_body_text() {
+        // As GetRequestAsJObject builds it: header values are lists, the body a string.
+        let req = json!({
+            "Url": "https://app.azurewebsites.net/api/function-webhook",
+            "Method": "POST",
+            "Query": {},
+            "Headers": {"Webhook-Id": ["msg_1"], "Content-Type": ["application/json"]},
+            "Body": "{\"type\":\"batch.completed\"}"
+        });
+        let request = InvocationRequest {
+            data: [("req".to_string(), req)].into_iter().collect(),
+            metadata: Map::new(),
+        };
+        let http = decode_http_request(&request, "req").unwrap();
+        assert_eq!(http.header("webhook-id"), Some("msg_1"));
+        assert_eq!(http.body, br#"{"type":"batch.completed"}"#);
+        assert_eq!(
+            decode_http_request(&request, "other"),
+            Err(DecodeError::MissingBinding("other".into()))
+        );
     }
 }

@@ -24,17 +24,27 @@ use crate::{
     poll,
     protocol::{self, INVOCATION_ID_HEADER, InvocationRequest, InvocationResponse, StorageEvent},
     submit::{self, Intake},
+    webhook::{self, Handled, signature},
 };
 
 /// Binding names from the function folders (the Contract).
 pub const EVENT_BINDING: &str = "event";
 pub const TIMER_BINDING: &str = "timer";
+/// function-webhook's bindings: the HTTP trigger and its http output.
+pub const HTTP_BINDING: &str = "req";
+pub const HTTP_OUTPUT: &str = "res";
 
 pub fn router(app: Arc<App>) -> Router {
     let router = Router::new()
         .route("/", get(ready))
         .route("/function-trigger", post(function_trigger))
-        .route("/function-timer", post(function_timer));
+        .route("/function-timer", post(function_timer))
+        // With `enableForwardingHttpRequest` (host.json) the host forwards an HTTP-in/out
+        // function's request as it came, to the request's own path (`/api/{function}`);
+        // without it, the request comes as `Data.req` to `/{function}` like the other
+        // triggers. Both are served; the first keeps the exact bytes the signature covers.
+        .route("/api/function-webhook", post(function_webhook_forwarded))
+        .route("/function-webhook", post(function_webhook_envelope));
     let router = if TEST_SWITCHES_COMPILED && test_hooks_enabled() {
         tracing::warn!("test hooks are on (BATCH_TEST_HOOKS=1): the clock can be moved");
         router.route("/_test/clock", post(advance_clock))
@@ -249,6 +259,131 @@ async fn function_timer(State(app): State<Arc<App>>, headers: HeaderMap, body: B
         Err(e) => {
             journal.error(format!("tick stopped early: {e}"));
             answer(StatusCode::OK, &journal)
+        }
+    }
+}
+
+/// function-webhook, forwarded by the host: the service's request itself, answered as the
+/// service will see it.
+async fn function_webhook_forwarded(
+    State(app): State<Arc<App>>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> (StatusCode, String) {
+    let journal = journal_for(&headers);
+    let get = |name: &str| headers.get(name).and_then(|v| v.to_str().ok());
+    let h = signature::Headers {
+        id: get(signature::ID_HEADER),
+        timestamp: get(signature::TIMESTAMP_HEADER),
+        signature: get(signature::SIGNATURE_HEADER),
+    };
+    let (status, text) = on_webhook(&app, &journal, h, &body).await;
+    (status, text)
+}
+
+/// function-webhook in the host's envelope (forwarding off): the request is `Data.req`, the
+/// answer `Outputs.res`; the invocation itself always succeeds unless a retry can help.
+async fn function_webhook_envelope(
+    State(app): State<Arc<App>>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Answer {
+    let journal = journal_for(&headers);
+    let refused = |journal: &Journal| {
+        let mut response = InvocationResponse::with_logs(journal.lines());
+        response.outputs.insert(
+            HTTP_OUTPUT.to_string(),
+            protocol::http_output(400, "refused: not an HTTP request\n"),
+        );
+        (StatusCode::OK, Json(response))
+    };
+    let Some(request) = parse_request(&body, &journal) else {
+        return refused(&journal);
+    };
+    let http = match protocol::decode_http_request(&request, HTTP_BINDING) {
+        Ok(h) => h,
+        Err(e) => {
+            journal.error(format!("cannot decode the HTTP request: {e}"));
+            return refused(&journal);
+        }
+    };
+    let h = signature::Headers {
+        id: http.header(signature::ID_HEADER),
+        timestamp: http.header(signature::TIMESTAMP_HEADER),
+        signature: http.header(signature::SIGNATURE_HEADER),
+    };
+    let (status, text) = on_webhook(&app, &journal, h, &http.body).await;
+    let mut response = InvocationResponse::with_logs(journal.lines());
+    response.outputs.insert(
+        HTTP_OUTPUT.to_string(),
+        protocol::http_output(status.as_u16(), &text),
+    );
+    (StatusCode::OK, Json(response))
+}
+
+/// Verifies a delivery and acts on it. 400 for anything that is not a delivery signed with a
+/// configured secret (nothing is read or written then), 401 when no secret is configured,
+/// 500 only for a fault a redelivery can get past, 200 otherwise (a duplicate, an event for
+/// another app's batch, a job moved on).
+async fn on_webhook(
+    app: &Arc<App>,
+    journal: &Journal,
+    headers: signature::Headers<'_>,
+    body: &[u8],
+) -> (StatusCode, String) {
+    let webhook_id = match signature::verify(&app.config.webhook_keys, headers, body, app.now()) {
+        Ok(id) => id.to_string(),
+        Err(refusal) => {
+            let status = match refusal {
+                signature::Refusal::NoSecret => StatusCode::UNAUTHORIZED,
+                _ => StatusCode::BAD_REQUEST,
+            };
+            // The sender's id, when there is one, to find the delivery in the service's
+            // logs; never the body or the signature.
+            journal.warn(format!(
+                "webhook {} refused: {refusal}",
+                headers.id.unwrap_or("(no webhook-id)")
+            ));
+            return (status, format!("refused: {refusal}\n"));
+        }
+    };
+    let Some(event) = webhook::Event::parse(body) else {
+        journal.warn(format!(
+            "webhook {webhook_id}: signed, but the body is not an event (a JSON object with \
+             `type`); ignored"
+        ));
+        return (StatusCode::OK, "ignored: not an event\n".to_string());
+    };
+    match webhook::handle(app, &webhook_id, &event, journal).await {
+        Ok(handled) => {
+            let text = match &handled {
+                Handled::Duplicate => "duplicate: handled before".to_string(),
+                Handled::Ignored => format!("ignored: {}", event.kind),
+                Handled::UnknownBatch => "no active job has this batch".to_string(),
+                Handled::Stepped { job, finished } => format!(
+                    "job {job} {}",
+                    if *finished { "finished" } else { "moved on" }
+                ),
+                Handled::Continuing { job } => format!("job {job} is being moved on"),
+            };
+            (StatusCode::OK, format!("{text}\n"))
+        }
+        Err(e) if e.is_transient() => {
+            journal.error(format!(
+                "webhook {webhook_id} ({}): will be redelivered: {e}",
+                event.kind
+            ));
+            (
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "transient fault; please redeliver\n".to_string(),
+            )
+        }
+        Err(e) => {
+            journal.error(format!(
+                "webhook {webhook_id} ({}): not retried; the timer's poll moves the job on: {e}",
+                event.kind
+            ));
+            (StatusCode::OK, "not handled; polling will\n".to_string())
         }
     }
 }

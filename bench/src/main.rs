@@ -17,6 +17,7 @@ mod stack;
 mod startup;
 mod tick;
 mod validation;
+mod webhook;
 
 use std::{
     path::{Path, PathBuf},
@@ -75,6 +76,9 @@ struct RunArgs {
     /// The release `aoai-batch-emulator`.
     #[arg(long)]
     emulator: PathBuf,
+    /// The release `local-host` (the webhook section plays the Functions host with it).
+    #[arg(long)]
+    local_host: Option<PathBuf>,
     /// `node_modules/.bin/azurite-blob`.
     #[arg(long)]
     azurite: PathBuf,
@@ -105,9 +109,12 @@ struct RunArgs {
     /// Scales the generated inputs' line counts (1.0: 100,000 lines / 200 MB and 500,000 / 1 GB).
     #[arg(long, default_value_t = 1.0)]
     scale: f64,
-    /// Sections to run (comma-separated): validation, memory, pipeline, tick, startup; and
-    /// harvest, the harvest runs of pipeline alone (without the submit runs before them).
-    #[arg(long, default_value = "validation,memory,pipeline,tick,startup")]
+    /// Sections to run (comma-separated): validation, memory, pipeline, tick, startup, webhook;
+    /// and harvest, the harvest runs of pipeline alone (without the submit runs before them).
+    #[arg(
+        long,
+        default_value = "validation,memory,pipeline,tick,startup,webhook"
+    )]
     only: String,
     /// Markdown report.
     #[arg(long)]
@@ -121,6 +128,7 @@ pub struct Config {
     pub work: PathBuf,
     pub bins: Bins,
     pub musl_handler: Option<PathBuf>,
+    pub local_host: Option<PathBuf>,
     pub python: PathBuf,
     pub py_ref: PathBuf,
     pub runs: usize,
@@ -173,6 +181,11 @@ fn main() -> Result<()> {
     }
 }
 
+/// The repository: its host.json and function folders are the app local-host runs.
+pub fn repo_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("..")
+}
+
 fn abs(p: &Path) -> Result<PathBuf> {
     if !p.exists() {
         bail!("{} not found", p.display());
@@ -191,6 +204,7 @@ async fn run(args: RunArgs) -> Result<()> {
             azurite: abs(&args.azurite)?,
         },
         musl_handler: args.musl_handler.as_deref().map(abs).transpose()?,
+        local_host: args.local_host.as_deref().map(abs).transpose()?,
         python: args.python.clone(),
         py_ref: abs(&args.py_ref)?,
         runs: args.runs.max(1),
@@ -210,6 +224,7 @@ async fn run(args: RunArgs) -> Result<()> {
             "tick",
             "startup",
             "harvest",
+            "webhook",
         ]
         .contains(s)
         {
@@ -263,7 +278,7 @@ async fn run(args: RunArgs) -> Result<()> {
     if want("memory") {
         validation::memory(&cfg, &inputs, &mut rep)?;
     }
-    if want("pipeline") || want("harvest") || want("tick") || want("startup") {
+    if want("pipeline") || want("harvest") || want("tick") || want("startup") || want("webhook") {
         eprintln!("\n== starting Azurite (in memory) and two batch emulators");
         let azurite = stack::start_azurite(&cfg.bins.azurite, &cfg.work)?;
         let store = stack::store(azurite.port)?;
@@ -300,6 +315,9 @@ async fn run(args: RunArgs) -> Result<()> {
         }
         if want("startup") {
             startup::run(&cfg, &stack, &mut rep)?;
+        }
+        if want("webhook") {
+            webhook::run(&cfg, &stack, &mut rep).await?;
         }
     }
     for f in [&inputs.valid, &inputs.big] {

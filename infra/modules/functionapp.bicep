@@ -38,6 +38,10 @@ param stateContainerName string
 @description('NCRONTAB schedule of function-timer (function.json uses %BATCH_TIMER_SCHEDULE%).')
 param timerSchedule string
 
+@description('Webhook signing secret(s) for function-webhook (AZURE_OPENAI_WEBHOOK_SECRET); empty when webhooks are not set up.')
+@secure()
+param webhookSecret string = ''
+
 @description('Upper bound of instances Flex Consumption may scale out to (40-1000).')
 @minValue(40)
 @maxValue(1000)
@@ -144,6 +148,12 @@ resource functionApp 'Microsoft.Web/sites@2024-04-01' = {
         {
           name: 'BATCH_TIMER_SCHEDULE'
           value: timerSchedule
+        }
+        // Secure parameter, never an output; empty means "no webhooks": the handler then
+        // answers every event 401 and polling alone moves jobs on.
+        {
+          name: 'AZURE_OPENAI_WEBHOOK_SECRET'
+          value: webhookSecret
         }
       ]
     }

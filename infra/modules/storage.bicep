@@ -35,6 +35,9 @@ param containerNames array
 @maxValue(365)
 param softDeleteDays int = 7
 
+@description('Blob name prefixes (`container/path/`) of short-lived records, deleted a day after their last write: the handled webhook ids, which matter for 5 minutes (an older delivery is refused by its timestamp anyway).')
+param oneDayPrefixes array = []
+
 resource storage 'Microsoft.Storage/storageAccounts@2023-05-01' = {
   name: name
   location: location
@@ -101,6 +104,37 @@ resource containers 'Microsoft.Storage/storageAccounts/blobServices/containers@2
     }
   }
 ]
+
+resource lifecycle 'Microsoft.Storage/storageAccounts/managementPolicies@2023-05-01' = if (!empty(oneDayPrefixes)) {
+  parent: storage
+  name: 'default'
+  properties: {
+    policy: {
+      rules: [
+        {
+          name: 'expire-short-lived-records'
+          enabled: true
+          type: 'Lifecycle'
+          definition: {
+            filters: {
+              blobTypes: [
+                'blockBlob'
+              ]
+              prefixMatch: oneDayPrefixes
+            }
+            actions: {
+              baseBlob: {
+                delete: {
+                  daysAfterModificationGreaterThan: 1
+                }
+              }
+            }
+          }
+        }
+      ]
+    }
+  }
+}
 
 output id string = storage.id
 output name string = storage.name

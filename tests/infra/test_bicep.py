@@ -104,7 +104,11 @@ def test_no_keys_sas_or_connection_strings(path: Path) -> None:
             assert "APPLICATIONINSIGHTS_CONNECTION_STRING" in line or "appInsights.properties.ConnectionString" in line, (
                 f"{path.name}: connection string outside Application Insights: {line.strip()}"
             )
-    assert "@secure()" not in code, f"{path.name}: a secure parameter means a secret is passed in"
+    # One secret has no Entra ID alternative: Azure OpenAI signs webhooks with a shared secret
+    # (Standard Webhooks). It is the one secure parameter, `webhookSecret`, and never an output.
+    secure = re.findall(r"@secure\(\)\s*param\s+(\w+)", code)
+    assert secure in ([], ["webhookSecret"]), f"{path.name}: secure parameters {secure}"
+    assert not re.search(r"^output\b.*webhookSecret", code, re.MULTILINE), f"{path.name}: the webhook secret is an output"
 
 
 def test_app_settings_hold_no_secret(deployment: Deployment) -> None:
@@ -113,6 +117,11 @@ def test_app_settings_hold_no_secret(deployment: Deployment) -> None:
     for name, value in settings.items():
         if name == "APPLICATIONINSIGHTS_CONNECTION_STRING":
             assert value == "appInsights.properties.ConnectionString"
+            continue
+        if name == "AZURE_OPENAI_WEBHOOK_SECRET":
+            # The secure parameter (resolved to its default, empty): passed at deployment,
+            # never a value written in the template.
+            assert value in ("", "webhookSecret"), value
             continue
         assert not re.search(r"KEY|PASSWORD|SECRET|SAS|CONNECTION_?STRING", name, re.IGNORECASE), name
         if isinstance(value, str):
@@ -489,3 +498,16 @@ def test_every_checkov_skip_is_justified(path: Path) -> None:
             m = re.search(r"//\s*checkov:skip=(CKV2?_[A-Z]+_\d+):(.+)$", line)
             assert m, f"{path.name}:{number}: malformed skip: {line.strip()}"
             assert len(m.group(2).strip()) >= 40, f"{path.name}:{number}: give a real reason for {m.group(1)}"
+
+
+def test_handled_webhook_ids_expire_after_a_day(deployment: Deployment) -> None:
+    """`batch-jobs/webhooks/{id}` records matter for the 5 minutes a delivery is accepted; the
+    storage lifecycle deletes them, so they do not pile up."""
+    _, storage_module = deployment.module_for("storage.bicep")
+    _, policy = single(storage_module, "Microsoft.Storage/storageAccounts/managementPolicies")
+    config, _ = unwrap(policy)
+    [rule] = config["properties"]["policy"]["rules"]
+    assert rule["definition"]["actions"]["baseBlob"]["delete"] == {"daysAfterModificationGreaterThan": 1}
+    assert rule["definition"]["filters"]["blobTypes"] == ["blockBlob"]
+    # The prefix is the state container's webhooks/ folder (the handler's SEEN_PREFIX).
+    assert "'${stateContainerName}/webhooks/'" in (INFRA / "main.bicep").read_text(encoding="utf-8")

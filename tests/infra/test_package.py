@@ -70,7 +70,7 @@ def elf_program_header_types(path: Path) -> tuple[int, int, list[int]]:
 @package_test
 def test_publish_folder_holds_exactly_the_app(publish_dir: Path) -> None:
     functions = sorted(p.parent.name for p in REPO.glob("*/function.json"))
-    assert functions == ["function-timer", "function-trigger"]
+    assert functions == ["function-timer", "function-trigger", "function-webhook"]
     expected = {"host.json", "handler", *(f"{name}/function.json" for name in functions)}
     assert zipped(publish_dir) == expected
     assert files_under(publish_dir) == expected | {"local.settings.json"}
@@ -83,7 +83,9 @@ def test_host_json_is_the_project_one_and_names_the_binary(publish_dir: Path) ->
     assert host["version"] == "2.0"
     exe = host["customHandler"]["description"]["defaultExecutablePath"]
     assert exe == "handler" and (publish_dir / exe).is_file()
-    assert host["customHandler"].get("enableForwardingHttpRequest") is False
+    # function-webhook's signature covers the exact body bytes: the host forwards its request
+    # as it came (only HTTP-in/out functions are forwarded; the other two keep the envelope).
+    assert host["customHandler"].get("enableForwardingHttpRequest") is True
 
 
 @package_test
@@ -96,6 +98,12 @@ def test_function_folders_match_the_contract(publish_dir: Path) -> None:
     assert binding["schedule"] == "%BATCH_TIMER_SCHEDULE%"
     assert binding["useMonitor"] is True
     assert binding["runOnStartup"] is False
+    webhook = json.loads((publish_dir / "function-webhook" / "function.json").read_text(encoding="utf-8"))
+    http_in, http_out = webhook["bindings"]
+    assert http_in == {
+        "name": "req", "type": "httpTrigger", "direction": "in", "authLevel": "function", "methods": ["post"]
+    }
+    assert http_out == {"name": "res", "type": "http", "direction": "out"}
 
 
 @package_test

@@ -73,7 +73,9 @@ pub fn router(state: AppState) -> Router {
     Router::new()
         .nest(
             "/openai/v1",
-            batches().route_layer(middleware::from_fn_with_state(state.clone(), gate_v1)),
+            batches()
+                .merge(crate::webhooks::routes())
+                .route_layer(middleware::from_fn_with_state(state.clone(), gate_v1)),
         )
         .nest(
             "/openai",

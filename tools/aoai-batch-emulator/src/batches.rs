@@ -213,6 +213,8 @@ pub struct Registry {
     /// How URLs into that storage account are read and written (the emulator's own code).
     pub account: Account,
     pub settings: Settings,
+    /// Registered webhook endpoints; told when a batch ends (`webhooks.rs`).
+    pub webhooks: Arc<crate::webhooks::Hub>,
     inner: Mutex<Inner>,
 }
 
@@ -222,6 +224,7 @@ impl Registry {
             account: Account::new(store.account_url()),
             store,
             settings,
+            webhooks: Arc::default(),
             inner: Mutex::new(Inner::default()),
         })
     }

@@ -77,6 +77,16 @@ pub struct StepRequest {
 }
 
 pub async fn run(reg: Arc<Registry>, job: Job, pace: Pace) {
+    let id = job.id.clone();
+    drive(&reg, job, pace).await;
+    // The batch ended: the registered webhook endpoints hear of it.
+    if let Some(batch) = reg.get(&id) {
+        reg.webhooks.batch_ended(&batch);
+    }
+}
+
+async fn drive(reg: &Arc<Registry>, job: Job, pace: Pace) {
+    let reg = reg.clone();
     let mut progress = Progress::default();
     match pace {
         Pace::Every(period) => {

@@ -17,6 +17,7 @@ mod input;
 mod lifecycle;
 mod list_query;
 mod output;
+mod webhooks;
 
 use std::{net::SocketAddr, sync::Arc, time::Duration};
 

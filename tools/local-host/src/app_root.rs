@@ -386,6 +386,13 @@ mod tests {
                         binding: "event".into()
                     },
                 },
+                Function {
+                    name: "function-webhook".into(),
+                    trigger: Trigger::Other {
+                        binding: "req".into(),
+                        kind: "httpTrigger".into()
+                    },
+                },
             ]
         );
     }

@@ -10,6 +10,7 @@
 mod app_root;
 mod blobs;
 mod child;
+mod http;
 mod invoke;
 mod schedule;
 mod timer;
@@ -159,6 +160,10 @@ struct RunArgs {
     /// Give up (exit 1) after this long.
     #[arg(long, value_name = "N")]
     timeout_secs: Option<u64>,
+    /// Where HTTP-triggered functions (function-webhook) are served, at /api/{function};
+    /// port 0 picks a free one (the address is logged). `func start` uses 127.0.0.1:7071.
+    #[arg(long, default_value = "127.0.0.1:0", value_name = "ADDR")]
+    http_listen: std::net::SocketAddr,
 }
 
 /// A duration in seconds, fractions allowed (tests scale Event Grid's 30 s down).
@@ -248,6 +253,7 @@ struct Plan {
     account: String,
     targets: Vec<Target>,
     timers: Vec<TimerFunction>,
+    http_functions: Vec<http::HttpFunction>,
     exit_when: Vec<(String, String)>,
 }
 
@@ -267,6 +273,7 @@ fn plan(args: &RunArgs) -> Result<Plan> {
 
     let mut targets = Vec::new();
     let mut timers = Vec::new();
+    let mut http_functions = Vec::new();
     for f in &app.functions {
         match &f.trigger {
             Trigger::EventGrid { binding } => targets.push(Target {
@@ -294,6 +301,9 @@ fn plan(args: &RunArgs) -> Result<Plan> {
                     run_on_startup: *run_on_startup,
                     use_monitor,
                 });
+            }
+            Trigger::Other { kind, .. } if kind.eq_ignore_ascii_case("httpTrigger") => {
+                http_functions.push(http::HttpFunction::load(&app.root, &f.name)?)
             }
             Trigger::Other { kind, .. } => tracing::warn!(
                 "{}: {kind} is not played by local-host; the function is never invoked",
@@ -333,6 +343,7 @@ fn plan(args: &RunArgs) -> Result<Plan> {
         account,
         targets,
         timers,
+        http_functions,
         exit_when,
     })
 }
@@ -469,6 +480,22 @@ async fn serve(
     }
     for t in &plan.timers {
         tasks.push(tokio::spawn(timer::run(t.clone(), invoker.clone())));
+    }
+    if !plan.http_functions.is_empty() {
+        let forward = http::forwarding_enabled(&plan.app.root).unwrap_or(false);
+        match http::bind(args.http_listen, &plan.http_functions, forward).await {
+            Ok(listener) => tasks.push(tokio::spawn(http::serve(
+                listener,
+                plan.http_functions.clone(),
+                forward,
+                handler.port,
+                plan.app.function_timeout,
+            ))),
+            Err(e) => {
+                tracing::error!("{e:#}");
+                return EXIT_FAILED;
+            }
+        }
     }
 
     tokio::select! {
