@@ -17,6 +17,7 @@ use futures::{StreamExt, TryStreamExt};
 
 use crate::{
     app::{App, Journal, StepError, guarded},
+    cancel,
     config::ApiStyle,
     harvest,
     jobs::{AnyJob, InputRef, Job, Observed, Outcome, Queued, Running, job_key},
@@ -97,6 +98,13 @@ pub async fn tick(app: &App, j: &Journal) -> Result<TickStats, StepError> {
 
     // Listed again: the sweep may have added jobs, and those are polled at once.
     let keys = app.jobs.active_keys().await?;
+    // Inputs deleted while their job ran, whose BlobDeleted event never came (or Event Grid
+    // is not set up): their jobs are cancelled as the event would have.
+    if let Err(e) = cancel::sweep_deleted(app, &keys, j).await {
+        j.error(format!(
+            "sweep: deleted inputs will be looked for again next tick: {e}"
+        ));
+    }
     stats.active = keys.len();
     let results: Vec<Result<bool, StepError>> = futures::stream::iter(keys)
         .map(|key| async move { guarded(format!("job={key}"), step(app, &key, j)).await })
@@ -206,6 +214,10 @@ async fn sweep(
 async fn step(app: &App, key: &str, j: &Journal) -> Result<bool, StepError> {
     let Some((job, etag)) = app.jobs.load_active(key).await? else {
         return Ok(false);
+    };
+    // A job asked to stop: dropped here if it has no batch yet.
+    let Some((job, etag)) = cancel::advance(app, job, etag, j).await? else {
+        return Ok(true);
     };
     let t = app.now();
     let lease = app.config.submit_lease.as_secs();
@@ -326,6 +338,7 @@ async fn poll_running(
         Observed::Changed(job) => {
             if app.jobs.update(&job, &etag).await?.is_some() {
                 log_status();
+                publish_status(app, job.into(), &batch).await;
             }
             Ok(false)
         }
@@ -334,10 +347,25 @@ async fn poll_running(
                 return Ok(false);
             };
             log_status();
+            publish_status(app, job.clone().into(), &batch).await;
             harvest::harvest_batch(app, job, etag, Some(batch.clone()), j).await?;
             Ok(true)
         }
     }
+}
+
+/// The service's news about a batch reaches `status.json` (only on a change: a tick that
+/// changed nothing writes nothing).
+async fn publish_status(app: &App, job: AnyJob, batch: &crate::openai::Batch) {
+    crate::status::publish(
+        &app.store,
+        &app.jobs,
+        &app.config.output_container,
+        &job,
+        Some(batch),
+        app.now(),
+    )
+    .await;
 }
 
 async fn input_unchanged(app: &App, input: &InputRef) -> Result<bool, StepError> {
