@@ -63,10 +63,12 @@ pub async fn cancel_input(app: &App, name: &str, j: &Journal) -> Result<Cancelle
         .properties(&app.config.input_container, name)
         .await?
         .map(|b| b.etag);
-    let active = versions
-        .iter()
-        .filter(|v| v.active)
-        .max_by_key(|v| (Some(&v.job.input().etag) == current.as_ref(), v.job.created_at()));
+    let active = versions.iter().filter(|v| v.active).max_by_key(|v| {
+        (
+            Some(&v.job.input().etag) == current.as_ref(),
+            v.job.created_at(),
+        )
+    });
     match active {
         Some(v) => {
             let key = v.job.key().to_string();
@@ -202,7 +204,7 @@ pub async fn cancel_job(
                 // changed record makes its next write fail; whoever takes the job next
                 // drops it, or adopts its batch and cancels that.
                 j.info(format!(
-                    "job={key} event=cancel_requested by={}: recorded; the job is being \
+                    "job={key} event=cancel_requested by={:?}: recorded; the job is being \
                      submitted right now, and ends at its next step",
                     by.as_str()
                 ));
@@ -375,7 +377,13 @@ pub async fn drop_unsubmitted<S: Unfinished>(
         .results_folder()
         .unwrap_or_else(|| job.input().output_path())
         .to_string();
-    summary::write(&app.store, job.output_container(&app.config), &path, &summary).await?;
+    summary::write(
+        &app.store,
+        job.output_container(&app.config),
+        &path,
+        &summary,
+    )
+    .await?;
     app.jobs.finish(&job, etag).await?;
     if job.part_of().is_none() {
         j.info(format!(
@@ -457,6 +465,9 @@ mod tests {
             outcome_after_cancel(true, Outcome::Completed),
             Outcome::Completed
         );
-        assert_eq!(outcome_after_cancel(false, Outcome::Failed), Outcome::Failed);
+        assert_eq!(
+            outcome_after_cancel(false, Outcome::Failed),
+            Outcome::Failed
+        );
     }
 }

@@ -65,17 +65,19 @@ fn app(config: Config) -> Result<App, String> {
         credential = Some(c.clone());
         Ok(c)
     };
-    let store = Arc::new(match &config.storage {
-        StorageAuth::ManagedIdentity { account_url } => BlobStore::with_credential(
-            account_url.clone(),
-            developer()?,
-            RetryPolicy::default(),
-        ),
-        StorageAuth::ConnectionString(cs) => {
-            BlobStore::from_connection_string(cs.expose(), RetryPolicy::default())
+    let store = Arc::new(
+        match &config.storage {
+            StorageAuth::ManagedIdentity { account_url } => BlobStore::with_credential(
+                account_url.clone(),
+                developer()?,
+                RetryPolicy::default(),
+            ),
+            StorageAuth::ConnectionString(cs) => {
+                BlobStore::from_connection_string(cs.expose(), RetryPolicy::default())
+            }
         }
-    }
-    .map_err(|e| e.to_string())?);
+        .map_err(|e| e.to_string())?,
+    );
     let auth = match &config.openai_api_key {
         Some(key) => Auth::ApiKey(key.clone()),
         None => Auth::Entra(developer()?),
@@ -152,8 +154,9 @@ pub fn status(name: Option<&str>, as_json: bool, finished: usize) -> ExitCode {
         && done.is_empty()
     {
         eprintln!(
-            "no job for {name} in {}/{}",
-            app.config.state_container, "active|done"
+            "no job for {name} in {} (active/ and done/); NAME is the blob's name in {}, e.g. \
+             reports/q3.jsonl",
+            app.config.state_container, app.config.input_container
         );
         return ExitCode::from(exit::UNKNOWN);
     }
@@ -228,7 +231,8 @@ async fn collect(
 }
 
 fn is_part_key(key: &str) -> bool {
-    key.rsplit_once('@').is_some_and(|(_, tail)| tail.contains('/'))
+    key.rsplit_once('@')
+        .is_some_and(|(_, tail)| tail.contains('/'))
 }
 
 fn active_row(job: &AnyJob, s: &Status, now: i64) -> Row {

@@ -20,8 +20,9 @@ use tower_http::catch_panic::CatchPanicLayer;
 
 use crate::{
     app::{App, Journal, guarded, panic_message},
+    cancel,
     config::{TEST_SWITCHES_COMPILED, names},
-    cancel, poll,
+    poll,
     protocol::{
         self, BlobDeleted, INVOCATION_ID_HEADER, InvocationRequest, InvocationResponse,
         StorageEvent,
@@ -263,7 +264,9 @@ async fn blob_deleted(app: &App, event: &BlobDeleted, journal: &Journal) -> bool
             true
         }
         Err(e) if e.is_transient() => {
-            journal.error(format!("blob={container}/{name}: deletion will be retried: {e}"));
+            journal.error(format!(
+                "blob={container}/{name}: deletion will be retried: {e}"
+            ));
             false
         }
         Err(e) => {

@@ -16,8 +16,8 @@ use crate::{
 };
 
 use super::{
-    CancelRequest, CancelledBy, HarvestProgress, HistoryEntry, InputFacts, InputRef, JobState, Outcome, PartOf, PartRef,
-    RoundRecord, WireState, job_key,
+    CancelRequest, CancelledBy, HarvestProgress, HistoryEntry, InputFacts, InputRef, JobState,
+    Outcome, PartOf, PartRef, RoundRecord, WireState, job_key,
 };
 
 /// A job in state `S`. Fields are read through methods and changed only by transitions.
@@ -834,7 +834,9 @@ macro_rules! into_any {
         }
     )*};
 }
-into_any!(Submitting, Queued, Running, Split, Harvesting, Combining, Finished);
+into_any!(
+    Submitting, Queued, Running, Split, Harvesting, Combining, Finished
+);
 
 impl Job<Finished> {
     pub fn outcome(&self) -> Outcome {

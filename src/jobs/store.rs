@@ -212,11 +212,7 @@ impl JobStore {
                     continue; // finished and moved since the listing
                 };
                 if job.part_of().is_none() && job.input().name == name {
-                    out.push(Version {
-                        job,
-                        etag,
-                        active,
-                    });
+                    out.push(Version { job, etag, active });
                 }
             }
         }

@@ -12,8 +12,8 @@ use serde::{Deserialize, Deserializer, Serialize, Serializer};
 use crate::openai::{BatchStatus, RequestCounts};
 
 use super::{
-    CancelRequest, HarvestProgress, HistoryEntry, InputFacts, InputRef, JobState, Outcome, PartOf, PartRef,
-    RoundRecord,
+    CancelRequest, HarvestProgress, HistoryEntry, InputFacts, InputRef, JobState, Outcome, PartOf,
+    PartRef, RoundRecord,
     record::{
         AnyJob, BatchSeen, Combining, Common, CreateCall, Finished, Harvesting, Job, Missing,
         Queued, Running, Split, State, Submitting,
