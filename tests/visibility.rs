@@ -19,7 +19,10 @@ use support::*;
 fn lines(n: usize, prefix: &str) -> Vec<u8> {
     let mut out = String::new();
     for i in 0..n {
-        out.push_str(&chat_line(&format!("{prefix}-{i}"), &format!("question {i}")));
+        out.push_str(&chat_line(
+            &format!("{prefix}-{i}"),
+            &format!("question {i}"),
+        ));
         out.push('\n');
     }
     out.into_bytes()
@@ -87,7 +90,10 @@ impl Stack {
         let url = store.blob_url("batch-input", name);
         let (status, answer) = self
             .handler
-            .invoke("function-trigger", &trigger_payload(blob_deleted_event(&url)))
+            .invoke(
+                "function-trigger",
+                &trigger_payload(blob_deleted_event(&url)),
+            )
             .await;
         assert_eq!(status, 200, "{:?}", answer.logs);
         answer.logs
@@ -120,7 +126,10 @@ async fn status_json_follows_a_file_from_intake_to_its_summary() {
     let id = s.emulator.batches().await[0].id.clone();
 
     // Right after intake: the batch exists and the file says so.
-    let st = s.status_json("watch/me").await.expect("status.json at intake");
+    let st = s
+        .status_json("watch/me")
+        .await
+        .expect("status.json at intake");
     assert_eq!(st["status"], "running", "{st:#}");
     assert_eq!(st["batch_id"], id.as_str());
     assert_eq!(st["batch_status"], "validating");
@@ -130,7 +139,12 @@ async fn status_json_follows_a_file_from_intake_to_its_summary() {
             .unwrap()
             .contains("validate the input")
     );
-    assert!(st["input_blob"].as_str().unwrap().ends_with("/batch-input/watch/me.jsonl"));
+    assert!(
+        st["input_blob"]
+            .as_str()
+            .unwrap()
+            .ends_with("/batch-input/watch/me.jsonl")
+    );
     assert!(st["uploaded_at"].as_i64().unwrap() > 0);
     assert!(st["submitted_at"].as_i64().unwrap() >= st["uploaded_at"].as_i64().unwrap());
     assert!(s.read_summary("watch/me").await.is_none());
@@ -138,7 +152,11 @@ async fn status_json_follows_a_file_from_intake_to_its_summary() {
     // A tick that learns nothing new does not rewrite it.
     let etag = s.status_etag("watch/me").await.unwrap();
     s.tick_ok().await;
-    assert_eq!(s.status_etag("watch/me").await.unwrap(), etag, "unchanged: not rewritten");
+    assert_eq!(
+        s.status_etag("watch/me").await.unwrap(),
+        etag,
+        "unchanged: not rewritten"
+    );
 
     // The service starts (and reports the total), then answers two: each is news.
     s.emulator.step(Some(&id), 1).await;
@@ -147,7 +165,10 @@ async fn status_json_follows_a_file_from_intake_to_its_summary() {
     assert_eq!(st["batch_status"], "in_progress", "{st:#}");
     assert_eq!(st["request_counts"]["total"], 10);
     assert_eq!(st["request_counts"]["completed"], 0);
-    assert!(st.get("estimated_finish_at").is_none(), "no progress, no estimate: {st:#}");
+    assert!(
+        st.get("estimated_finish_at").is_none(),
+        "no progress, no estimate: {st:#}"
+    );
     s.emulator.step(Some(&id), 1).await;
     s.tick_ok().await;
     let st = s.status_json("watch/me").await.unwrap();
@@ -167,12 +188,19 @@ async fn status_json_follows_a_file_from_intake_to_its_summary() {
     // Once summary.json is there, status.json is gone: one or the other, never both.
     let summary = s.harvest("watch/me", Duration::from_secs(30)).await;
     assert_eq!(summary["status"], "completed");
-    assert!(s.status_json("watch/me").await.is_none(), "status.json deleted");
+    assert!(
+        s.status_json("watch/me").await.is_none(),
+        "status.json deleted"
+    );
     let mut names = s.output_names("watch/").await;
     names.sort();
     assert_eq!(
         names,
-        ["watch/me/merged.jsonl", "watch/me/results.jsonl", "watch/me/summary.json"]
+        [
+            "watch/me/merged.jsonl",
+            "watch/me/results.jsonl",
+            "watch/me/summary.json"
+        ]
     );
 }
 
@@ -191,7 +219,10 @@ impl Stack {
 async fn a_rejected_file_leaves_a_summary_and_no_status() {
     let s = Stack::start(&["--step-ms", "0"], &[]);
     s.submit("bad.jsonl", b"{not json\n").await;
-    let summary = s.read_summary("bad").await.expect("summary within the intake");
+    let summary = s
+        .read_summary("bad")
+        .await
+        .expect("summary within the intake");
     assert_eq!(summary["status"], "rejected");
     assert!(s.status_json("bad").await.is_none(), "status.json deleted");
 }
@@ -203,7 +234,10 @@ async fn a_split_file_shows_every_part_with_its_batch_and_counts() {
         &[("BATCH_SPLIT_MAX_REQUESTS", "10")],
     );
     s.submit("big.jsonl", &lines(25, "b")).await;
-    let st = s.status_json("big").await.expect("status.json of the split file");
+    let st = s
+        .status_json("big")
+        .await
+        .expect("status.json of the split file");
     assert_eq!(st["status"], "split", "{st:#}");
     let parts = st["batches"].as_array().unwrap();
     assert_eq!(parts.len(), 3, "{st:#}");
@@ -214,10 +248,19 @@ async fn a_split_file_shows_every_part_with_its_batch_and_counts() {
         assert!(p["batch_id"].is_string(), "{st:#}");
         assert_eq!(p["state"], "running", "{st:#}");
     }
-    assert_eq!((parts[0]["first_line"].clone(), parts[2]["last_line"].clone()), (json!(1), json!(25)));
+    assert_eq!(
+        (
+            parts[0]["first_line"].clone(),
+            parts[2]["last_line"].clone()
+        ),
+        (json!(1), json!(25))
+    );
     assert!(st["batch_id"].is_null());
     assert!(
-        st["waiting_for"].as_str().unwrap().contains("its 3 parts: 3 running"),
+        st["waiting_for"]
+            .as_str()
+            .unwrap()
+            .contains("its 3 parts: 3 running"),
         "{st:#}"
     );
 
@@ -248,7 +291,10 @@ async fn handler_status_shows_queued_running_and_finished_files() {
     );
     s.submit("runs.jsonl", &lines(20, "r")).await;
     s.submit("waits.jsonl", &lines(20, "q")).await;
-    let st = s.status_json("waits").await.expect("a queued file has a status");
+    let st = s
+        .status_json("waits")
+        .await
+        .expect("a queued file has a status");
     assert_eq!(st["status"], "queued", "{st:#}");
     assert!(
         st["waiting_for"]
@@ -277,9 +323,15 @@ async fn handler_status_shows_queued_running_and_finished_files() {
         assert!(header.contains(col), "{header}");
     }
     let r = row("runs.jsonl");
-    assert!(r.contains(" running ") && r.contains(&running) && r.contains("0/20"), "{r}");
+    assert!(
+        r.contains(" running ") && r.contains(&running) && r.contains("0/20"),
+        "{r}"
+    );
     let w = row("waits.jsonl");
-    assert!(w.contains(" queued ") && w.contains("enqueued-token quota"), "{w}");
+    assert!(
+        w.contains(" queued ") && w.contains("enqueued-token quota"),
+        "{w}"
+    );
     let d = row("done.jsonl");
     assert!(d.contains(" completed ") && d.contains("2/2"), "{d}");
     assert!(
@@ -330,13 +382,27 @@ async fn cancelled_after_two_answers(
     stop(s).await;
     let summary = s.harvest(path, Duration::from_secs(30)).await;
     assert_eq!(summary["status"], "cancelled", "{summary:#}");
-    let batch = s.emulator.batches().await.into_iter().find(|b| b.id == id).unwrap();
-    assert_eq!(batch.status, BatchStatus::Cancelled, "the service stopped it");
+    let batch = s
+        .emulator
+        .batches()
+        .await
+        .into_iter()
+        .find(|b| b.id == id)
+        .unwrap();
+    assert_eq!(
+        batch.status,
+        BatchStatus::Cancelled,
+        "the service stopped it"
+    );
     assert_eq!(s.emulator.batches().await.len(), 1, "nothing resubmitted");
     // What the service finished is kept, and there is one summary and no status.
-    let results = read_text(&s.azurite.store(), "batch-output", &format!("{path}/results.jsonl"))
-        .await
-        .expect("the partial results");
+    let results = read_text(
+        &s.azurite.store(),
+        "batch-output",
+        &format!("{path}/results.jsonl"),
+    )
+    .await
+    .expect("the partial results");
     assert_eq!(results.lines().count(), 2);
     assert!(s.status_json(path).await.is_none());
     let summaries: Vec<_> = s
@@ -356,7 +422,10 @@ async fn handler_cancel_stops_the_batch_and_keeps_what_it_finished() {
         let out = s.command(&["cancel", "stop/me.jsonl"]);
         assert!(out.status.success(), "{}", text(&out.stderr));
         let said = text(&out.stdout);
-        assert!(said.contains("stop/me.jsonl: cancel sent for batch(es) batch_"), "{said}");
+        assert!(
+            said.contains("stop/me.jsonl: cancel sent for batch(es) batch_"),
+            "{said}"
+        );
         // The status file says so at once.
         let st = s.status_json("stop/me").await.unwrap();
         assert_eq!(st["cancel_requested_by"], "command", "{st:#}");
@@ -370,7 +439,10 @@ async fn handler_cancel_stops_the_batch_and_keeps_what_it_finished() {
     let merged = read_text(&s.azurite.store(), "batch-output", "stop/me/merged.jsonl")
         .await
         .unwrap();
-    let answered = merged.lines().filter(|l| l.contains("\"status_code\":200")).count();
+    let answered = merged
+        .lines()
+        .filter(|l| l.contains("\"status_code\":200"))
+        .count();
     assert_eq!((merged.lines().count(), answered), (30, 2));
     assert_eq!(summary["lines_without_result"], 28);
 }
@@ -381,7 +453,8 @@ async fn deleting_the_input_cancels_its_job_through_the_event() {
     let summary = cancelled_after_two_answers(&s, "gone.jsonl", async |s: &Stack| {
         let logs = s.delete_input("gone.jsonl", true).await;
         assert!(
-            logs.iter().any(|l| l.contains("event=input_deleted") && l.contains("cancel sent")),
+            logs.iter()
+                .any(|l| l.contains("event=input_deleted") && l.contains("cancel sent")),
             "{logs:#?}"
         );
     })
@@ -417,12 +490,17 @@ async fn a_file_deleted_before_its_batch_was_created_is_dropped() {
     assert_eq!(summary["cancelled_by"], "input deleted");
     assert!(summary["batch_id"].is_null());
     assert!(
-        summary["notes"].to_string().contains("deleted before its batch was created"),
+        summary["notes"]
+            .to_string()
+            .contains("deleted before its batch was created"),
         "{summary:#}"
     );
     assert!(s.status_json("second").await.is_none());
     // The running one goes on untouched, and the dropped one is never submitted.
-    assert_eq!(s.harvest("first", Duration::from_secs(30)).await["status"], "completed");
+    assert_eq!(
+        s.harvest("first", Duration::from_secs(30)).await["status"],
+        "completed"
+    );
     for _ in 0..3 {
         s.emulator.advance().await;
         s.tick_ok().await;
@@ -450,13 +528,24 @@ async fn deleting_then_uploading_again_cancels_only_the_deleted_version() {
     let url = s.azurite.store().blob_url("batch-input", "again.jsonl");
     let (status, answer) = s
         .handler
-        .invoke("function-trigger", &trigger_payload(blob_deleted_event(&url)))
+        .invoke(
+            "function-trigger",
+            &trigger_payload(blob_deleted_event(&url)),
+        )
         .await;
     assert_eq!(status, 200, "{:?}", answer.logs);
     let batches = s.emulator.batches().await;
     let state = |id: &str| batches.iter().find(|b| b.id == id).unwrap().status.clone();
-    assert_eq!(state(&old), BatchStatus::Cancelling, "the deleted version's batch");
-    assert_eq!(state(&new), BatchStatus::Validating, "the new upload is untouched");
+    assert_eq!(
+        state(&old),
+        BatchStatus::Cancelling,
+        "the deleted version's batch"
+    );
+    assert_eq!(
+        state(&new),
+        BatchStatus::Validating,
+        "the new upload is untouched"
+    );
     // The new version runs to completion in {path}/; the old one's partial results go aside.
     let summary = s.harvest("again", Duration::from_secs(30)).await;
     assert_eq!(summary["status"], "completed", "{summary:#}");
@@ -505,7 +594,10 @@ async fn cancelling_an_unknown_or_finished_file_says_so_and_changes_nothing() {
     assert_eq!(before, after, "the summary is untouched");
     assert!(s.status_json("finished").await.is_none());
     let batches = s.emulator.batches().await;
-    assert_eq!((batches.len(), batches[0].status.clone()), (1, BatchStatus::Completed));
+    assert_eq!(
+        (batches.len(), batches[0].status.clone()),
+        (1, BatchStatus::Completed)
+    );
 }
 
 #[tokio::test]
@@ -527,6 +619,67 @@ async fn cancelling_a_split_file_cancels_every_parts_batch() {
     let summary = s.harvest("parts", Duration::from_secs(60)).await;
     assert_eq!(summary["status"], "cancelled", "{summary:#}");
     assert_eq!(summary["cancelled_by"], "command");
-    assert_eq!(summary["request_counts"]["completed"], 6, "two answers per part kept");
+    assert_eq!(
+        summary["request_counts"]["completed"], 6,
+        "two answers per part kept"
+    );
     assert!(s.status_json("parts").await.is_none());
+}
+
+#[tokio::test]
+async fn cancelling_a_split_file_never_starts_its_waiting_parts() {
+    // About one 10-line part fits in the quota at a time (as in tests/split.rs): part 1 runs,
+    // part 2 waits for quota, part 3 is not started yet.
+    let s = Stack::start(
+        &[
+            "--step-ms",
+            "0",
+            "--lines-per-step",
+            "2",
+            "--enqueued-token-limit",
+            "1500",
+        ],
+        &[("BATCH_SPLIT_MAX_REQUESTS", "10")],
+    );
+    s.submit("slow.jsonl", &lines(30, "s")).await;
+    let st = s.status_json("slow").await.unwrap();
+    let states: Vec<_> = st["batches"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| p["state"].as_str().unwrap().to_string())
+        .collect();
+    assert_eq!(states, ["running", "queued", "waiting"], "{st:#}");
+    let first = s.emulator.batches().await[0].id.clone();
+    s.emulator.step(Some(&first), 2).await;
+
+    let out = s.command(&["cancel", "slow.jsonl"]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    assert!(text(&out.stdout).contains(&first), "{}", text(&out.stdout));
+    let summary = s.harvest("slow", Duration::from_secs(60)).await;
+    assert_eq!(summary["status"], "cancelled", "{summary:#}");
+    assert_eq!(summary["cancelled_by"], "command");
+    assert_eq!(summary["request_counts"]["completed"], 2, "{summary:#}");
+    assert_eq!(summary["lines_without_result"], 28, "{summary:#}");
+    let parts: Vec<_> = summary["parts"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| p["status"].clone())
+        .collect();
+    assert_eq!(
+        parts,
+        ["cancelled", "cancelled", "cancelled"],
+        "{summary:#}"
+    );
+    assert_eq!(
+        s.emulator.batches().await.len(),
+        1,
+        "the waiting parts never ran"
+    );
+    let merged = read_text(&s.azurite.store(), "batch-output", "slow/merged.jsonl")
+        .await
+        .unwrap();
+    assert_eq!(merged.lines().count(), 30, "one line per input line");
+    assert!(s.status_json("slow").await.is_none());
 }
