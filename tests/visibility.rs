@@ -683,3 +683,50 @@ async fn cancelling_a_split_file_never_starts_its_waiting_parts() {
     assert_eq!(merged.lines().count(), 30, "one line per input line");
     assert!(s.status_json("slow").await.is_none());
 }
+
+#[tokio::test]
+async fn a_crash_between_summary_and_status_is_healed_by_the_retried_harvest() {
+    let s = Stack::start(&["--step-ms", "0", "--lines-per-step", "10"], &[]);
+    s.submit("crash.jsonl", &lines(4, "x")).await;
+    let id = s.emulator.batches().await[0].id.clone();
+    let done = s.emulator.step(Some(&id), 5).await;
+    assert_eq!(done[0].status, BatchStatus::Completed, "{done:?}");
+
+    // The tick that harvests dies after merged.jsonl, before the summary: the record stays
+    // `harvesting`, and so does status.json.
+    let mut env = s.handler.env.clone();
+    env.push(("BATCH_TEST_FAULT".into(), "harvest:after-merged".into()));
+    let faulty = Handler::start(env);
+    post_to_dying(&faulty, "/function-timer", &timer_payload()).await;
+    let st = s
+        .status_json("crash")
+        .await
+        .expect("status.json survives the crash");
+    assert_eq!(st["status"], "harvesting", "{st:#}");
+    // The state a crash between the summary's write and the status's delete leaves: both
+    // files, and the job's record not finished.
+    let store = s.azurite.store();
+    store
+        .write(
+            "batch-output",
+            "crash/summary.json",
+            bytes::Bytes::from_static(b"{\"status\":\"completed\"}"),
+            aoai_blob_batch::storage::WriteCondition::Always,
+            "application/json",
+        )
+        .await
+        .unwrap();
+
+    // The next tick retries the harvest: one summary, no status.
+    s.tick_ok().await;
+    let summary = s.read_summary("crash").await.unwrap();
+    assert_eq!(summary["status"], "completed");
+    assert_eq!(
+        summary["request_counts"]["completed"], 4,
+        "rewritten: {summary:#}"
+    );
+    assert!(
+        s.status_json("crash").await.is_none(),
+        "status.json deleted"
+    );
+}
