@@ -281,14 +281,15 @@ async fn send_cancel(app: &App, key: &str, id: &str, j: &Journal) -> Result<(), 
             ));
             Ok(())
         }
+        // Whatever the service refuses for good (400 or 409 for a batch that has ended, as
+        // the emulator and OpenAI's API answer), trying again cannot help: the batch's own
+        // status, polled as usual, decides what happens.
         Err(OpenAiError::Rejected {
-            status: 400 | 409,
-            message,
-            ..
+            status, message, ..
         }) => {
             j.info(format!(
-                "job={key} batch={id} event=cancel_refused: the service did not cancel it \
-                 (it has ended?): {message}"
+                "job={key} batch={id} event=cancel_refused http_status={status}: the service \
+                 did not cancel it (it has ended?): {message}"
             ));
             Ok(())
         }
@@ -332,7 +333,14 @@ pub async fn advance(
             ) =>
         {
             let id = job.batch().id.clone();
-            send_cancel(app, job.key(), &id, j).await?;
+            // A fault here must not keep the batch from being polled (and harvested once it
+            // ends): the next tick asks again.
+            if let Err(e) = send_cancel(app, job.key(), &id, j).await {
+                j.warn(format!(
+                    "job={} batch={id} event=cancel_failed: will ask again next tick: {e}",
+                    job.key()
+                ));
+            }
             Ok(Some((AnyJob::Running(job), etag)))
         }
         other => Ok(Some((other, etag))),
