@@ -249,7 +249,13 @@ async fn step(app: &App, key: &str, j: &Journal) -> Result<bool, StepError> {
             Ok(false)
         }
         AnyJob::Running(job) => poll_running(app, job, etag, j).await,
-        AnyJob::Split(job) => Ok(submit::advance_parts(app, job, etag, j).await?.combined),
+        AnyJob::Split(job) => {
+            let combined = submit::advance_parts(app, job, etag, j).await?.combined;
+            if !combined {
+                submit::refresh_split_status(app, key).await;
+            }
+            Ok(combined)
+        }
         AnyJob::Harvesting(job) => harvest::harvest_batch(app, job, etag, None, j)
             .await
             .map(|_| true),

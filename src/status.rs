@@ -324,9 +324,11 @@ pub async fn parts_of(jobs: &JobStore, parts: &[PartRef]) -> Result<Vec<PartView
     Ok(out)
 }
 
-/// Writes the `status.json` of `job`'s input: for a part, its parent's (with every part's
-/// line); nothing for a finished job. Best effort: the file is for people, so a fault here
-/// is logged and does not hold up the job (the next change writes it again).
+/// Writes the `status.json` of `job`'s input; nothing for a finished job or a part (a split
+/// input's file is written by [`refresh_split`], once per tick for all its parts: were each
+/// part's change to rewrite it, reading every part each time, a tick would cost the square
+/// of the parts). Best effort: the file is for people, so a fault here is logged and does
+/// not hold up the job (the next change writes it again).
 pub async fn publish(
     store: &BlobStore,
     jobs: &JobStore,
@@ -349,18 +351,9 @@ async fn try_publish(
     batch: Option<&Batch>,
     now: i64,
 ) -> Result<(), JobStoreError> {
-    let parent;
-    let (job, batch) = match job.part_of() {
-        Some(p) => {
-            let Some((loaded, _)) = jobs.load_active(&p.parent).await? else {
-                return Ok(());
-            };
-            parent = loaded;
-            // The estimate is the part's, not the whole input's.
-            (&parent, None)
-        }
-        None => (job, batch),
-    };
+    if job.part_of().is_some() {
+        return Ok(());
+    }
     let parts = parts_of(jobs, job.parts()).await?;
     let Some(status) = Status::of(job, &parts, batch, now) else {
         return Ok(());
@@ -370,6 +363,48 @@ async fn try_publish(
         .unwrap_or_else(|| job.input().output_path());
     write(store, output_container, path, &status).await?;
     Ok(())
+}
+
+/// The split input `key`'s `status.json`, from its parts' records as they are now, written
+/// only when it says something new (anything but `updated_at`). Called after its parts were
+/// advanced (at intake and on each tick), so it follows them within a tick. Best effort, as
+/// [`publish`].
+pub async fn refresh_split(
+    store: &BlobStore,
+    jobs: &JobStore,
+    output_container: &str,
+    key: &str,
+    now: i64,
+) {
+    let refreshed = async {
+        let Some((job, _)) = jobs.load_active(key).await? else {
+            return Ok(());
+        };
+        if !matches!(job, AnyJob::Split(_)) {
+            return Ok(());
+        }
+        let parts = parts_of(jobs, job.parts()).await?;
+        let Some(status) = Status::of(&job, &parts, None, now) else {
+            return Ok(());
+        };
+        let path = job.input().output_path();
+        let before = match store.read(output_container, &status_name(path)).await? {
+            Some((bytes, _)) => serde_json::from_slice::<Status>(&bytes).ok(),
+            None => None,
+        };
+        if let Some(before) = before {
+            let mut same = before.clone();
+            same.updated_at = status.updated_at;
+            if same == status {
+                return Ok(());
+            }
+        }
+        write(store, output_container, path, &status).await?;
+        Ok::<(), JobStoreError>(())
+    };
+    if let Err(e) = refreshed.await {
+        tracing::warn!(job = %key, "status.json not written (the next tick writes it): {e}");
+    }
 }
 
 pub async fn write(

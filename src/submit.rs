@@ -474,6 +474,18 @@ async fn gone_while_read(
     Ok(Intake::Gone)
 }
 
+/// Rewrites a split input's `status.json` after its parts were advanced (see `status`).
+pub async fn refresh_split_status(app: &App, key: &str) {
+    crate::status::refresh_split(
+        &app.store,
+        &app.jobs,
+        &app.config.output_container,
+        key,
+        app.now(),
+    )
+    .await;
+}
+
 /// Writes the job's `status.json` after a transition (see `status`).
 async fn publish_status(app: &App, job: AnyJob, batch: Option<&crate::openai::Batch>) {
     crate::status::publish(
@@ -643,6 +655,7 @@ async fn split_input(
         app.config.split_limits.max_bytes,
     ));
     let progress = advance_parts(app, job, etag, j).await?;
+    refresh_split_status(app, &key).await;
     Ok(Intake::Split {
         parts: count,
         started: progress.started,

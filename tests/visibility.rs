@@ -265,9 +265,20 @@ async fn a_split_file_shows_every_part_with_its_batch_and_counts() {
     );
 
     // Two steps (in progress, three answered each): the parts' counts show, and their sum.
+    // The parts are polled in the same tick as their parent's file is written, so the file
+    // follows them within one more tick.
     s.emulator.step(None, 2).await;
     s.tick_ok().await;
+    s.tick_ok().await;
     let st = s.status_json("big").await.unwrap();
+    // A tick that learns nothing new does not rewrite it, though it reads every part.
+    let etag = s.status_etag("big").await.unwrap();
+    s.tick_ok().await;
+    assert_eq!(
+        s.status_etag("big").await.unwrap(),
+        etag,
+        "unchanged: not rewritten"
+    );
     for p in st["batches"].as_array().unwrap() {
         assert_eq!(p["batch_status"], "in_progress", "{st:#}");
         assert_eq!(p["request_counts"]["completed"], 3, "{st:#}");
