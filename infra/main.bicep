@@ -1,6 +1,6 @@
 // aoai-blob-batch: everything in one resource-group deployment.
 //
-//   storage account (Entra-only) ── batch-input ──BlobCreated──▶ Event Grid ──▶ function-trigger
+//   storage account (Entra-only) ── batch-input ──BlobCreated/Deleted──▶ Event Grid ──▶ function-trigger
 //        │                          batch-output ◀── Azure OpenAI Batch (its own identity)
 //        │                          batch-jobs (job records), batch-deadletter, app-package
 //   Flex Consumption Function App (runtime custom, the Rust `handler`) ── timer ── function-timer
@@ -116,7 +116,7 @@ var stateContainerName = 'batch-jobs'
 var deadLetterContainerName = 'batch-deadletter'
 var deploymentContainerName = 'app-package'
 
-// The function that receives BlobCreated events (folder function-trigger/ of the package).
+// The function that receives BlobCreated and BlobDeleted events (folder function-trigger/ of the package).
 var triggerFunctionName = 'function-trigger'
 
 module storage 'modules/storage.bicep' = {

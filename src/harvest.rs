@@ -19,6 +19,7 @@ use tokio::sync::oneshot;
 
 use crate::{
     app::{App, Journal, StepError},
+    cancel,
     jobs::{Harvesting, Job, Outcome, followup_blob},
     openai::{Batch, BatchStatus, RequestCounts},
     outputs::{
@@ -54,7 +55,8 @@ pub async fn harvest_batch(
         Some(b) => b,
         None => app.openai.retrieve(&job.batch().id).await?,
     };
-    let outcome = outcome_of(&batch.status);
+    let cancel_requested = job.cancel_request().is_some();
+    let outcome = cancel::outcome_after_cancel(cancel_requested, outcome_of(&batch.status));
     let out = job.output_container(&app.config).to_string();
     let path = results_folder(app, &mut job, j).await?;
     let first_round = job.round() == 0;
@@ -123,7 +125,9 @@ pub async fn harvest_batch(
         Outcome::Expired => app.config.resubmit_expired,
         Outcome::Cancelled => app.config.resubmit_cancelled,
         _ => false,
-    } && job.round() < app.config.max_followups;
+    } && job.round() < app.config.max_followups
+        // What was cancelled on request is not sent again.
+        && !cancel_requested;
     let staged = follow_up.then(|| followup_blob(&key, job.round() + 1));
     let merged = write_merged(app, &job, &out, &path, staged.as_deref()).await?;
     app.fault_point("harvest:after-merged");
@@ -190,6 +194,19 @@ pub async fn harvest_batch(
              version's results are in {}/",
             job.input().output_path()
         ));
+    }
+    match (job.cancel_request(), outcome) {
+        (Some(c), Outcome::Completed) => summary.notes.push(format!(
+            "a cancel was asked for ({}) but the batch had already completed: its results \
+             are whole",
+            c.by.as_str()
+        )),
+        (Some(c), _) => summary.notes.push(format!(
+            "cancelled ({}): what the service answered before it stopped is kept; the other \
+             requests are in merged.jsonl with error no_result",
+            c.by.as_str()
+        )),
+        (None, _) => {}
     }
     summary::write(&app.store, &out, &path, &summary).await?;
     app.fault_point("harvest:after-summary");

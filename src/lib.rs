@@ -3,14 +3,15 @@
 //! The modules form a stack; each imports only from the layers below it, never above:
 //!
 //! ```text
-//!  host face     server (routes)  protocol (the host's payloads)     main.rs (the commands)
+//!  host face     server (routes)  protocol (the host's payloads)     main.rs ──▶ cli (the commands)
 //!                   │
 //!  workflows     webhook (an event) ──▶ poll (a timer tick) ──▶ harvest ──▶ submit ──▶ split ──▶ outputs
 //!                   (each a module of functions taking `&App`; the arrows are who calls whom)
+//!                   └────────────────────┴───────────┴──▶ cancel (a leaf: server and cli call it too)
 //!                   │
 //!  context       app (App: settings, clients, clock; Journal; StepError; guarded; fault points)
 //!                   │
-//!  job model     summary ──▶ jobs (records, their typed states and transitions, their store)
+//!  job model     summary ──▶ status (status.json) ──▶ jobs (records, typed states, their store)
 //!                   │
 //!  clients and   openai (the batch REST client)   storage (Blob Storage)
 //!  pure logic    validate (the input checker)     config (settings)
@@ -24,6 +25,8 @@
 //! its state's data, and a transition from the wrong state does not compile.
 
 pub mod app;
+pub mod cancel;
+pub mod cli;
 pub mod config;
 pub mod harvest;
 pub mod jobs;
@@ -33,6 +36,7 @@ pub mod poll;
 pub mod protocol;
 pub mod server;
 pub mod split;
+pub mod status;
 pub mod storage;
 pub mod submit;
 pub mod summary;

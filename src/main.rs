@@ -4,6 +4,8 @@
 //!   `127.0.0.1:$FUNCTIONS_CUSTOMHANDLER_PORT`.
 //! - `handler validate FILE`: checks a batch input file before upload; prints every problem
 //!   (line, code, message) and exits 1 when there is one, 0 when it would be accepted.
+//! - `handler status [NAME] [--json]` and `handler cancel NAME`: the operator's view of the
+//!   jobs and their stop button, with the function app's settings (`cli`).
 //! - `handler webhook register --url URL --secret-file FILE`: registers function-webhook with
 //!   Azure OpenAI for the `batch.*` events; the signing secret goes to FILE, never to the output.
 
@@ -38,6 +40,30 @@ enum Command {
         /// The .jsonl file to check.
         file: PathBuf,
     },
+    /// Show every file's job: running ones, then the most recently finished. Reads the job
+    /// records with the function app's settings (BATCH_STORAGE_CONNECTION_STRING, or
+    /// BATCH_STORAGE_ACCOUNT_URL with your `az login`); no function app needed.
+    /// Exit codes: 0 shown; 1 storage unreachable; 2 a setting missing; 3 no job for NAME.
+    Status {
+        /// Only this input file's jobs: its blob name in the input container, e.g.
+        /// reports/q3.jsonl.
+        name: Option<String>,
+        /// Print JSON (`{"active": [...], "finished": [...]}`) instead of a table.
+        #[arg(long)]
+        json: bool,
+        /// How many finished jobs to list, newest first.
+        #[arg(long, default_value_t = aoai_blob_batch::cli::FINISHED_SHOWN)]
+        finished: usize,
+    },
+    /// Stop a file's current job: cancels its batch (every part's, for a split file) and
+    /// keeps what the service finished; a job with no batch yet is dropped. Needs the
+    /// function app's settings, Azure OpenAI's included. Exit codes: 0 cancel sent (or job
+    /// dropped); 1 storage or the service unreachable; 2 a setting missing; 3 no job for
+    /// NAME; 4 the job has already finished (nothing changed).
+    Cancel {
+        /// The input file's blob name in the input container, e.g. reports/q3.jsonl.
+        name: String,
+    },
     /// Azure OpenAI webhooks for function-webhook.
     #[command(subcommand)]
     Webhook(WebhookCommand),
@@ -67,6 +93,12 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command.unwrap_or(Command::Serve) {
         Command::Validate { file } => validate_file(&file),
+        Command::Status {
+            name,
+            json,
+            finished,
+        } => aoai_blob_batch::cli::status(name.as_deref(), json, finished),
+        Command::Cancel { name } => aoai_blob_batch::cli::cancel(&name),
         Command::Serve => serve(),
         Command::Webhook(WebhookCommand::Register {
             url,

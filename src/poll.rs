@@ -21,6 +21,7 @@ use futures::{StreamExt, TryStreamExt};
 
 use crate::{
     app::{App, Journal, StepError, guarded},
+    cancel,
     config::ApiStyle,
     harvest,
     jobs::{
@@ -132,6 +133,14 @@ pub async fn tick(app: &App, j: &Journal) -> Result<TickStats, StepError> {
     }
     stats.active = entries.len();
 
+    // Inputs deleted while their job ran, whose BlobDeleted event never came (or Event Grid
+    // is not set up): their jobs are cancelled as the event would have.
+    let keys: Vec<String> = entries.iter().map(|e| e.key.clone()).collect();
+    if let Err(e) = cancel::sweep_deleted(app, &keys, j).await {
+        j.error(format!(
+            "sweep: deleted inputs will be looked for again next tick: {e}"
+        ));
+    }
     let listed = match list_running(app, &entries, &mut stats).await {
         Ok(listed) => listed,
         // The gateway's 404 reaches every call: the job steps meet it too, and the tick
@@ -395,6 +404,10 @@ async fn step_record(
 ) -> Result<bool, StepError> {
     let key = job.key().to_string();
     let key = key.as_str();
+    // A job asked to stop: dropped here if it has no batch yet.
+    let Some((job, etag)) = cancel::advance(app, job, etag, j).await? else {
+        return Ok(true);
+    };
     let t = app.now();
     let lease = app.config.submit_lease.as_secs();
     match job {
@@ -430,7 +443,13 @@ async fn step_record(
             let batch = batch.filter(|b| b.id == job.batch().id);
             poll_running(app, job, etag, batch, j).await
         }
-        AnyJob::Split(job) => Ok(submit::advance_parts(app, job, etag, j).await?.combined),
+        AnyJob::Split(job) => {
+            let combined = submit::advance_parts(app, job, etag, j).await?.combined;
+            if !combined {
+                submit::refresh_split_status(app, key).await;
+            }
+            Ok(combined)
+        }
         AnyJob::Harvesting(job) => harvest::harvest_batch(app, job, etag, None, j)
             .await
             .map(|_| true),
@@ -528,6 +547,7 @@ async fn poll_running(
         Observed::Changed(job) => {
             if app.jobs.update(&job, &etag).await?.is_some() {
                 log_status();
+                publish_status(app, job.into(), &batch).await;
             }
             Ok(false)
         }
@@ -536,10 +556,25 @@ async fn poll_running(
                 return Ok(false);
             };
             log_status();
+            publish_status(app, job.clone().into(), &batch).await;
             harvest::harvest_batch(app, job, etag, Some(batch.clone()), j).await?;
             Ok(true)
         }
     }
+}
+
+/// The service's news about a batch reaches `status.json` (only on a change: a tick that
+/// changed nothing writes nothing).
+async fn publish_status(app: &App, job: AnyJob, batch: &crate::openai::Batch) {
+    crate::status::publish(
+        &app.store,
+        &app.jobs,
+        &app.config.output_container,
+        &job,
+        Some(batch),
+        app.now(),
+    )
+    .await;
 }
 
 async fn input_unchanged(app: &App, input: &InputRef) -> Result<bool, StepError> {

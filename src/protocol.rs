@@ -46,6 +46,8 @@ pub const INVOCATION_ID_HEADER: &str = "x-azure-functions-invocationid";
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum StorageEvent {
     BlobCreated(BlobCreated),
+    /// A blob was deleted: its job, if it has one still running, is cancelled.
+    BlobDeleted(BlobDeleted),
     /// Any other event type: acknowledged and ignored.
     Other {
         event_type: String,
@@ -65,6 +67,15 @@ pub struct BlobCreated {
     /// The storage operation that raised the event (`data.api`): `PutBlob`, `PutBlockList`,
     /// `CopyBlob`, `FlushWithClose`, `CreateFile`, …
     pub api: Option<String>,
+}
+
+/// `Microsoft.Storage.BlobDeleted`. The event names the blob but, unlike BlobCreated, carries
+/// no ETag (event-schema-blob-storage), so which version went is worked out from the jobs.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BlobDeleted {
+    pub id: String,
+    /// Untrusted, as for BlobCreated.
+    pub url: String,
 }
 
 /// The `data.api` values that announce a file before anything is written to it, per the Event
@@ -93,13 +104,14 @@ pub enum DecodeError {
     Undecodable,
     #[error("the event has no event type (`eventType` or `type`)")]
     NoEventType,
-    #[error("the BlobCreated event has no `data.url`")]
+    #[error("the blob event has no `data.url`")]
     NoUrl,
     #[error("the delivery holds no event")]
     Empty,
 }
 
 const BLOB_CREATED: &str = "Microsoft.Storage.BlobCreated";
+const BLOB_DELETED: &str = "Microsoft.Storage.BlobDeleted";
 
 /// Decodes the events of an `eventGridTrigger` invocation whose binding is named `binding`.
 /// The host sends one event per invocation, but an array is accepted too.
@@ -156,7 +168,7 @@ fn decode_one(event: Value) -> Result<StorageEvent, DecodeError> {
         .or_else(|| str_field(obj, "type"))
         .ok_or(DecodeError::NoEventType)?;
     let id = str_field(obj, "id").unwrap_or_default();
-    if event_type != BLOB_CREATED {
+    if event_type != BLOB_CREATED && event_type != BLOB_DELETED {
         return Ok(StorageEvent::Other { event_type, id });
     }
     let data = obj
@@ -166,6 +178,9 @@ fn decode_one(event: Value) -> Result<StorageEvent, DecodeError> {
         .unwrap_or(Value::Null);
     let data = data.as_object().cloned().unwrap_or_default();
     let url = str_field(&data, "url").ok_or(DecodeError::NoUrl)?;
+    if event_type == BLOB_DELETED {
+        return Ok(StorageEvent::BlobDeleted(BlobDeleted { id, url }));
+    }
     Ok(StorageEvent::BlobCreated(BlobCreated {
         id,
         url,
@@ -397,9 +412,37 @@ mod tests {
     }
 
     #[test]
+    fn a_deleted_blob_is_decoded_with_its_url() {
+        // The documented BlobDeleted event: no eTag, no contentLength.
+        let e = json!({
+            "topic": "/subscriptions/s/resourceGroups/rg/providers/Microsoft.Storage/storageAccounts/acct",
+            "subject": "/blobServices/default/containers/batch-input/blobs/x.jsonl",
+            "eventType": "Microsoft.Storage.BlobDeleted",
+            "id": "d1",
+            "data": {
+                "api": "DeleteBlob",
+                "blobType": "BlockBlob",
+                "url": "https://acct.blob.core.windows.net/batch-input/x.jsonl",
+                "sequencer": "0000000000000281000000000002F5CA"
+            },
+            "dataVersion": "",
+            "metadataVersion": "1",
+            "eventTime": "2026-11-28T08:00:00Z"
+        });
+        let got = decode_events(&request_with(e), "event").unwrap();
+        assert_eq!(
+            got,
+            vec![StorageEvent::BlobDeleted(BlobDeleted {
+                id: "d1".into(),
+                url: "https://acct.blob.core.windows.net/batch-input/x.jsonl".into()
+            })]
+        );
+    }
+
+    #[test]
     fn other_event_types_are_reported_as_such() {
         let mut e = blob_event();
-        e["eventType"] = json!("Microsoft.Storage.BlobDeleted");
+        e["eventType"] = json!("Microsoft.Storage.BlobTierChanged");
         assert!(matches!(
             decode_events(&request_with(e), "event").unwrap()[0],
             StorageEvent::Other { .. }

@@ -20,9 +20,13 @@ use tower_http::catch_panic::CatchPanicLayer;
 
 use crate::{
     app::{App, Journal, guarded, panic_message},
+    cancel,
     config::{TEST_SWITCHES_COMPILED, names},
     poll,
-    protocol::{self, INVOCATION_ID_HEADER, InvocationRequest, InvocationResponse, StorageEvent},
+    protocol::{
+        self, BlobDeleted, INVOCATION_ID_HEADER, InvocationRequest, InvocationResponse,
+        StorageEvent,
+    },
     submit::{self, Intake},
     webhook::{self, Handled, signature},
 };
@@ -140,6 +144,12 @@ async fn function_trigger(State(app): State<Arc<App>>, headers: HeaderMap, body:
     for event in events {
         let created = match event {
             StorageEvent::BlobCreated(c) => c,
+            StorageEvent::BlobDeleted(d) => {
+                if !blob_deleted(&app, &d, &journal).await {
+                    status = StatusCode::INTERNAL_SERVER_ERROR;
+                }
+                continue;
+            }
             StorageEvent::Other { event_type, id } => {
                 journal.info(format!(
                     "ignored event {id}: type {event_type} is not BlobCreated"
@@ -219,6 +229,62 @@ fn log_outcome(journal: &Journal, container: &str, name: &str, outcome: &Intake)
         )),
         Intake::Refused => {
             journal.info(format!("{blob}: refused by the service; see summary.json"))
+        }
+        Intake::Cancelled => journal.info(format!(
+            "{blob}: cancelled before its batch was created; see summary.json"
+        )),
+    }
+}
+
+/// An input was deleted: its job (of the deleted version) is cancelled. `false` when a
+/// transient fault should have Event Grid deliver the event again (the timer's sweep would
+/// also find the job in the end).
+async fn blob_deleted(app: &App, event: &BlobDeleted, journal: &Journal) -> bool {
+    let Some((container, name)) = app.store.locate_event(&event.url) else {
+        journal.warn(format!(
+            "ignored event {}: {} is not in the configured storage account",
+            event.id,
+            display_url(&event.url)
+        ));
+        return true;
+    };
+    if container != app.config.input_container || !name.ends_with(".jsonl") {
+        journal.info(format!(
+            "ignored event {}: blob={container}/{name} deleted; not an input",
+            event.id
+        ));
+        return true;
+    }
+    let step = async {
+        // A blob of that name there now is a newer upload: its job is never cancelled.
+        let current = app
+            .store
+            .properties(&container, &name)
+            .await?
+            .map(|b| b.etag);
+        cancel::input_deleted(app, &name, current.as_deref(), journal).await
+    };
+    match guarded(format!("blob={container}/{name}"), step).await {
+        Ok(Some(_)) => true,
+        Ok(None) => {
+            journal.info(format!(
+                "blob={container}/{name} event=input_deleted: no unfinished job of the deleted \
+                 version; nothing to cancel"
+            ));
+            true
+        }
+        Err(e) if e.is_transient() => {
+            journal.error(format!(
+                "blob={container}/{name}: deletion will be retried: {e}"
+            ));
+            false
+        }
+        Err(e) => {
+            journal.error(format!(
+                "blob={container}/{name}: deletion not handled; the timer's sweep cancels its \
+                 job: {e}"
+            ));
+            true
         }
     }
 }

@@ -16,6 +16,7 @@ use futures::StreamExt;
 
 use crate::{
     app::{App, Journal, StepError},
+    cancel,
     jobs::{
         AnyJob, CanQueue, Claim, Finished, InputFacts, InputRef, Job, JobState, Split, Submitting,
         Unfinished,
@@ -63,6 +64,8 @@ pub enum Intake {
         parts: usize,
         started: usize,
     },
+    /// A cancel was asked for before the batch was created: dropped, nothing submitted.
+    Cancelled,
 }
 
 impl Intake {
@@ -167,6 +170,7 @@ pub async fn intake(app: &App, name: &str, j: &Journal) -> Result<Intake, StepEr
                 fresh.input().container,
                 fresh.input().size
             ));
+            publish_status(app, fresh.clone().into(), None).await;
             run_claimed(app, fresh, etag, j).await
         }
         Claim::Exists => {
@@ -224,6 +228,7 @@ pub async fn run_claimed(
         let job = job.submitted(&batch, true, app.now());
         return match app.jobs.update(&job, &etag).await? {
             Some(_) => {
+                publish_status(app, job.into(), Some(&batch)).await;
                 j.info(format!(
                     "job={key} batch={}: adopted the batch an earlier attempt created",
                     batch.id
@@ -235,6 +240,12 @@ pub async fn run_claimed(
             }
             None => Ok(Intake::InProgressElsewhere),
         };
+    }
+
+    // Asked to stop, and no batch was created: nothing is submitted now.
+    if job.cancel_request().is_some() {
+        cancel::drop_unsubmitted(app, job, &etag, j).await?;
+        return Ok(Intake::Cancelled);
     }
 
     let facts = match job.facts() {
@@ -256,8 +267,7 @@ pub async fn run_claimed(
                     ));
                     // An earlier holder may have died while splitting it.
                     split::delete_staging(app, &key).await?;
-                    app.jobs.abandon(&key, &etag).await?;
-                    return Ok(Intake::Gone);
+                    return gone_while_read(app, job, &etag, j).await;
                 }
                 Err(e) => return Err(release(app, job, &etag, e.into(), j).await),
             };
@@ -329,6 +339,8 @@ pub async fn run_claimed(
                     "job={key} batch={}: claim lost after create; the new holder adopts it",
                     batch.id
                 ));
+            } else {
+                publish_status(app, job.clone().into(), Some(&batch)).await;
             }
             let round = match job.round() {
                 0 => String::new(),
@@ -458,6 +470,7 @@ pub async fn queue_for_quota<S: CanQueue>(
             "job={key}: enqueued-token quota is full; queued, next try in {delay} s (attempt {})",
             job.quota_attempts()
         ));
+        publish_status(app, job.into(), None).await;
     }
     Ok(Intake::Queued)
 }
@@ -487,6 +500,56 @@ pub async fn fail_job<S: Unfinished>(
     .await?;
     app.jobs.finish(&job, etag).await?;
     Ok(())
+}
+
+/// The input went away while it was read. Deleted: the job is dropped with a summary that
+/// says so (its `status.json` was already written). Replaced: the record goes, and the new
+/// version, a job of its own, owns the folder.
+async fn gone_while_read(
+    app: &App,
+    mut job: Job<Submitting>,
+    etag: &str,
+    j: &Journal,
+) -> Result<Intake, StepError> {
+    let input = job.input();
+    if job.part_of().is_none()
+        && app
+            .store
+            .properties(&input.container, &input.name)
+            .await?
+            .is_none()
+    {
+        job.request_cancel(crate::jobs::CancelledBy::InputDeleted, app.now());
+        cancel::drop_unsubmitted(app, job, etag, j).await?;
+        return Ok(Intake::Cancelled);
+    }
+    app.jobs.abandon(job.key(), etag).await?;
+    Ok(Intake::Gone)
+}
+
+/// Rewrites a split input's `status.json` after its parts were advanced (see `status`).
+pub async fn refresh_split_status(app: &App, key: &str) {
+    crate::status::refresh_split(
+        &app.store,
+        &app.jobs,
+        &app.config.output_container,
+        key,
+        app.now(),
+    )
+    .await;
+}
+
+/// Writes the job's `status.json` after a transition (see `status`).
+async fn publish_status(app: &App, job: AnyJob, batch: Option<&crate::openai::Batch>) {
+    crate::status::publish(
+        &app.store,
+        &app.jobs,
+        &app.config.output_container,
+        &job,
+        batch,
+        app.now(),
+    )
+    .await;
 }
 
 /// A transient fault: free the claim so the redelivery can go on at once, and report it.
@@ -645,8 +708,7 @@ async fn split_input(
                 job.input().name
             ));
             split::delete_staging(app, &key).await?;
-            app.jobs.abandon(&key, &etag).await?;
-            return Ok(Intake::Gone);
+            return gone_while_read(app, job, &etag, j).await;
         }
         Err(e) => return Err(e.into()),
     };
@@ -657,6 +719,7 @@ async fn split_input(
         return Ok(Intake::InProgressElsewhere);
     };
     app.fault_point("split:after-record");
+    publish_status(app, job.clone().into(), None).await;
     j.info(format!(
         "job={key}: blob={}/{} has {} requests ({} bytes), beyond one batch's limits \
          ({} requests, {} bytes): split into {count} parts",
@@ -668,6 +731,7 @@ async fn split_input(
         app.config.split_limits.max_bytes,
     ));
     let progress = advance_parts(app, job, etag, j).await?;
+    refresh_split_status(app, &key).await;
     Ok(Intake::Split {
         parts: count,
         started: progress.started,
@@ -711,6 +775,11 @@ pub async fn advance_parts(
             continue;
         }
         unfinished += 1;
+        if job.cancel_request().is_some() {
+            // The input was cancelled: parts not started never are.
+            cancel::drop_part(app, &job, part).await?;
+            continue;
+        }
         match start_part(app, &job, part, j).await? {
             Intake::Queued => return waiting(started),
             Intake::Submitted { .. } => started += 1,
@@ -724,6 +793,7 @@ pub async fn advance_parts(
     let Some(etag) = app.jobs.update(&job, &etag).await? else {
         return waiting(started);
     };
+    publish_status(app, job.clone().into(), None).await;
     split::combine_parts(app, job, etag, j).await?;
     Ok(PartsAdvanced {
         started,

@@ -8,8 +8,9 @@ use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
 use crate::{
-    jobs::{Finished, HistoryEntry, Job, Outcome, RoundRecord},
+    jobs::{CancelledBy, Finished, HistoryEntry, Job, Outcome, RoundRecord},
     openai::{Batch, BatchError, RequestCounts},
+    status,
     storage::{BlobStore, StorageError, WriteCondition},
     validate::Problem,
 };
@@ -53,6 +54,10 @@ impl Usage {
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Summary {
     pub status: Outcome,
+    /// Who or what stopped a `cancelled` job that was asked to stop: `command` (`handler
+    /// cancel`) or `input deleted`. Absent when the batch was cancelled some other way.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cancelled_by: Option<CancelledBy>,
     pub batch_id: Option<String>,
     pub input_blob: String,
     pub input_etag: String,
@@ -145,6 +150,10 @@ impl Summary {
     pub fn for_job(job: &Job<Finished>, at: i64) -> Self {
         Summary {
             status: job.outcome(),
+            cancelled_by: job
+                .cancel_request()
+                .filter(|_| job.outcome() == Outcome::Cancelled)
+                .map(|c| c.by),
             batch_id: job.batch().map(|b| b.id.clone()),
             input_blob: job.input().url.clone(),
             input_etag: job.input().etag.clone(),
@@ -269,8 +278,11 @@ pub async fn write(
             WriteCondition::Always,
             "application/json",
         )
-        .await
-        .map(|_| ())
+        .await?;
+    // The summary is the final word: the status file goes once it is written (never
+    // before, so a folder always shows one of them). A crash between the two leaves the
+    // job's record unfinished, and the step that runs again writes both again.
+    status::delete(store, container, output_path).await
 }
 
 #[cfg(test)]

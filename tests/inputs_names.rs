@@ -89,16 +89,20 @@ async fn every_corpus_file_through_the_handler() {
     let resp = reqwest::get(handler.url("/")).await.unwrap();
     assert_eq!(resp.status(), 200);
     let outputs: Vec<_> = store.list("batch-output", "").try_collect().await.unwrap();
+    let count = |file: &str| outputs.iter().filter(|b| b.name.ends_with(file)).count();
     assert_eq!(
-        outputs.len(),
+        count("/summary.json"),
         rejected,
         "one summary.json per rejected file"
     );
-    assert!(
-        outputs
-            .iter()
-            .all(|b| b.name.starts_with("corpus/") && b.name.ends_with("/summary.json"))
+    // A valid file's batch runs on: its status.json says so until its summary comes.
+    assert_eq!(
+        count("/status.json"),
+        accepted,
+        "one status.json per running file"
     );
+    assert!(outputs.iter().all(|b| b.name.starts_with("corpus/")
+        && (b.name.ends_with("/summary.json") || b.name.ends_with("/status.json"))));
     assert!(rejected >= 60, "{rejected}");
     println!(
         "FIGURE bad-inputs: {} corpus files via events -> {rejected} rejected with the expected \

@@ -1,4 +1,5 @@
-// Event Grid: BlobCreated on batch-input/*.jsonl -> function-trigger.
+// Event Grid: BlobCreated and BlobDeleted on batch-input/*.jsonl -> function-trigger
+// (a new file is submitted; a deleted file's running job is cancelled).
 //
 // The system topic is created in step 1 (it needs nothing but the storage account). The
 // subscription is step 2: an `AzureFunction` endpoint is validated against the deployed code
@@ -76,6 +77,8 @@ resource blobCreatedSubscription 'Microsoft.EventGrid/systemTopics/eventSubscrip
     filter: {
       includedEventTypes: [
         'Microsoft.Storage.BlobCreated'
+        // Deleting an input cancels its job (the timer's sweep would notice too, later).
+        'Microsoft.Storage.BlobDeleted'
       ]
       // Subjects look like /blobServices/default/containers/<container>/blobs/<name>.
       subjectBeginsWith: '/blobServices/default/containers/${inputContainerName}/'

@@ -30,6 +30,7 @@ mod keys {
     pub const COMPLETED: &str = "ixcompleted";
     pub const FAILED: &str = "ixfailed";
     pub const MISSING: &str = "ixmissing";
+    pub const CANCEL: &str = "ixcancel";
 }
 const VERSION: &str = "1";
 
@@ -46,6 +47,8 @@ pub struct JobIndex {
     pub batch: Option<BatchSeen>,
     /// A running job's last look found its batch missing (the next look decides).
     pub missing: bool,
+    /// Someone asked for the job to stop: its record is read whatever else the index says.
+    pub cancel_requested: bool,
 }
 
 impl<S: State> Job<S> {
@@ -57,6 +60,7 @@ impl<S: State> Job<S> {
             quiet_until: self.state.quiet_until(),
             batch: running.map(|(b, _)| b.clone()),
             missing: running.is_some_and(|(_, m)| m),
+            cancel_requested: self.common.cancel.is_some(),
         }
     }
 }
@@ -67,6 +71,7 @@ impl JobIndex {
     pub fn unchanged_by(&self, batch: &Batch) -> bool {
         self.state == JobState::Running
             && !self.missing
+            && !self.cancel_requested
             && !batch.status.is_terminal()
             && self.batch.as_ref().is_some_and(|seen| {
                 seen.id == batch.id
@@ -75,9 +80,10 @@ impl JobIndex {
             })
     }
 
-    /// True when nothing can be due before `at` (a lease or a wait still running).
+    /// True when nothing can be due before `at` (a lease or a wait still running, and no
+    /// one asked for the job to stop).
     pub fn quiet_at(&self, at: i64) -> bool {
-        self.quiet_until.is_some_and(|t| t > at)
+        !self.cancel_requested && self.quiet_until.is_some_and(|t| t > at)
     }
 
     pub fn to_metadata(&self) -> HashMap<String, String> {
@@ -104,6 +110,9 @@ impl JobIndex {
         }
         if self.missing {
             m.insert(keys::MISSING.into(), "1".into());
+        }
+        if self.cancel_requested {
+            m.insert(keys::CANCEL.into(), "1".into());
         }
         m
     }
@@ -148,6 +157,7 @@ impl JobIndex {
             },
             batch,
             missing: get(keys::MISSING) == Some("1"),
+            cancel_requested: get(keys::CANCEL) == Some("1"),
         })
     }
 }
@@ -185,6 +195,7 @@ mod tests {
                 },
             }),
             missing: false,
+            cancel_requested: false,
         }
     }
 
@@ -210,6 +221,7 @@ mod tests {
                 quiet_until: Some(900),
                 batch: None,
                 missing: false,
+                cancel_requested: true,
             },
         ] {
             assert_eq!(JobIndex::from_metadata(&ix.to_metadata()), Some(ix));
@@ -255,6 +267,29 @@ mod tests {
             !missing.unchanged_by(&batch("in_progress", 3)),
             "seen again"
         );
+        let cancel = JobIndex {
+            cancel_requested: true,
+            ..ix.clone()
+        };
+        assert!(
+            !cancel.unchanged_by(&batch("in_progress", 3)),
+            "asked to stop"
+        );
+    }
+
+    #[test]
+    fn a_job_asked_to_stop_is_never_quiet() {
+        let mut ix = JobIndex {
+            state: JobState::Queued,
+            created_at: 0,
+            quiet_until: Some(1000),
+            batch: None,
+            missing: false,
+            cancel_requested: false,
+        };
+        assert!(ix.quiet_at(10));
+        ix.cancel_requested = true;
+        assert!(!ix.quiet_at(10));
     }
 
     #[test]

@@ -37,7 +37,7 @@ pub use record::{
     AnyJob, BatchSeen, CanQueue, Combining, CreateCall, Finished, Harvesting, Indexed, Job,
     Missing, MovesResults, Observed, Queued, Running, Split, State, Submitting, Unfinished,
 };
-pub use store::{ActiveEntry, Claim, JobStore, JobStoreError};
+pub use store::{ActiveEntry, Claim, JobStore, JobStoreError, Version};
 pub use wire::{InvalidRecord, Wire, WireState};
 
 use serde::{Deserialize, Serialize};
@@ -86,6 +86,35 @@ impl std::fmt::Display for Outcome {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.write_str(self.as_str())
     }
+}
+
+/// Who or what asked for a job to stop, as `summary.json` says it (`cancelled_by`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum CancelledBy {
+    /// `handler cancel NAME`.
+    #[serde(rename = "command")]
+    Command,
+    /// The input blob was deleted (its BlobDeleted event, or the timer's sweep).
+    #[serde(rename = "input deleted")]
+    InputDeleted,
+}
+
+impl CancelledBy {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            CancelledBy::Command => "command",
+            CancelledBy::InputDeleted => "input deleted",
+        }
+    }
+}
+
+/// A request to stop a job, kept in its record: whoever handles the job next (the timer, an
+/// intake that takes a lapsed claim over) honours it, so a cancel survives a crash and a
+/// job claimed by someone else at the time of the request.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CancelRequest {
+    pub by: CancelledBy,
+    pub at: i64,
 }
 
 /// The input blob version a job is for.

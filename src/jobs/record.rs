@@ -16,8 +16,8 @@ use crate::{
 };
 
 use super::{
-    HarvestProgress, HistoryEntry, InputFacts, InputRef, JobState, Outcome, PartOf, PartRef,
-    RoundRecord, WireState, job_key,
+    CancelRequest, CancelledBy, HarvestProgress, HistoryEntry, InputFacts, InputRef, JobState,
+    Outcome, PartOf, PartRef, RoundRecord, WireState, job_key,
 };
 
 /// A job in state `S`. Fields are read through methods and changed only by transitions.
@@ -46,6 +46,8 @@ pub(super) struct Common {
     /// Where the results go, relative to the output container, once the first harvest has
     /// chosen it; later rounds fold their results into the same folder.
     pub(super) results_folder: Option<String>,
+    /// Someone asked for the job to stop (`handler cancel`, the input deleted).
+    pub(super) cancel: Option<CancelRequest>,
     pub(super) created_at: i64,
     pub(super) updated_at: i64,
     pub(super) history: Vec<HistoryEntry>,
@@ -240,6 +242,10 @@ impl<S: State> Job<S> {
     pub fn state(&self) -> &S {
         &self.state
     }
+    /// Whether, and by whom, the job was asked to stop.
+    pub fn cancel_request(&self) -> Option<CancelRequest> {
+        self.common.cancel
+    }
 
     /// The blob the current round's batch reads: the input, or a follow-up's staged lines.
     pub fn batch_input_url(&self) -> &str {
@@ -292,6 +298,17 @@ pub trait Unfinished: State + Sized {
 }
 
 impl<S: Unfinished> Job<S> {
+    /// Notes that the job is to stop; `false` when it already was asked to (the first
+    /// request stands, so the summary names who asked first).
+    pub fn request_cancel(&mut self, by: CancelledBy, at: i64) -> bool {
+        if self.common.cancel.is_some() {
+            return false;
+        }
+        self.common.cancel = Some(CancelRequest { by, at });
+        self.note(at, format!("cancel requested ({})", by.as_str()));
+        true
+    }
+
     pub fn finish(self, outcome: Outcome, note: &str, at: i64) -> Job<Finished> {
         let mut job = self.map_state(|s| s.into_finished(outcome));
         job.note(at, format!("finished {}: {note}", outcome.as_str()));
@@ -370,6 +387,7 @@ impl Job<Submitting> {
                 rounds: Vec::new(),
                 followup_url: None,
                 results_folder: None,
+                cancel: None,
                 created_at: at,
                 updated_at: at,
                 history: Vec::new(),
@@ -771,6 +789,70 @@ impl AnyJob {
         }
     }
 
+    fn common(&self) -> &Common {
+        match self {
+            AnyJob::Submitting(j) => &j.common,
+            AnyJob::Queued(j) => &j.common,
+            AnyJob::Running(j) => &j.common,
+            AnyJob::Split(j) => &j.common,
+            AnyJob::Harvesting(j) => &j.common,
+            AnyJob::Combining(j) => &j.common,
+            AnyJob::Finished(j) => &j.common,
+        }
+    }
+
+    pub fn input(&self) -> &InputRef {
+        &self.common().input
+    }
+    pub fn facts(&self) -> Option<&InputFacts> {
+        self.common().facts.as_ref()
+    }
+    pub fn part_of(&self) -> Option<&PartOf> {
+        self.common().part_of.as_ref()
+    }
+    pub fn created_at(&self) -> i64 {
+        self.common().created_at
+    }
+    pub fn updated_at(&self) -> i64 {
+        self.common().updated_at
+    }
+    pub fn history(&self) -> &[HistoryEntry] {
+        &self.common().history
+    }
+    pub fn round(&self) -> u32 {
+        self.common().round
+    }
+    pub fn results_folder(&self) -> Option<&str> {
+        self.common().results_folder.as_deref()
+    }
+    pub fn last_error(&self) -> Option<&str> {
+        self.common().last_error.as_deref()
+    }
+    pub fn cancel_request(&self) -> Option<CancelRequest> {
+        self.common().cancel
+    }
+
+    /// The batch as last seen, for a job that has one now (running or harvesting) or had
+    /// one (finished).
+    pub fn batch(&self) -> Option<&BatchSeen> {
+        match self {
+            AnyJob::Running(j) => Some(&j.state.batch),
+            AnyJob::Harvesting(j) => Some(&j.state.batch),
+            AnyJob::Finished(j) => j.state.batch.as_ref(),
+            _ => None,
+        }
+    }
+
+    /// A split job's parts.
+    pub fn parts(&self) -> &[PartRef] {
+        match self {
+            AnyJob::Split(j) => &j.state.parts,
+            AnyJob::Combining(j) => &j.state.parts,
+            AnyJob::Finished(j) => &j.state.parts,
+            _ => &[],
+        }
+    }
+
     /// The job's current (or last) batch, where it has one.
     pub fn batch_id(&self) -> Option<&str> {
         match self {
@@ -782,9 +864,26 @@ impl AnyJob {
     }
 }
 
+macro_rules! into_any {
+    ($($state:ident),*) => {$(
+        impl From<Job<$state>> for AnyJob {
+            fn from(job: Job<$state>) -> Self {
+                AnyJob::$state(job)
+            }
+        }
+    )*};
+}
+into_any!(
+    Submitting, Queued, Running, Split, Harvesting, Combining, Finished
+);
+
 impl Job<Finished> {
     pub fn outcome(&self) -> Outcome {
         self.state.outcome
+    }
+    /// A split input's parts.
+    pub fn parts(&self) -> &[PartRef] {
+        &self.state.parts
     }
     /// The last batch, for a job that had one.
     pub fn batch(&self) -> Option<&BatchSeen> {

@@ -29,6 +29,25 @@ impl JobStoreError {
     }
 }
 
+/// One record of an input's versions (`JobStore::versions_of`).
+pub struct Version {
+    pub job: AnyJob,
+    /// The record's own ETag, for an `If-Match` update.
+    pub etag: String,
+    /// Under `active/` (else `done/`).
+    pub active: bool,
+}
+
+/// The prefixes under which the keys of `name`'s jobs start: `{name}@`, and for a name so
+/// long that its keys are hashed (`job_key`), the hashed keys' readable start too.
+fn key_prefixes(name: &str) -> Vec<String> {
+    let mut prefixes = vec![format!("{name}@")];
+    if name.len() > 800 {
+        prefixes.push(format!("{}…@", &name[..name.floor_char_boundary(200)]));
+    }
+    prefixes
+}
+
 /// Where a claim attempt stands.
 pub enum Claim {
     Claimed { etag: String },
@@ -192,6 +211,34 @@ impl JobStore {
                 e => Err(e),
             })?;
         Ok(())
+    }
+
+    /// Every record, active and finished, of the input blob `name` (each version it has had:
+    /// one job per ETag), with whether it is active and its ETag; parts of split inputs
+    /// are left out (they are their parent's). Lists only that name's records.
+    pub async fn versions_of(&self, name: &str) -> Result<Vec<Version>, JobStoreError> {
+        use futures::TryStreamExt;
+        let mut out = Vec::new();
+        for (dir, active) in [(ACTIVE, true), (DONE, false)] {
+            let mut names = Vec::new();
+            for prefix in key_prefixes(name) {
+                let listed: Vec<_> = self
+                    .store
+                    .list(&self.container, &format!("{dir}{prefix}"))
+                    .try_collect()
+                    .await?;
+                names.extend(listed.into_iter().map(|b| b.name));
+            }
+            for record in names {
+                let Some((job, etag)) = self.load(&record).await? else {
+                    continue; // finished and moved since the listing
+                };
+                if job.part_of().is_none() && job.input().name == name {
+                    out.push(Version { job, etag, active });
+                }
+            }
+        }
+        Ok(out)
     }
 
     /// The keys of every active job.

@@ -12,8 +12,8 @@ use serde::{Deserialize, Deserializer, Serialize, Serializer};
 use crate::openai::{BatchStatus, RequestCounts};
 
 use super::{
-    HarvestProgress, HistoryEntry, InputFacts, InputRef, JobState, Outcome, PartOf, PartRef,
-    RoundRecord,
+    CancelRequest, HarvestProgress, HistoryEntry, InputFacts, InputRef, JobState, Outcome, PartOf,
+    PartRef, RoundRecord,
     record::{
         AnyJob, BatchSeen, Combining, Common, CreateCall, Finished, Harvesting, Job, Missing,
         Queued, Running, Split, State, Submitting,
@@ -69,6 +69,10 @@ pub struct Wire {
     parts: Vec<PartRef>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     part_of: Option<PartOf>,
+    /// Absent unless a cancel was asked for, so records without one read as every earlier
+    /// version wrote them (and an earlier version reads ours, ignoring it).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    cancel: Option<CancelRequest>,
     created_at: i64,
     updated_at: i64,
     #[serde(default)]
@@ -116,6 +120,7 @@ impl<S: State> Job<S> {
             results_folder: self.common.results_folder.clone(),
             parts: Vec::new(),
             part_of: self.common.part_of.clone(),
+            cancel: self.common.cancel,
             created_at: self.common.created_at,
             updated_at: self.common.updated_at,
             history: self.common.history.clone(),
@@ -141,6 +146,7 @@ impl<S: State> Job<S> {
                 rounds: w.rounds,
                 followup_url: w.followup_url,
                 results_folder: w.results_folder,
+                cancel: w.cancel,
                 created_at: w.created_at,
                 updated_at: w.updated_at,
                 history: w.history,

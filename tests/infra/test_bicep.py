@@ -303,11 +303,12 @@ def event_grid(deployment: Deployment) -> tuple[BicepFile, dict, dict, object]:
     return module, unwrap(topic)[0], sub_config, condition
 
 
-def test_event_subscription_filters_blob_created_jsonl_in_batch_input(deployment: Deployment) -> None:
+def test_event_subscription_filters_blob_created_and_deleted_jsonl_in_batch_input(deployment: Deployment) -> None:
     module, _, sub, _ = event_grid(deployment)
     props = sub["properties"]
     flt = module.resolve(props["filter"])
-    assert flt["includedEventTypes"] == ["Microsoft.Storage.BlobCreated"]
+    # Created: a file to submit. Deleted: its job is cancelled (issue 16).
+    assert flt["includedEventTypes"] == ["Microsoft.Storage.BlobCreated", "Microsoft.Storage.BlobDeleted"]
     assert flt["subjectBeginsWith"] == "/blobServices/default/containers/batch-input/"
     assert flt["subjectEndsWith"] == ".jsonl"
     assert flt.get("isSubjectCaseSensitive") is True, "the handler takes `.jsonl` case-sensitively"
