@@ -261,3 +261,52 @@ async fn with_steps_by_time_a_batch_takes_at_least_its_tokens_over_the_rate() {
     let took = started.expect("seen in progress").elapsed();
     assert!(took >= Duration::from_millis(900), "{took:?}");
 }
+
+/// The handler's own estimate of `file(tag, n)`: each request is 3 framing tokens, "user",
+/// the content and 3 for the reply's priming, by o200k_base (the deployment name
+/// [`DEPLOYMENT`] names no family, so the current families' encoding).
+fn handler_estimate(tag: &str, n: usize) -> u64 {
+    let report = aoai_blob_batch::validate::validate_reader(
+        &file(tag, n)[..],
+        aoai_blob_batch::validate::Limits::default(),
+    )
+    .unwrap();
+    assert!(report.is_ok(), "{:?}", report.problems);
+    report.tokens
+}
+
+#[tokio::test]
+async fn summary_json_reports_the_estimated_tokens_of_the_input() {
+    let s = support::Stack::start(&["--step-ms", "0"], &[]);
+    s.submit("estimate.jsonl", &file("e", 4)).await;
+    let summary = s.harvest("estimate", Duration::from_secs(60)).await;
+    assert_eq!(summary["status"], "completed", "{summary:#}");
+    let estimated = summary["tokens"]["estimated"].as_u64().expect("tokens.estimated");
+    assert_eq!(estimated, handler_estimate("e", 4), "{summary:#}");
+    // The tokenizer's figure, not the service's character estimate (200 per request here).
+    assert_ne!(estimated, 4 * REQUEST_TOKENS);
+    assert!(estimated > 4 * 50, "{estimated}");
+    // The Contract's fields are all still there.
+    for key in ["status", "batch_id", "input_blob", "request_counts", "problems"] {
+        assert!(summary.get(key).is_some(), "{key} missing: {summary:#}");
+    }
+}
+
+#[test]
+fn handler_validate_prints_the_estimate() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("input.jsonl");
+    std::fs::write(&path, file("v", 3)).unwrap();
+    let out = std::process::Command::new(&Bins::local().handler)
+        .arg("validate")
+        .arg(&path)
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(out.status.code(), Some(0), "{stdout}");
+    let expected = format!(
+        "OK: 3 requests, url /chat/completions, model {DEPLOYMENT}, {} estimated input tokens (o200k_base)",
+        handler_estimate("v", 3)
+    );
+    assert_eq!(stdout.lines().last(), Some(expected.as_str()), "{stdout}");
+}
