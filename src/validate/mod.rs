@@ -34,6 +34,8 @@
 //! - `ids`: the `custom_id` uniqueness check, in fixed memory per id;
 //! - `tokens`: each request's estimated input tokens (the enqueued-token quota's measure),
 //!   by the deployment's model family's tokenizer; the rule is there and in the README;
+//! - `pieces`: tiktoken's counts, fast: its pre-tokenizer by hand for ASCII text, and the
+//!   counts of words already seen remembered;
 //! - `parts`: [`PartSpan`], where a file beyond the limits splits into parts
 //!   ([`Validator::splitting`]);
 //! - `messages`: the text of each problem, which says what to do;
@@ -47,6 +49,7 @@ use serde::{Deserialize, Serialize};
 mod ids;
 mod messages;
 mod parts;
+mod pieces;
 mod print;
 mod request;
 #[cfg(test)]

@@ -14,7 +14,7 @@ use super::{
     },
     parts::Splitter,
     request::{Body, Request, Value},
-    tokens::Encoding,
+    tokens::{Counters, Encoding},
 };
 
 pub(super) const BOM: &[u8] = b"\xEF\xBB\xBF";
@@ -57,6 +57,7 @@ pub struct Validator {
     /// The tokenizer of the last `body.model` seen, and that name: a file names one
     /// deployment, so the lookup is made once, not per line.
     encoding: Option<(String, Encoding)>,
+    counters: Counters,
 }
 
 impl Validator {
@@ -82,6 +83,7 @@ impl Validator {
             splitter: None,
             tokens: 0,
             encoding: None,
+            counters: Counters::default(),
         }
     }
 
@@ -448,7 +450,7 @@ impl Validator {
             (_, Some((_, e))) => *e,
             (_, None) => Encoding::for_deployment(""),
         };
-        let tokens = prompt.tokens(encoding);
+        let tokens = prompt.tokens(encoding, &mut self.counters);
         self.tokens += tokens;
         if let Some(splitter) = &mut self.splitter {
             splitter.add_tokens(tokens);
