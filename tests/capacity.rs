@@ -281,13 +281,21 @@ async fn summary_json_reports_the_estimated_tokens_of_the_input() {
     s.submit("estimate.jsonl", &file("e", 4)).await;
     let summary = s.harvest("estimate", Duration::from_secs(60)).await;
     assert_eq!(summary["status"], "completed", "{summary:#}");
-    let estimated = summary["tokens"]["estimated"].as_u64().expect("tokens.estimated");
+    let estimated = summary["tokens"]["estimated"]
+        .as_u64()
+        .expect("tokens.estimated");
     assert_eq!(estimated, handler_estimate("e", 4), "{summary:#}");
     // The tokenizer's figure, not the service's character estimate (200 per request here).
     assert_ne!(estimated, 4 * REQUEST_TOKENS);
     assert!(estimated > 4 * 50, "{estimated}");
     // The Contract's fields are all still there.
-    for key in ["status", "batch_id", "input_blob", "request_counts", "problems"] {
+    for key in [
+        "status",
+        "batch_id",
+        "input_blob",
+        "request_counts",
+        "problems",
+    ] {
         assert!(summary.get(key).is_some(), "{key} missing: {summary:#}");
     }
 }
