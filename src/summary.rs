@@ -8,7 +8,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
 use crate::{
-    jobs::{CancelledBy, Finished, HistoryEntry, Job, Outcome, RoundRecord},
+    jobs::{CancelledBy, Finished, HistoryEntry, Job, Outcome, PartOf, RoundRecord},
     openai::{Batch, BatchError, RequestCounts},
     status,
     storage::{BlobStore, StorageError, WriteCondition},
@@ -175,6 +175,54 @@ impl Summary {
             written_at: at,
         }
     }
+}
+
+impl Summary {
+    /// The `key=value` fields of the log line that says a job has finished, for the
+    /// dashboard (infra/workbook): every path that finishes a job logs them, so a file is
+    /// counted however it ended. README's "Log fields" table documents each one.
+    /// `blob` is `container/name`; `taken_in_at` is when the job was created (seconds after
+    /// the upload), so `elapsed_s` is upload-to-results. A part of a split file reports as
+    /// `event=part_finished` with its file's job in `file=`, so the dashboard counts files,
+    /// not parts (the file's own `event=finished` line comes when its parts are combined).
+    pub fn log_fields(&self, blob: &str, part_of: Option<&PartOf>, taken_in_at: i64) -> String {
+        let usage = self.usage.clone().unwrap_or_default();
+        let code = self
+            .errors
+            .iter()
+            .find_map(|e| e.code.as_deref())
+            .or_else(|| self.problems.first().map(|p| p.code.as_str()))
+            .map_or_else(|| "-".to_string(), field_value);
+        let event = match part_of {
+            Some(p) => format!("event=part_finished file={} part={}", p.parent, p.index),
+            None => "event=finished".to_string(),
+        };
+        format!(
+            "blob={blob} {event} outcome={} requests={} failed={} tokens={} input_tokens={} \
+             output_tokens={} elapsed_s={} code={code}",
+            self.status,
+            self.request_counts.total,
+            self.request_counts.failed,
+            usage.total_tokens,
+            usage.input_tokens,
+            usage.output_tokens,
+            (self.written_at - taken_in_at).max(0),
+        )
+    }
+}
+
+/// A value as one `key=value` token: a service's error code is an identifier, but one with
+/// a space in it must not cut the field short for the queries that split on whitespace.
+fn field_value(v: &str) -> String {
+    v.chars()
+        .map(|c| {
+            if c.is_whitespace() || c == '=' {
+                '_'
+            } else {
+                c
+            }
+        })
+        .collect()
 }
 
 /// What a user can do about a service error code, for the codes whose cause lies on the
