@@ -212,11 +212,12 @@ impl Summary {
 }
 
 /// A value as one `key=value` token: a service's error code is an identifier, but one with
-/// a space in it must not cut the field short for the queries that split on whitespace.
+/// a space, `=` or `:` in it must not cut the field short (the queries read a code up to
+/// the first space or colon, the colon that ends the fields of a line).
 fn field_value(v: &str) -> String {
     v.chars()
         .map(|c| {
-            if c.is_whitespace() || c == '=' {
+            if c.is_whitespace() || c == '=' || c == ':' {
                 '_'
             } else {
                 c
@@ -413,5 +414,45 @@ mod tests {
             "{line}"
         );
         assert_eq!(describe_errors(&[]), None);
+    }
+
+    #[test]
+    fn the_finished_line_has_one_token_per_field_for_the_dashboard() {
+        let input = crate::jobs::InputRef {
+            container: "batch-input".into(),
+            name: "q3 report.jsonl".into(),
+            etag: "\"0x1\"".into(),
+            size: 10,
+            url: "https://a.blob.core.windows.net/batch-input/q3%20report.jsonl".into(),
+        };
+        let record = Job::claim(input, "me", 60, 100).finish(Outcome::Failed, "test", 160);
+        let mut s = Summary {
+            errors: vec![error("odd code=x: y")],
+            usage: Some(Usage {
+                input_tokens: 3,
+                output_tokens: 4,
+                total_tokens: 7,
+            }),
+            ..Summary::for_job(&record, 170)
+        };
+        s.request_counts.total = 5;
+        s.request_counts.failed = 2;
+        assert_eq!(
+            s.log_fields("batch-input/q3 report.jsonl", None, record.created_at()),
+            "blob=batch-input/q3 report.jsonl event=finished outcome=failed requests=5 failed=2 \
+             tokens=7 input_tokens=3 output_tokens=4 elapsed_s=70 code=odd_code_x__y"
+        );
+        let part = PartOf {
+            parent: "big.jsonl@0x2".into(),
+            index: 2,
+            line_offset: 10,
+        };
+        s.errors.clear();
+        let line = s.log_fields("batch-jobs/staging/p.jsonl", Some(&part), 100);
+        assert!(
+            line.contains(" event=part_finished file=big.jsonl@0x2 part=2 "),
+            "{line}"
+        );
+        assert!(line.ends_with(" code=-"), "{line}");
     }
 }
