@@ -5,7 +5,7 @@
 //        │                          batch-jobs (job records), batch-deadletter, app-package
 //   Flex Consumption Function App (runtime custom, the Rust `handler`) ── timer ── function-timer
 //   Azure OpenAI account (system-assigned identity) + a GlobalBatch / DataZoneBatch deployment
-//   Log Analytics + Application Insights (Entra ID auth)
+//   Log Analytics + Application Insights (Entra ID auth) + the dashboard workbook on it
 //   role assignments (modules/roles.bicep)
 //
 // Deploy in two steps (infra/README.md):
@@ -149,6 +149,17 @@ module monitoring 'modules/monitoring.bicep' = {
   }
 }
 
+// The dashboard (README, The dashboard): a workbook on the Application Insights component.
+module workbook 'modules/workbook.bicep' = {
+  name: 'workbook'
+  params: {
+    appInsightsName: monitoring.outputs.appInsightsName
+    location: location
+    tags: tags
+    displayName: 'Batch jobs (${functionAppName})'
+  }
+}
+
 module openAi 'modules/openai.bicep' = {
   name: 'openai'
   params: {
@@ -237,3 +248,5 @@ output openAiAccountName string = openAi.outputs.name
 @description('Put this in `body.model` on every input line.')
 output modelDeploymentName string = openAi.outputs.deploymentName
 output eventSubscriptionDeployed bool = deployEventSubscription
+@description('The dashboard: Application Insights resource, Workbooks, this title.')
+output dashboardName string = workbook.outputs.displayName

@@ -394,9 +394,15 @@ pub async fn drop_unsubmitted<S: Unfinished>(
     .await?;
     app.jobs.finish(&job, etag).await?;
     if job.part_of().is_none() {
+        let input = job.input();
         j.info(format!(
-            "job={key} event=finished outcome=cancelled cancelled_by={:?} batch=-: dropped \
-             before its batch was created; summary at {}/{}",
+            "job={key} batch=- {} cancelled_by={:?}: dropped before its batch was created; \
+             summary at {}/{}",
+            summary.log_fields(
+                &format!("{}/{}", input.container, input.name),
+                None,
+                job.created_at()
+            ),
             by.as_str(),
             app.config.output_container,
             summary::summary_name(&path)

@@ -217,8 +217,14 @@ pub async fn harvest_batch(
             .await?;
     }
     app.jobs.finish(&job, &etag).await?;
+    let input = job.input();
+    let fields = summary.log_fields(
+        &format!("{}/{}", input.container, input.name),
+        job.part_of(),
+        job.created_at(),
+    );
     j.info(format!(
-        "job={key} batch={}: {} — {} answered, {} failed, {} without result; results in {out}/{path}/",
+        "job={key} batch={} {fields}: {} — {} answered, {} failed, {} without result; results in {out}/{path}/",
         batch.id,
         outcome.as_str(),
         summary.request_counts.completed,

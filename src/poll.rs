@@ -504,7 +504,7 @@ async fn poll_running(
                     "batch {batch_id} is unknown to the service ({} looks over {over} s)",
                     missing.looks
                 );
-                fail_job(app, job, &etag, "batch_not_found", message).await?;
+                fail_job(app, job, &etag, "batch_not_found", message, j).await?;
                 return Ok(true);
             }
             j.warn(format!(
@@ -592,13 +592,26 @@ async fn supersede(
     etag: &str,
     j: &Journal,
 ) -> Result<bool, StepError> {
+    let job = job.finish(Outcome::Cancelled, "input replaced while queued", app.now());
+    app.jobs.finish(&job, etag).await?;
+    // No summary is written (the new version owns the folder), but the dashboard still
+    // counts this version as ended: the line carries the fields of a finished job.
+    let mut ended = crate::summary::Summary::for_job(&job, app.now());
+    ended.errors.push(crate::openai::BatchError {
+        code: Some("input_replaced".into()),
+        ..Default::default()
+    });
     j.info(format!(
-        "job={}: input blob={}/{} changed or was deleted while queued; dropping this version",
+        "job={} batch=- {}: input blob={}/{} changed or was deleted while queued; dropping \
+         this version",
         job.key(),
+        ended.log_fields(
+            &format!("{}/{}", job.input().container, job.input().name),
+            job.part_of(),
+            job.created_at()
+        ),
         job.input().container,
         job.input().name
     ));
-    let job = job.finish(Outcome::Cancelled, "input replaced while queued", app.now());
-    app.jobs.finish(&job, etag).await?;
     Ok(true)
 }

@@ -136,8 +136,15 @@ pub async fn combine_parts(
         job.progress_mut().summary_written = true;
         etag = save_progress(app, &job, &etag).await?;
         app.fault_point("split:after-summary");
+        let input = job.input();
+        let fields = summary.log_fields(
+            &format!("{}/{}", input.container, input.name),
+            None,
+            job.created_at(),
+        );
         j.info(format!(
-            "job={key}: {} — {} parts, {} of {} requests answered, {} failed, {} without result; results in {out}/{path}/",
+            "job={key} batch=- {fields} parts={}: {} — {} parts, {} of {} requests answered, {} failed, {} without result; results in {out}/{path}/",
+            job.parts().len(),
             summary.status,
             job.parts().len(),
             summary.request_counts.completed,

@@ -18,8 +18,8 @@ use crate::{
     app::{App, Journal, StepError},
     cancel,
     jobs::{
-        AnyJob, CanQueue, Claim, Finished, InputFacts, InputRef, Job, JobState, Split, Submitting,
-        Unfinished,
+        AnyJob, CanQueue, Claim, Finished, InputFacts, InputRef, Job, JobState, PartOf, Split,
+        Submitting, Unfinished,
     },
     openai::{BatchError, CreateBatch, OpenAiError},
     split,
@@ -228,11 +228,16 @@ pub async fn run_claimed(
         let job = job.submitted(&batch, true, app.now());
         return match app.jobs.update(&job, &etag).await? {
             Some(_) => {
+                let line = format!(
+                    "job={key} batch={} blob={}/{} {} adopted=true: adopted the batch an \
+                     earlier attempt created",
+                    batch.id,
+                    job.input().container,
+                    job.input().name,
+                    event_field(job.part_of(), "submitted"),
+                );
                 publish_status(app, job.into(), Some(&batch)).await;
-                j.info(format!(
-                    "job={key} batch={}: adopted the batch an earlier attempt created",
-                    batch.id
-                ));
+                j.info(line);
                 Ok(Intake::Submitted {
                     batch_id: batch.id,
                     adopted: true,
@@ -348,7 +353,13 @@ pub async fn run_claimed(
                 n => format!(", follow-up round {n}"),
             };
             j.info(format!(
-                "job={key} batch={}: created for blob={}/{} ({} requests, model {}{round})",
+                // The fields go before `batch=`, so the line still reads "batch=…: created
+                // for blob=…" as it always has.
+                "job={key} {} requests={} round={} batch={}: created for blob={}/{} ({} \
+                 requests, model {}{round})",
+                event_field(job.part_of(), "submitted"),
+                facts.lines,
+                job.round(),
                 batch.id,
                 job.input().container,
                 job.input().name,
@@ -371,7 +382,7 @@ pub async fn run_claimed(
             j.error(format!(
                 "job={key}: the service refused the batch (HTTP {status}, {code}): {message}"
             ));
-            fail_job(app, job, &etag, &code, message).await?;
+            fail_job(app, job, &etag, &code, message, j).await?;
             Ok(Intake::Refused)
         }
         Err(e) => {
@@ -454,7 +465,7 @@ pub async fn queue_for_quota<S: CanQueue>(
             "{message} (gave up after {attempt} tries; raise the deployment's quota or {} and upload again)",
             crate::config::names::QUEUE_MAX_ATTEMPTS
         );
-        fail_job(app, job, etag, "token_limit_exceeded", message).await?;
+        fail_job(app, job, etag, "token_limit_exceeded", message, j).await?;
         return Ok(Intake::Refused);
     }
     let base = app.config.queue_initial_delay.as_secs().max(1);
@@ -468,7 +479,12 @@ pub async fn queue_for_quota<S: CanQueue>(
     );
     if app.jobs.update(&job, etag).await?.is_some() {
         j.warn(format!(
-            "job={key}: enqueued-token quota is full; queued, next try in {delay} s (attempt {})",
+            "job={key} blob={}/{} {} attempt={}: enqueued-token quota is full; queued, next \
+             try in {delay} s (attempt {})",
+            job.input().container,
+            job.input().name,
+            event_field(job.part_of(), "queued"),
+            job.quota_attempts(),
             job.quota_attempts()
         ));
         publish_status(app, job.into(), None).await;
@@ -484,6 +500,7 @@ pub async fn fail_job<S: Unfinished>(
     etag: &str,
     code: &str,
     message: String,
+    j: &Journal,
 ) -> Result<(), StepError> {
     let job = job.finish(crate::jobs::Outcome::Failed, &message, app.now());
     let mut summary = Summary::for_job(&job, app.now());
@@ -500,7 +517,30 @@ pub async fn fail_job<S: Unfinished>(
     )
     .await?;
     app.jobs.finish(&job, etag).await?;
+    let input = job.input();
+    j.info(format!(
+        "job={} batch={} {}: failed; summary at {}/{}",
+        job.key(),
+        job.batch().map_or("-", |b| b.id.as_str()),
+        summary.log_fields(
+            &format!("{}/{}", input.container, input.name),
+            job.part_of(),
+            job.created_at()
+        ),
+        job.output_container(&app.config),
+        summary::summary_name(job.input().output_path())
+    ));
     Ok(())
+}
+
+/// The `event=` field of a submit step's line (`submitted`, `queued`): a part of a split
+/// file says `part_<what>`, with its file's job in `file=`, so the dashboard counts files,
+/// not parts (see `Summary::log_fields`).
+fn event_field(part_of: Option<&PartOf>, what: &str) -> String {
+    match part_of {
+        Some(p) => format!("event=part_{what} file={} part={}", p.parent, p.index),
+        None => format!("event={what}"),
+    }
 }
 
 /// The input went away while it was read. Deleted: the job is dropped with a summary that
@@ -669,8 +709,14 @@ async fn reject(
     )
     .await?;
     app.jobs.finish(&job, etag).await?;
+    let input = job.input();
     j.info(format!(
-        "job={key}: summary at {}/{}",
+        "job={key} batch=- {}: summary at {}/{}",
+        summary.log_fields(
+            &format!("{}/{}", input.container, input.name),
+            job.part_of(),
+            job.created_at()
+        ),
         app.config.output_container,
         summary::summary_name(job.input().output_path())
     ));
@@ -722,10 +768,11 @@ async fn split_input(
     app.fault_point("split:after-record");
     publish_status(app, job.clone().into(), None).await;
     j.info(format!(
-        "job={key}: blob={}/{} has {} requests ({} bytes), beyond one batch's limits \
-         ({} requests, {} bytes): split into {count} parts",
+        "job={key} batch=- blob={}/{} event=split parts={count} requests={}: has {} requests \
+         ({} bytes), beyond one batch's limits ({} requests, {} bytes): split into {count} parts",
         job.input().container,
         job.input().name,
+        job.facts().map_or(0, |f| f.lines),
         job.facts().map_or(0, |f| f.lines),
         job.input().size,
         app.config.split_limits.max_lines,

@@ -8,7 +8,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
 use crate::{
-    jobs::{CancelledBy, Finished, HistoryEntry, Job, Outcome, RoundRecord},
+    jobs::{CancelledBy, Finished, HistoryEntry, Job, Outcome, PartOf, RoundRecord},
     openai::{Batch, BatchError, RequestCounts},
     status,
     storage::{BlobStore, StorageError, WriteCondition},
@@ -190,6 +190,55 @@ impl Summary {
             written_at: at,
         }
     }
+}
+
+impl Summary {
+    /// The `key=value` fields of the log line that says a job has finished, for the
+    /// dashboard (infra/workbook): every path that finishes a job logs them, so a file is
+    /// counted however it ended. README's "Log fields" table documents each one.
+    /// `blob` is `container/name`; `taken_in_at` is when the job was created (seconds after
+    /// the upload), so `elapsed_s` is upload-to-results. A part of a split file reports as
+    /// `event=part_finished` with its file's job in `file=`, so the dashboard counts files,
+    /// not parts (the file's own `event=finished` line comes when its parts are combined).
+    pub fn log_fields(&self, blob: &str, part_of: Option<&PartOf>, taken_in_at: i64) -> String {
+        let usage = self.usage.clone().unwrap_or_default();
+        let code = self
+            .errors
+            .iter()
+            .find_map(|e| e.code.as_deref())
+            .or_else(|| self.problems.first().map(|p| p.code.as_str()))
+            .map_or_else(|| "-".to_string(), field_value);
+        let event = match part_of {
+            Some(p) => format!("event=part_finished file={} part={}", p.parent, p.index),
+            None => "event=finished".to_string(),
+        };
+        format!(
+            "blob={blob} {event} outcome={} requests={} failed={} tokens={} input_tokens={} \
+             output_tokens={} elapsed_s={} code={code}",
+            self.status,
+            self.request_counts.total,
+            self.request_counts.failed,
+            usage.total_tokens,
+            usage.input_tokens,
+            usage.output_tokens,
+            (self.written_at - taken_in_at).max(0),
+        )
+    }
+}
+
+/// A value as one `key=value` token: a service's error code is an identifier, but one with
+/// a space, `=` or `:` in it must not cut the field short (the queries read a code up to
+/// the first space or colon, the colon that ends the fields of a line).
+fn field_value(v: &str) -> String {
+    v.chars()
+        .map(|c| {
+            if c.is_whitespace() || c == '=' || c == ':' {
+                '_'
+            } else {
+                c
+            }
+        })
+        .collect()
 }
 
 /// What a user can do about a service error code, for the codes whose cause lies on the
@@ -380,5 +429,45 @@ mod tests {
             "{line}"
         );
         assert_eq!(describe_errors(&[]), None);
+    }
+
+    #[test]
+    fn the_finished_line_has_one_token_per_field_for_the_dashboard() {
+        let input = crate::jobs::InputRef {
+            container: "batch-input".into(),
+            name: "q3 report.jsonl".into(),
+            etag: "\"0x1\"".into(),
+            size: 10,
+            url: "https://a.blob.core.windows.net/batch-input/q3%20report.jsonl".into(),
+        };
+        let record = Job::claim(input, "me", 60, 100).finish(Outcome::Failed, "test", 160);
+        let mut s = Summary {
+            errors: vec![error("odd code=x: y")],
+            usage: Some(Usage {
+                input_tokens: 3,
+                output_tokens: 4,
+                total_tokens: 7,
+            }),
+            ..Summary::for_job(&record, 170)
+        };
+        s.request_counts.total = 5;
+        s.request_counts.failed = 2;
+        assert_eq!(
+            s.log_fields("batch-input/q3 report.jsonl", None, record.created_at()),
+            "blob=batch-input/q3 report.jsonl event=finished outcome=failed requests=5 failed=2 \
+             tokens=7 input_tokens=3 output_tokens=4 elapsed_s=70 code=odd_code_x__y"
+        );
+        let part = PartOf {
+            parent: "big.jsonl@0x2".into(),
+            index: 2,
+            line_offset: 10,
+        };
+        s.errors.clear();
+        let line = s.log_fields("batch-jobs/staging/p.jsonl", Some(&part), 100);
+        assert!(
+            line.contains(" event=part_finished file=big.jsonl@0x2 part=2 "),
+            "{line}"
+        );
+        assert!(line.ends_with(" code=-"), "{line}");
     }
 }

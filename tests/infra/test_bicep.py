@@ -454,6 +454,82 @@ def test_role_assignment_names_are_deterministic(deployment: Deployment) -> None
         assert len(params) == 3, ra["symbol"]
 
 
+# --- the dashboard (issue 16) ---------------------------------------------------------------------
+
+# The panels the README describes, by the item names in the workbook JSON.
+WORKBOOK_PANELS = {
+    "files-over-time",
+    "jobs-by-status",
+    "tokens-total",
+    "tokens-over-time",
+    "upload-to-results",
+    "latest-failures",
+}
+
+
+def workbook(deployment: Deployment) -> tuple[str, BicepFile, dict]:
+    symbol, module = deployment.module_for("workbook.bicep")
+    _, resource = single(module, "Microsoft.Insights/workbooks")
+    config, condition = unwrap(resource)
+    assert condition is None, "the dashboard is always deployed"
+    return symbol, module, config
+
+
+def workbook_json(deployment: Deployment) -> tuple[str, dict]:
+    """The workbook's serializedData: the JSON file it loads, with the placeholders replaced."""
+    _, module, config = workbook(deployment)
+    data = module.resolve(config["properties"]["serializedData"])
+    assert data["function"]["type"] == "replace", data
+    params = data["function"]["parameters"]
+    loaded = params["original_string"]["function"]
+    assert loaded["type"] == "load_text_content", loaded
+    path = (module.path.parent / loaded["parameters"]["file_path"]).resolve()
+    text = path.read_text(encoding="utf-8")
+    placeholder = params["old_string"]
+    assert placeholder in text, f"{path.name} never uses {placeholder}: the replace does nothing"
+    assert dotted(params["new_string"]) == "appInsights.id"
+    return text, json.loads(text.replace(placeholder, "/subscriptions/x/resourceGroups/rg/providers/microsoft.insights/components/appi"))
+
+
+def test_workbook_is_deployed_on_the_app_insights_component(deployment: Deployment) -> None:
+    _, module, config = workbook(deployment)
+    assert config["kind"] == "shared", "a shared workbook is visible to everyone with access to the component"
+    props = config["properties"]
+    assert props["category"] == "workbook"
+    assert dotted(props["sourceId"]) == "appInsights.id"
+    # appInsights is the component monitoring.bicep creates, referenced by name.
+    component = module.resources["appInsights"]
+    assert component["existing"] is True
+    assert component["type"] == "Microsoft.Insights/components"
+    name = module.resolve(unwrap(component)[0]["name"])
+    source, value = deployment.output_source(name)
+    assert source.path.name == "monitoring.bicep" and value == "appInsights.name", (name, value)
+    # A GUID derived from the component: a redeployment updates the same workbook.
+    guid = unwrap(module.resources["workbook"])[0]["name"]["function"]
+    assert guid["type"] == "guid" and dotted(guid["parameters"]["base_string"]) == "appInsights.id"
+    assert "dashboardName" in deployment.main.outputs
+
+
+def test_workbook_json_parses_and_every_panel_has_a_query(deployment: Deployment) -> None:
+    _, wb = workbook_json(deployment)
+    assert wb["version"] == "Notebook/1.0"
+    queries = {item["name"]: item["content"] for item in wb["items"] if item["type"] == 3}
+    assert set(queries) == WORKBOOK_PANELS, sorted(queries)
+    for name, content in queries.items():
+        query = content["query"]
+        assert query.strip(), f"panel {name} has an empty query"
+        assert content["resourceType"] == "microsoft.insights/components", name
+        # The handler's lines are in traces; fields are read by the convention tests/workbook.rs checks.
+        assert re.search(r"^traces$", query, re.MULTILINE), f"panel {name} does not read traces"
+        assert 'extract(@"\\bevent=' in query, f"panel {name} does not read event="
+        assert content.get("title"), f"panel {name} has no title"
+        assert "timeContextFromParameter" in content or "timeContext" in content, name
+    params = [p["name"] for item in wb["items"] if item["type"] == 9 for p in item["content"]["parameters"]]
+    for content in queries.values():
+        for used in re.findall(r"\{(\w+)(?::\w+)?\}", content["query"]) + [content.get("timeContextFromParameter")]:
+            assert used is None or used in params, f"{content['title']}: unknown parameter {used}"
+
+
 # --- outputs and hygiene ----------------------------------------------------------------------
 
 
