@@ -13,7 +13,8 @@
 //! claim lapsed, its quota wait ended. Only the batches the walk did not show are retrieved
 //! one by one. Jobs are handled concurrently, a bounded number at a time.
 //!
-//! The top of the workflows: a tick calls `submit`, `harvest` and `split`; none calls back.
+//! Near the top of the workflows: a tick calls `submit`, `harvest`, `split` and `cancel`, none
+//! of which calls back; only `webhook` (an event for one batch) calls in, to [`step_job`].
 
 use std::collections::{HashMap, HashSet};
 
