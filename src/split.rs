@@ -81,6 +81,7 @@ pub async fn stage_parts(
                     first_line: span.first_line,
                     requests: span.requests,
                     bytes: span.bytes,
+                    tokens: span.tokens,
                 });
             }
         }

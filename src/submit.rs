@@ -280,6 +280,7 @@ pub async fn run_claimed(
                         lines: report.lines,
                         endpoint: report.url.clone().unwrap_or_default(),
                         model: report.model.clone().unwrap_or_default(),
+                        tokens: report.tokens,
                     },
                     app.now(),
                 )

@@ -71,6 +71,9 @@ pub struct Summary {
     /// Token usage summed over the result lines.
     #[serde(default)]
     pub usage: Option<Usage>,
+    /// What the input was estimated to count against the enqueued-token quota.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tokens: Option<TokenFigures>,
     /// The service's timestamps (unix seconds).
     #[serde(default)]
     pub service_times: Option<ServiceTimes>,
@@ -90,6 +93,14 @@ pub struct Summary {
     pub parts: Vec<PartSummary>,
     pub history: Vec<HistoryEntry>,
     pub written_at: i64,
+}
+
+/// The input's tokens as the handler estimated them before submitting (`validate`'s rule,
+/// in the README): `estimated` is the requests' input tokens by the model family's
+/// tokenizer. The service's own estimate differs; `usage` has what was really used.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TokenFigures {
+    pub estimated: u64,
 }
 
 /// One row of a split input's part table.
@@ -165,6 +176,10 @@ impl Summary {
             more_problems: 0,
             errors: Vec::new(),
             usage: None,
+            // A record from before the estimate existed says 0: no figure rather than a false one.
+            tokens: job.facts().filter(|f| f.tokens > 0).map(|f| TokenFigures {
+                estimated: f.tokens,
+            }),
             service_times: None,
             files: Files::default(),
             lines_without_result: 0,

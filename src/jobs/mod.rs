@@ -141,6 +141,14 @@ pub struct InputFacts {
     pub lines: u64,
     pub endpoint: String,
     pub model: String,
+    /// The requests' estimated input tokens (`validate::Report::tokens`); absent in records
+    /// written before the estimate existed.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub tokens: u64,
+}
+
+fn is_zero(n: &u64) -> bool {
+    *n == 0
 }
 
 /// One part of a split input, as the parent job tracks it.
@@ -156,6 +164,9 @@ pub struct PartRef {
     pub first_line: u64,
     pub requests: u64,
     pub bytes: u64,
+    /// The part's estimated input tokens (`validate::PartSpan::tokens`).
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub tokens: u64,
 }
 
 impl PartRef {

@@ -421,6 +421,7 @@ impl Job<Submitting> {
         });
         job.common.facts = parent.common.facts.clone().map(|f| InputFacts {
             lines: part.requests,
+            tokens: part.tokens,
             ..f
         });
         job.note(
@@ -927,6 +928,7 @@ mod tests {
             lines,
             endpoint: "/chat/completions".into(),
             model: "m".into(),
+            tokens: 0,
         }
     }
 
@@ -1037,6 +1039,7 @@ mod tests {
             first_line: 11,
             requests: 10,
             bytes: 100,
+            tokens: 0,
         };
         let r = r.split(vec![part.clone()], T);
         assert_eq!(r.parts(), std::slice::from_ref(&part));

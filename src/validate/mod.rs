@@ -34,6 +34,10 @@
 //! - `validator`: [`Validator`], the line checker that applies the rules above line by line;
 //! - `request`: what one line is parsed into (`custom_id`, `method`, `url`, `body.model`);
 //! - `ids`: the `custom_id` uniqueness check, in fixed memory per id;
+//! - `tokens`: each request's estimated input tokens (the enqueued-token quota's measure),
+//!   by the deployment's model family's tokenizer; the rule is there and in the README;
+//! - `pieces`: tiktoken's counts, fast: its pre-tokenizer by hand for ASCII text, and the
+//!   counts of words already seen remembered;
 //! - `parts`: [`PartSpan`], where a file beyond the limits splits into parts
 //!   ([`Validator::splitting`]);
 //! - `messages`: the text of each problem, which says what to do;
@@ -47,14 +51,17 @@ use serde::{Deserialize, Serialize};
 mod ids;
 mod messages;
 mod parts;
+mod pieces;
 mod print;
 mod request;
 #[cfg(test)]
 mod test_support;
+mod tokens;
 mod validator;
 
 pub use parts::PartSpan;
 pub use print::{model_warning, print_report};
+pub use tokens::Encoding;
 pub use validator::Validator;
 
 /// The service's limits for one input file.
@@ -155,6 +162,12 @@ pub struct Report {
     /// (one part when it fits whole). Empty otherwise.
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub parts: Vec<PartSpan>,
+    /// The requests' estimated input tokens, summed: what the file will count against the
+    /// deployment's enqueued-token quota, as `tokens` estimates it (the service's own figure
+    /// differs). Of the lines that could be read, when there are problems.
+    pub tokens: u64,
+    /// The tokenizer the estimate used, chosen by the file's `body.model`.
+    pub encoding: Option<Encoding>,
 }
 
 impl Report {

@@ -16,6 +16,9 @@ pub struct PartSpan {
     /// trailing blank lines not).
     pub offset: u64,
     pub bytes: u64,
+    /// The part's estimated input tokens (see `tokens`); 0 in records written before.
+    #[serde(default)]
+    pub tokens: u64,
 }
 
 /// Draws part boundaries while the file streams by: a part ends before the request that would
@@ -44,8 +47,16 @@ impl Splitter {
             requests: 1,
             offset: start,
             bytes: end - start,
+            tokens: 0,
         });
         begun
+    }
+
+    /// Adds the estimated tokens of the request last taken to its part.
+    pub(super) fn add_tokens(&mut self, tokens: u64) {
+        if let Some(p) = &mut self.current {
+            p.tokens += tokens;
+        }
     }
 
     pub(super) fn finish(mut self) -> Vec<PartSpan> {
@@ -128,7 +139,8 @@ mod tests {
                 first_line: 1,
                 requests: 2,
                 offset: 0,
-                bytes: text.len() as u64
+                bytes: text.len() as u64,
+                tokens: r.tokens,
             }]
         );
     }

@@ -1,7 +1,7 @@
 //! [`print_report`]: the report as `handler validate` prints it, one line per problem, then
 //! a count of those not listed, then a one-line verdict.
 
-use super::Report;
+use super::{Encoding, Report};
 
 /// Prints one line per problem (`line N: code: message`, or `file: code: message`), then a
 /// count of those not listed, then a one-line verdict. Write errors (a closed pipe) are
@@ -31,11 +31,13 @@ fn write_report(report: &Report, out: &mut impl std::io::Write) -> std::io::Resu
     if report.is_ok() {
         writeln!(
             out,
-            "OK: {} {}, url {}, model {}",
+            "OK: {} {}, url {}, model {}, {} estimated input tokens ({})",
             report.lines,
             plural(report.lines, "request"),
             report.url.as_deref().unwrap_or("-"),
             report.model.as_deref().unwrap_or("-"),
+            report.tokens,
+            report.encoding.map_or("-", Encoding::name),
         )
     } else {
         let total = report.problems.len() as u64 + report.more_problems;
@@ -100,7 +102,7 @@ mod tests {
         print_report(&check(file(&["a", "b", "c"])), &mut out);
         assert_eq!(
             String::from_utf8(out).unwrap(),
-            "OK: 3 requests, url /chat/completions, model dep\n"
+            "OK: 3 requests, url /chat/completions, model dep, 27 estimated input tokens (o200k_base)\n"
         );
 
         let limits = Limits {

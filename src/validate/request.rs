@@ -1,5 +1,6 @@
 //! What one request line is parsed into: [`Request`], the four fields validation looks at
-//! (`custom_id`, `method`, `url`, `body.model`), every other key skipped but still parsed.
+//! (`custom_id`, `method`, `url`, `body.model`) and the prompt's parts the token estimate
+//! counts (`tokens`), every other key skipped but still parsed.
 //! The deserializers are written by hand so that a field of the wrong type is a finding for
 //! the checker (`Value::Other("number")`), not a parse error, and so that strings are borrowed
 //! from the line unless they hold escapes. Tested through the checker (`validator.rs`).
@@ -10,6 +11,8 @@ use serde::{
     Deserialize, Deserializer,
     de::{self, IgnoredAny, MapAccess, SeqAccess, Visitor},
 };
+
+use super::tokens::{PROMPT_KEYS, Prompt};
 
 /// One request line, as far as validation cares; every other key is skipped (but still
 /// parsed, so invalid JSON anywhere in the line is found). Strings are borrowed from the
@@ -38,13 +41,15 @@ pub(super) enum Value<'a> {
     Other(&'static str),
 }
 
-/// `body`: absent, an object (of which only `model` is kept), or something else.
+/// `body`: absent, an object (of which `model` and the prompt's parts are kept), or
+/// something else.
 #[derive(Default)]
 pub(super) enum Body<'a> {
     #[default]
     Missing,
     Object {
         model: Value<'a>,
+        prompt: Prompt<'a>,
     },
     Other(&'static str),
 }
@@ -114,18 +119,24 @@ impl<'de: 'a, 'a> Deserialize<'de> for Body<'a> {
             }
             fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Body<'a>, A::Error> {
                 let mut model = None;
-                while let Some(IsModel(is_model)) = map.next_key()? {
-                    if is_model {
-                        if model.is_some() {
-                            return Err(de::Error::duplicate_field("model"));
+                let mut prompt = Prompt::default();
+                while let Some(key) = map.next_key()? {
+                    match key {
+                        BodyKey::Model => {
+                            if model.is_some() {
+                                return Err(de::Error::duplicate_field("model"));
+                            }
+                            model = Some(map.next_value::<Value<'a>>()?);
                         }
-                        model = Some(map.next_value::<Value<'a>>()?);
-                    } else {
-                        map.next_value::<IgnoredAny>()?;
+                        BodyKey::Prompt(key) => map.next_value_seed(prompt.field(key))?,
+                        BodyKey::Other => {
+                            map.next_value::<IgnoredAny>()?;
+                        }
                     }
                 }
                 Ok(Body::Object {
                     model: model.unwrap_or_default(),
+                    prompt,
                 })
             }
             other_kinds!(Body::Other);
@@ -134,19 +145,29 @@ impl<'de: 'a, 'a> Deserialize<'de> for Body<'a> {
     }
 }
 
-/// A key of `body`: whether it is `model`, without allocating for the others.
-struct IsModel(bool);
+/// A key of `body`: `model`, a key of the prompt, or another; read without allocating.
+enum BodyKey {
+    Model,
+    Prompt(&'static str),
+    Other,
+}
 
-impl<'de> Deserialize<'de> for IsModel {
+impl<'de> Deserialize<'de> for BodyKey {
     fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
         struct V;
         impl Visitor<'_> for V {
-            type Value = IsModel;
+            type Value = BodyKey;
             fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
                 f.write_str("a key")
             }
-            fn visit_str<E: de::Error>(self, s: &str) -> Result<IsModel, E> {
-                Ok(IsModel(s == "model"))
+            fn visit_str<E: de::Error>(self, s: &str) -> Result<BodyKey, E> {
+                if s == "model" {
+                    return Ok(BodyKey::Model);
+                }
+                Ok(PROMPT_KEYS
+                    .iter()
+                    .find(|k| **k == s)
+                    .map_or(BodyKey::Other, |k| BodyKey::Prompt(k)))
             }
         }
         d.deserialize_str(V)

@@ -14,6 +14,7 @@ use super::{
     },
     parts::Splitter,
     request::{Body, Request, Value},
+    tokens::{Counters, Encoding},
 };
 
 pub(super) const BOM: &[u8] = b"\xEF\xBB\xBF";
@@ -51,6 +52,12 @@ pub struct Validator {
     utf16: bool,
     /// Set by [`Validator::splitting`]: the limits bound each part, not the file.
     splitter: Option<Splitter>,
+    /// The requests' estimated input tokens so far.
+    tokens: u64,
+    /// The tokenizer of the last `body.model` seen, and that name: a file names one
+    /// deployment, so the lookup is made once, not per line.
+    encoding: Option<(String, Encoding)>,
+    counters: Counters,
 }
 
 impl Validator {
@@ -74,6 +81,9 @@ impl Validator {
             too_large_reported: false,
             utf16: false,
             splitter: None,
+            tokens: 0,
+            encoding: None,
+            counters: Counters::default(),
         }
     }
 
@@ -158,6 +168,8 @@ impl Validator {
             problems: self.problems,
             more_problems: self.more_problems,
             parts: self.splitter.map(Splitter::finish).unwrap_or_default(),
+            tokens: self.tokens,
+            encoding: self.encoding.map(|(_, e)| e),
         }
     }
 
@@ -422,33 +434,59 @@ impl Validator {
                 };
                 format!("body must be a JSON object{hint}, found {kind}")
             }),
-            Body::Object { model } => match model {
-                Value::Missing => self.push(Some(n), codes::MISSING_MODEL, || {
-                    "body has no model; set it to the Global-Batch deployment name".to_string()
-                }),
-                Value::Other(kind) => self.push(Some(n), codes::MISSING_MODEL, || {
-                    format!("body.model must be a string (the deployment name), found {kind}")
-                }),
-                Value::Str(m) if m.trim().is_empty() => {
-                    self.push(Some(n), codes::MISSING_MODEL, || {
-                        "body.model is empty; set it to the Global-Batch deployment name"
-                            .to_string()
-                    })
-                }
-                Value::Str(m) => match &self.model {
-                    None => self.model = Some((m.to_string(), n)),
-                    Some((first, at)) if first != m => {
-                        let (first, at) = (first.clone(), *at);
-                        self.push(Some(n), codes::MODEL_MISMATCH, || {
+            Body::Object { model, prompt } => {
+                self.count_tokens(model, prompt);
+                self.check_model(n, model);
+            }
+        }
+    }
+
+    /// Adds the request's estimated tokens, with the tokenizer of its `body.model` (or, when
+    /// it has none, of the last one seen).
+    fn count_tokens(&mut self, model: &Value<'_>, prompt: &super::tokens::Prompt<'_>) {
+        let encoding = match (model, &self.encoding) {
+            (Value::Str(m), Some((name, e))) if name == m => *e,
+            (Value::Str(m), _) => {
+                let e = Encoding::for_deployment(m);
+                self.encoding = Some((m.to_string(), e));
+                e
+            }
+            (_, Some((_, e))) => *e,
+            (_, None) => Encoding::for_deployment(""),
+        };
+        let tokens = prompt.tokens(encoding, &mut self.counters);
+        self.tokens += tokens;
+        if let Some(splitter) = &mut self.splitter {
+            splitter.add_tokens(tokens);
+        }
+    }
+
+    fn check_model(&mut self, n: u64, model: &Value<'_>) {
+        match model {
+            Value::Missing => self.push(Some(n), codes::MISSING_MODEL, || {
+                "body has no model; set it to the Global-Batch deployment name".to_string()
+            }),
+            Value::Other(kind) => self.push(Some(n), codes::MISSING_MODEL, || {
+                format!("body.model must be a string (the deployment name), found {kind}")
+            }),
+            Value::Str(m) if m.trim().is_empty() => {
+                self.push(Some(n), codes::MISSING_MODEL, || {
+                    "body.model is empty; set it to the Global-Batch deployment name".to_string()
+                })
+            }
+            Value::Str(m) => match &self.model {
+                None => self.model = Some((m.to_string(), n)),
+                Some((first, at)) if first != m => {
+                    let (first, at) = (first.clone(), *at);
+                    self.push(Some(n), codes::MODEL_MISMATCH, || {
                             format!(
                                 "body.model {} differs from {} on line {at}; a batch runs on one deployment, so every line must name the same one",
                                 quote(m),
                                 quote(&first)
                             )
                         });
-                    }
-                    Some(_) => {}
-                },
+                }
+                Some(_) => {}
             },
         }
     }

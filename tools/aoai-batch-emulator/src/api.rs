@@ -309,9 +309,7 @@ async fn create(State(state): State<AppState>, body: Bytes) -> Result<Response, 
     if let Ok(v) = HeaderValue::from_str(&created.enqueued_tokens.to_string()) {
         headers.insert("deployment-enqueued-tokens", v);
     }
-    if let Some(limit) = created.token_limit
-        && let Ok(v) = HeaderValue::from_str(&limit.to_string())
-    {
+    if let Ok(v) = HeaderValue::from_str(&created.token_limit.to_string()) {
         headers.insert("deployment-maximum-enqueued-tokens", v);
     }
     Ok(response)

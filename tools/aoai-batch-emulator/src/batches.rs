@@ -25,6 +25,11 @@ use crate::{
 /// The service's completion window: `expires_at` is this long after `created_at`.
 const COMPLETION_WINDOW: Duration = Duration::from_secs(24 * 3600);
 
+/// The enqueued-token quota when none is given: the Default tier's Global Batch quota for
+/// gpt-4o, gpt-4.1 and gpt-5 (global-batch-limits.md). A real deployment always has one, and
+/// every create answer says it, so the emulator has one too.
+pub const DEFAULT_ENQUEUED_TOKEN_LIMIT: u64 = 200_000_000;
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "snake_case")]
 pub enum Status {
@@ -116,9 +121,12 @@ pub struct Settings {
     /// Time between two lifecycle steps; `None`: only when stepped (`--step-ms 0`).
     pub step: Option<Duration>,
     pub expire_after: Option<Duration>,
-    pub enqueued_token_limit: Option<u64>,
+    pub enqueued_token_limit: u64,
     pub line_failure_rate: f64,
     pub lines_per_step: Option<u64>,
+    /// Estimated tokens per second a deployment processes, shared among its `in_progress`
+    /// batches; `None`: `lines_per_step` paces them instead.
+    pub tokens_per_second: Option<u64>,
     /// The order of a list that asks for none (`$orderby` on the classic route can).
     pub list_order: Order,
     pub quota_refusal: QuotaRefusal,
@@ -146,8 +154,10 @@ pub enum CreateError {
 
 pub struct Created {
     pub batch: Batch,
+    /// The deployment's enqueued tokens with this batch's (`deployment-enqueued-tokens`).
     pub enqueued_tokens: u64,
-    pub token_limit: Option<u64>,
+    /// The deployment's quota (`deployment-maximum-enqueued-tokens`).
+    pub token_limit: u64,
 }
 
 #[derive(Debug)]
@@ -185,6 +195,14 @@ impl Inner {
             })
             .map(|e| e.tokens)
             .sum()
+    }
+
+    /// How many batches of deployment `model` are `in_progress`: they share its rate.
+    fn running(&self, model: &str) -> usize {
+        self.batches
+            .values()
+            .filter(|e| e.batch.status == Status::InProgress && e.model.as_deref() == Some(model))
+            .count()
     }
 }
 
@@ -303,8 +321,9 @@ impl Registry {
         let enqueued_tokens = {
             let mut inner = self.lock();
             let enqueued = model.as_ref().map_or(0, |m| inner.enqueued(m));
+            let limit = self.settings.enqueued_token_limit;
             if fail_fast
-                && let (Some(limit), Some(m)) = (self.settings.enqueued_token_limit, &model)
+                && let Some(m) = &model
                 && enqueued + tokens > limit
             {
                 return Err(CreateError::TokenLimit {
@@ -356,9 +375,8 @@ impl Registry {
         if entry.admitted {
             return Ok(());
         }
-        if let Some(limit) = self.settings.enqueued_token_limit
-            && inner.enqueued(&model) + tokens > limit
-        {
+        let limit = self.settings.enqueued_token_limit;
+        if inner.enqueued(&model) + tokens > limit {
             return Err(BatchError::new(
                 "token_limit_exceeded",
                 token_limit_message(limit, &model),
@@ -369,6 +387,16 @@ impl Registry {
             e.admitted = true;
         }
         Ok(())
+    }
+
+    /// The tokens per second batch `id` is processed at now: its deployment's rate shared
+    /// equally among the deployment's `in_progress` batches (itself included). `None` without
+    /// `--tokens-per-second`.
+    pub fn share(&self, id: &str) -> Option<f64> {
+        let rate = self.settings.tokens_per_second? as f64;
+        let inner = self.lock();
+        let model = inner.batches.get(id)?.model.as_deref()?;
+        Some(rate / inner.running(model).max(1) as f64)
     }
 
     /// Whether batches move only when stepped (`--step-ms 0`).

@@ -473,22 +473,27 @@ pub async fn scan(
         .map(|s| InputSummary { injected, ..s }))
 }
 
-/// A deterministic stand-in for the tokenizer: a quarter of the bytes of the prompt's text.
+/// The service's kind of estimate, not a tokenizer: Azure documents that its token estimate
+/// for quotas is "based in part on the character count of the API request" and counts the
+/// prompt and `max_tokens` (quota how-to), so a quarter of the characters of every string in
+/// the prompt (`messages`, `input`, `instructions`: roles, names and image URLs included, as a
+/// character count cannot tell them apart), rounded up. Deliberately not the handler's
+/// tokenizer count: a client's estimate and the service's differ, and the tests must see it.
 pub fn prompt_tokens(body: &Map<String, Value>) -> u64 {
-    let mut bytes = 0u64;
+    let mut chars = 0u64;
     for key in ["messages", "input", "instructions"] {
         if let Some(v) = body.get(key) {
-            bytes += string_bytes(v);
+            chars += string_chars(v);
         }
     }
-    bytes.div_ceil(4).max(1)
+    chars.div_ceil(4).max(1)
 }
 
-fn string_bytes(v: &Value) -> u64 {
+fn string_chars(v: &Value) -> u64 {
     match v {
-        Value::String(s) => s.len() as u64,
-        Value::Array(items) => items.iter().map(string_bytes).sum(),
-        Value::Object(map) => map.values().map(string_bytes).sum(),
+        Value::String(s) => s.chars().count() as u64,
+        Value::Array(items) => items.iter().map(string_chars).sum(),
+        Value::Object(map) => map.values().map(string_chars).sum(),
         _ => 0,
     }
 }
@@ -629,8 +634,13 @@ mod tests {
     fn token_estimate_is_a_quarter_of_the_prompt_plus_the_completion_budget() {
         let body = json!({"model": "d", "messages": [{"role": "user", "content": "12345678"}]});
         let body = body.as_object().unwrap();
-        // "user" + "12345678" = 12 bytes -> 3 tokens.
+        // "user" + "12345678" = 12 characters -> 3 tokens.
         assert_eq!(prompt_tokens(body), 3);
+        // Characters, not bytes: 8 two-byte letters are 2 tokens, not 4.
+        let body = json!({"model": "d", "input": "éééééééé"});
+        assert_eq!(prompt_tokens(body.as_object().unwrap()), 2);
+        let body = json!({"model": "d", "messages": [{"role": "user", "content": "12345678"}]});
+        let body = body.as_object().unwrap();
         assert_eq!(estimate_tokens(body), 3 + DEFAULT_COMPLETION_TOKENS);
         let body = json!({"model": "d", "input": "abcd", "max_output_tokens": 10});
         assert_eq!(estimate_tokens(body.as_object().unwrap()), 11);

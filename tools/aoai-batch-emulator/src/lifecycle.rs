@@ -4,7 +4,11 @@
 //! branches `failed`, `cancelling → cancelled` and `expired`.
 //!
 //! `in_progress` answers a bounded number of requests per step so that a cancel or an expiry
-//! can catch a job half-way; what was answered by then is kept, as the service does.
+//! can catch a job half-way; what was answered by then is kept, as the service does. With
+//! `--tokens-per-second` the bound is the batch's share of its deployment's rate: a step
+//! answers the requests (in input order, each costing its estimated tokens) that the time
+//! since the last step paid for, so a batch takes its tokens / its share, and two batches
+//! running together on one deployment each take twice as long as one alone.
 
 use std::{
     sync::Arc,
@@ -21,7 +25,7 @@ use tokio::{
 use crate::{
     batches::{ErrorList, Registry, Status, now},
     faults::line_fails,
-    input::{Api, BatchError, InputSummary, LineReader, ReadError, is_blank},
+    input::{Api, BatchError, InputSummary, LineReader, ReadError, estimate_tokens, is_blank},
     output::{Answer, OutputFolder, Outputs, answer, expired_line},
 };
 
@@ -44,7 +48,15 @@ struct Progress {
     completed: u64,
     failed: u64,
     outputs: Option<Outputs>,
+    /// With `--tokens-per-second`: tokens earned and not yet spent on a request (the next one
+    /// may cost more than one step earns), and when they were last earned.
+    credit: f64,
+    earned_at: Option<Instant>,
 }
+
+/// What one manual step (`--step-ms 0`) stands for in processing time: tests count steps,
+/// so "two batches take twice as long" is a count, not a wall-clock measure that flakes.
+pub const MANUAL_STEP: Duration = Duration::from_secs(1);
 
 enum Flow {
     Continue,
@@ -141,6 +153,7 @@ async fn step(reg: &Registry, job: &Job, p: &mut Progress, expire: bool) -> Flow
                 return fail(reg, job, e);
             }
             p.outputs = Some(Outputs::open(reg.store.clone(), &reg.account, &job.output));
+            p.earned_at = Some(Instant::now());
             reg.update(&job.id, |b| {
                 if b.status == Status::Validating {
                     b.status = Status::InProgress;
@@ -159,7 +172,17 @@ async fn step(reg: &Registry, job: &Job, p: &mut Progress, expire: bool) -> Flow
             if expired || (summary.injected.expire && p.processed > 0) {
                 return finish(reg, job, p, Status::Expired).await;
             }
-            match answer_some(reg, job, summary, p).await {
+            // Earned before answering, while this batch still counts among the running ones.
+            let budget = reg.share(&job.id).map(|share| {
+                let now = Instant::now();
+                let elapsed = match reg.settings.step {
+                    None => MANUAL_STEP,
+                    Some(_) => p.earned_at.map_or(Duration::ZERO, |t| now - t),
+                };
+                p.earned_at = Some(now);
+                p.credit += share * elapsed.as_secs_f64();
+            });
+            match answer_some(reg, job, summary, p, budget.is_some()).await {
                 Ok(()) => {}
                 Err(StepError::Modified) => return fail(reg, job, BatchError::modified()),
                 Err(StepError::Transient(e)) => {
@@ -208,20 +231,25 @@ async fn unchanged(reg: &Registry, job: &Job, summary: &InputSummary) -> Option<
 /// Answers the next requests of this step, reading the input again from its start (pinned to
 /// the validated ETag) and skipping those already answered. Reopening each step costs a
 /// re-read but holds no connection open across steps of any length.
+/// With `by_tokens`, the requests are those `p.credit` pays for, each its estimated tokens.
 async fn answer_some(
     reg: &Registry,
     job: &Job,
     summary: &InputSummary,
     p: &mut Progress,
+    by_tokens: bool,
 ) -> Result<(), StepError> {
     let Some((container, name)) = job.input.as_ref() else {
         return Err(StepError::Modified);
     };
-    let per_step = reg
-        .settings
-        .lines_per_step
-        .unwrap_or(summary.requests / 3)
-        .max(1);
+    let per_step = if by_tokens {
+        u64::MAX
+    } else {
+        reg.settings
+            .lines_per_step
+            .unwrap_or(summary.requests / 3)
+            .max(1)
+    };
     let mut reader = open(reg, container, name, &summary.etag).await?;
     let outputs = p
         .outputs
@@ -240,6 +268,13 @@ async fn answer_some(
             continue;
         }
         let (custom_id, body) = parse(&line).ok_or(StepError::Modified)?;
+        if by_tokens {
+            let cost = estimate_tokens(&body) as f64;
+            if cost > p.credit {
+                break;
+            }
+            p.credit -= cost;
+        }
         let fails = line_fails(
             reg.settings.seed,
             &custom_id,

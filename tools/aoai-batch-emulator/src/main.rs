@@ -60,8 +60,15 @@ struct Cli {
     step_ms: u64,
 
     /// Requests answered per `in_progress` step; default: a third of the batch (at least 1).
-    #[arg(long, value_parser = clap::value_parser!(u64).range(1..))]
+    #[arg(long, value_parser = clap::value_parser!(u64).range(1..), conflicts_with = "tokens_per_second")]
     lines_per_step: Option<u64>,
+
+    /// Processing rate per deployment, in estimated tokens per second, shared equally among
+    /// the deployment's `in_progress` batches: each `in_progress` step answers the requests
+    /// its share of the time since the last step pays for (a manual step, `--step-ms 0`,
+    /// counts as one second). Default: no rate; `--lines-per-step` paces the batches.
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u64).range(1..))]
+    tokens_per_second: Option<u64>,
 
     /// A batch not finished this long after creation becomes `expired` (default: the 24 h
     /// completion window).
@@ -70,9 +77,10 @@ struct Cli {
 
     /// Enqueued-token quota per deployment; a create that would pass it fails with 400
     /// `token_limit_exceeded` (or, with `--quota-refusal failed-batch`, its batch fails).
-    /// Default: no limit.
-    #[arg(long)]
-    enqueued_token_limit: Option<u64>,
+    /// Every create answer carries it in `deployment-maximum-enqueued-tokens`. The default is
+    /// the documented Global Batch default for gpt-4o, gpt-4.1 and gpt-5 (200M).
+    #[arg(long, value_name = "N", default_value_t = batches::DEFAULT_ENQUEUED_TOKEN_LIMIT)]
+    enqueued_token_limit: u64,
 
     /// How a batch over the enqueued-token quota is refused: `fail-fast`, a 400
     /// `token_limit_exceeded` at create (the fail-fast regions); `failed-batch`, the create
@@ -163,6 +171,7 @@ async fn main() -> anyhow::Result<()> {
         enqueued_token_limit: cli.enqueued_token_limit,
         line_failure_rate: cli.line_failure_rate,
         lines_per_step: cli.lines_per_step,
+        tokens_per_second: cli.tokens_per_second,
         list_order: cli.list_order,
         quota_refusal: cli.quota_refusal,
         seed: cli.seed,

@@ -262,6 +262,48 @@ impl Azurite {
     }
 }
 
+/// The emulator's capacity model (issue 15): its enqueued-token quota per deployment, its
+/// processing rate per deployment and how it refuses a batch over the quota. `None` leaves
+/// the emulator's default (a 200M quota; no rate, so `--lines-per-step` paces batches).
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Capacity {
+    /// `--enqueued-token-limit N`.
+    pub enqueued_token_limit: Option<u64>,
+    /// `--tokens-per-second N`.
+    pub tokens_per_second: Option<u64>,
+    /// `--quota-refusal failed-batch` (the batch fails at validation) instead of a 400.
+    pub failed_batch_refusal: bool,
+}
+
+impl Capacity {
+    /// The emulator arguments that say it.
+    pub fn args(&self) -> Vec<String> {
+        let mut args = Vec::new();
+        if let Some(n) = self.enqueued_token_limit {
+            args.extend(["--enqueued-token-limit".to_string(), n.to_string()]);
+        }
+        if let Some(n) = self.tokens_per_second {
+            args.extend(["--tokens-per-second".to_string(), n.to_string()]);
+        }
+        if self.failed_batch_refusal {
+            args.extend(["--quota-refusal".to_string(), "failed-batch".to_string()]);
+        }
+        args
+    }
+}
+
+/// A create's answer as it came, headers included (the handler's client keeps only the
+/// batch): what a test of the emulator's quota headers looks at.
+#[derive(Debug, Clone)]
+pub struct CreateAnswer {
+    pub status: u16,
+    /// `deployment-enqueued-tokens`.
+    pub enqueued_tokens: Option<u64>,
+    /// `deployment-maximum-enqueued-tokens`.
+    pub maximum_enqueued_tokens: Option<u64>,
+    pub body: Value,
+}
+
 pub struct Emulator {
     pub proc: Proc,
     pub port: u16,
@@ -311,8 +353,54 @@ impl Emulator {
         )
     }
 
+    /// The emulator against `azurite` with the capacity model `capacity`, deployment
+    /// [`DEPLOYMENT`], and `extra` arguments.
+    pub fn start_with_capacity(azurite: &Azurite, capacity: Capacity, extra: &[&str]) -> Emulator {
+        let mut args = capacity.args();
+        args.extend(extra.iter().map(|a| a.to_string()));
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        Emulator::start(azurite, &args)
+    }
+
     pub fn endpoint(&self) -> String {
         format!("http://127.0.0.1:{}", self.port)
+    }
+
+    /// Creates a `/chat/completions` batch of `input_blob` into `output_folder_url` through
+    /// the `/openai/v1/` API and returns the answer as it came, with its quota headers.
+    pub async fn create_raw(&self, input_blob: &str, output_folder_url: &str) -> CreateAnswer {
+        let resp = self
+            .http
+            .post(format!("{}/openai/v1/batches", self.endpoint()))
+            .header("api-key", API_KEY)
+            .json(&serde_json::json!({
+                "input_file_id": null,
+                "endpoint": "/chat/completions",
+                "completion_window": "24h",
+                "input_blob": input_blob,
+                "output_folder": {"url": output_folder_url},
+            }))
+            .send()
+            .await
+            .unwrap_or_else(|e| panic!("the emulator's create: {e}"));
+        let header = |name: &str| {
+            resp.headers()
+                .get(name)
+                .and_then(|v| v.to_str().ok())
+                .and_then(|v| v.parse().ok())
+        };
+        let (enqueued_tokens, maximum_enqueued_tokens) = (
+            header("deployment-enqueued-tokens"),
+            header("deployment-maximum-enqueued-tokens"),
+        );
+        let status = resp.status().as_u16();
+        let body = resp.json().await.unwrap_or_default();
+        CreateAnswer {
+            status,
+            enqueued_tokens,
+            maximum_enqueued_tokens,
+            body,
+        }
     }
 
     /// A client of the emulator's `/openai/v1/` API.
