@@ -17,6 +17,7 @@ use futures::StreamExt;
 use crate::{
     app::{App, Journal, StepError},
     cancel,
+    capacity::{self, Admission},
     jobs::{
         AnyJob, CanQueue, Claim, Finished, InputFacts, InputRef, Job, JobState, Split, Submitting,
         Unfinished,
@@ -215,7 +216,7 @@ pub async fn run_claimed(
     let earlier = match job.create_started_at() {
         None => None,
         Some(started) => match app
-            .openai
+            .openai_at(job.openai_endpoint())
             .find_by_input_blob(job.batch_input_url(), started - CLOCK_SKEW_SECS)
             .await
         {
@@ -298,6 +299,15 @@ pub async fn run_claimed(
     };
 
     app.fault_point("submit:after-validate");
+    // Admission: the job goes only where its tokens fit; else it waits in line, for room,
+    // not for a timer. The reservation is taken before the create, so two invocations cannot
+    // both spend the last room.
+    let endpoint = match capacity::reserve(app, &key, &facts.model, facts.tokens).await {
+        Ok(Admission::Admitted { endpoint }) => endpoint,
+        Ok(Admission::NoRoom { reason }) => return wait_for_room(app, job, &etag, &reason, j).await,
+        Err(e) => return Err(release(app, job, &etag, e.into(), j).await),
+    };
+    job.admit_to(&endpoint);
     // While the create may be in flight (bounded by `create_timeout`, retries for
     // throttling included), nobody takes the job over: they could not find the batch yet
     // and would make a second one.
@@ -320,7 +330,8 @@ pub async fn run_claimed(
     // Bounded, so that the in-flight window noted in the record really ends; each attempt
     // is given the whole window, so the client never gives up on a request the record still
     // counts as on its way.
-    let created = tokio::time::timeout(window, app.openai.create(&request, window))
+    let client = app.openai_at(Some(&endpoint));
+    let created = tokio::time::timeout(window, client.create(&request, window))
         .await
         .unwrap_or_else(|_| {
             Err(OpenAiError::Unanswered {
@@ -329,8 +340,15 @@ pub async fn run_claimed(
             })
         });
     match created {
-        Ok(batch) => {
+        Ok(crate::openai::Created { batch, quota }) => {
             app.fault_point("submit:after-create");
+            // Best effort: the reservation stands either way; what is lost is the news.
+            if let Err(e) = capacity::answered(app, &endpoint, &facts.model, &key, quota).await {
+                j.warn(format!(
+                    "job={key}: could not note the service's quota answer in the capacity \
+                     ledger: {e}"
+                ));
+            }
             let job = job.submitted(&batch, false, app.now());
             let recorded = app.jobs.update(&job, &etag).await?;
             app.fault_point("submit:after-record");
@@ -371,6 +389,7 @@ pub async fn run_claimed(
             j.error(format!(
                 "job={key}: the service refused the batch (HTTP {status}, {code}): {message}"
             ));
+            free_room(app, &job, j).await;
             fail_job(app, job, &etag, &code, message).await?;
             Ok(Intake::Refused)
         }
@@ -445,6 +464,19 @@ pub async fn queue_for_quota<S: CanQueue>(
     j: &Journal,
 ) -> Result<Intake, StepError> {
     let key = job.key().to_string();
+    // A refusal the model did not predict: the ledger learns from it, and the room this
+    // job held is free again.
+    if let Some(facts) = job.facts() {
+        let endpoint = job
+            .openai_endpoint()
+            .unwrap_or(app.config.openai_endpoint.as_str())
+            .to_string();
+        if let Err(e) = capacity::refused(app, &endpoint, &facts.model, &key).await {
+            j.warn(format!(
+                "job={key}: could not note the refusal in the capacity ledger: {e}"
+            ));
+        }
+    }
     let attempt = job.quota_attempts() + 1;
     if attempt >= app.config.queue_max_attempts {
         j.error(format!(
@@ -474,6 +506,51 @@ pub async fn queue_for_quota<S: CanQueue>(
         publish_status(app, job.into(), None).await;
     }
     Ok(Intake::Queued)
+}
+
+/// No target has room for the job now: it waits in line (its place counted among the jobs
+/// that wait for room, in arrival order) and the timer admits it once a batch ends.
+async fn wait_for_room(
+    app: &App,
+    job: Job<Submitting>,
+    etag: &str,
+    reason: &str,
+    j: &Journal,
+) -> Result<Intake, StepError> {
+    let key = job.key().to_string();
+    let entries = app.jobs.active_entries().await?;
+    let ahead = entries
+        .iter()
+        .filter_map(|e| e.index.as_ref().map(|ix| (e, ix)))
+        .filter(|(e, ix)| {
+            ix.state == JobState::Queued
+                && e.key != key
+                && (ix.created_at, e.key.as_str()) < (job.created_at(), key.as_str())
+        })
+        .count();
+    let place = ahead as u32 + 1;
+    let job = job.wait_for_room(reason, place, app.now());
+    if app.jobs.update(&job, etag).await?.is_some() {
+        j.info(format!(
+            "job={key}: queued, {} in line, waiting for {reason}",
+            crate::status::ordinal(place)
+        ));
+        publish_status(app, job.into(), None).await;
+    }
+    Ok(Intake::Queued)
+}
+
+/// The job's batch will not run (refused for good, failed by us): its reservation goes.
+/// Best effort: should this fail, the tick drops it once the job is no longer active.
+pub async fn free_room<S: crate::jobs::State>(app: &App, job: &Job<S>, j: &Journal) {
+    if let Some(facts) = job.facts()
+        && let Err(e) = capacity::release(app, &facts.model, job.key()).await
+    {
+        j.warn(format!(
+            "job={}: could not release its room in the capacity ledger (the tick will): {e}",
+            job.key()
+        ));
+    }
 }
 
 /// Ends a job as `failed` for a reason of ours (not a batch's own failure): its summary
