@@ -64,10 +64,13 @@ pub struct Ledger {
     pub limit: Option<u64>,
     #[serde(default)]
     pub limit_source: Option<LimitSource>,
-    /// Tokens the service counted at its last answer beyond our reservations: other users of
-    /// the deployment, and the difference between its estimate and ours.
+    /// The service's count over ours, at its last answer (`deployment-enqueued-tokens` over
+    /// the tokens of our answered reservations): the service estimates by characters, we by
+    /// the tokenizer, and other users of the deployment count too. Our figures are scaled by
+    /// it before they are held against the limit, so what we admit is what the service will
+    /// count. 1 until an answer tells it.
     #[serde(default)]
-    pub others: u64,
+    pub scale: Option<f64>,
     /// The service's `deployment-enqueued-tokens` at its last answer.
     #[serde(default)]
     pub service_enqueued: Option<u64>,
@@ -91,6 +94,15 @@ impl Ledger {
         self.reservations.values().map(|r| r.tokens).sum()
     }
 
+    fn scale(&self) -> f64 {
+        self.scale.filter(|s| s.is_finite() && *s > 0.0).unwrap_or(1.0)
+    }
+
+    /// What the service would count for `tokens` of ours.
+    fn scaled(&self, tokens: u64) -> u64 {
+        (tokens as f64 * self.scale()).ceil() as u64
+    }
+
     fn limit_or(&self, setting: Option<u64>) -> Option<(u64, LimitSource)> {
         match (self.limit, self.limit_source) {
             (Some(l), Some(s)) => Some((l, s)),
@@ -109,7 +121,7 @@ impl Ledger {
         match self.limit_or(setting) {
             // Unknown limit: one create in flight at a time, until an answer tells it.
             None => self.reservations.values().all(|r| r.answered),
-            Some((limit, _)) => self.held() + self.others + tokens <= limit,
+            Some((limit, _)) => self.scaled(self.held() + tokens) <= limit,
         }
     }
 
@@ -117,7 +129,7 @@ impl Ledger {
     /// nothing of ours is held, else full (it is tried after those that say they have room).
     fn load(&self, setting: Option<u64>) -> f64 {
         match self.limit_or(setting) {
-            Some((limit, _)) if limit > 0 => (self.held() + self.others) as f64 / limit as f64,
+            Some((limit, _)) if limit > 0 => self.scaled(self.held()) as f64 / limit as f64,
             _ if self.reservations.is_empty() => 0.0,
             _ => 1.0,
         }
@@ -329,11 +341,19 @@ fn no_room(ledgers: &[(Ledger, Option<String>)], tokens: u64, setting: Option<u6
         .iter()
         .map(|(l, _)| match l.limit_or(setting) {
             Some((limit, source)) => format!(
-                "{} holds {} of {limit} ({source:?} limit{})",
+                "{} holds {} of {limit} (limit from the {}{})",
                 l.endpoint,
-                l.held(),
-                if l.others > 0 {
-                    format!(", {} more counted by the service", l.others)
+                l.scaled(l.held()),
+                match source {
+                    LimitSource::Header => "service",
+                    LimitSource::Setting => "setting",
+                    LimitSource::Refusal => "last refusal",
+                },
+                if (l.scale() - 1.0).abs() > 0.005 {
+                    format!(
+                        "; the service counts {:.2}× our estimate",
+                        l.scale()
+                    )
                 } else {
                     String::new()
                 }
@@ -370,7 +390,16 @@ pub async fn answered(
         }
         if let Some(enqueued) = quota.enqueued {
             l.service_enqueued = Some(enqueued);
-            l.others = enqueued.saturating_sub(l.held());
+            // Only answered creates: the service may not count one still under way.
+            let ours: u64 = l
+                .reservations
+                .values()
+                .filter(|r| r.answered)
+                .map(|r| r.tokens)
+                .sum();
+            if ours > 0 {
+                l.scale = Some(enqueued as f64 / ours as f64);
+            }
         }
         (true, ())
     })
@@ -389,7 +418,7 @@ pub async fn refused(
 ) -> Result<(), StorageError> {
     update(app, endpoint, deployment, |l| {
         l.reservations.remove(key);
-        let held = l.held() + l.others;
+        let held = l.scaled(l.held());
         if held > 0 && l.limit.is_none_or(|limit| held < limit) {
             l.limit = Some(held);
             l.limit_source = Some(LimitSource::Refusal);
@@ -509,6 +538,15 @@ mod tests {
         assert!(!ledger(None, &[(10, false)]).fits(10, None), "a create under way");
         assert!(ledger(None, &[(10, true)]).fits(10, None), "answered, no header");
         assert!(!ledger(None, &[(10, true)]).fits(10, Some(15)), "the setting");
+    }
+
+    #[test]
+    fn the_services_count_scales_ours() {
+        // The service counts twice what we estimate: 2 × (1000 + 300) > 2500.
+        let mut l = ledger(Some(2500), &[(1000, true)]);
+        l.scale = Some(2.0);
+        assert!(!l.fits(300, None));
+        assert!(l.fits(200, None));
     }
 
     #[test]

@@ -1,0 +1,324 @@
+//! Admission over the enqueued-token quota (issue 15, items 2 and 3), with real Azurite, the
+//! real emulator (its capacity model: `--enqueued-token-limit`, the quota headers, a 400
+//! `token_limit_exceeded` past the limit) and the real handler. A file is submitted only
+//! where its tokens fit; the others wait in line for room, not for a timer, and go in the
+//! tick whose harvest frees it. The emulator runs in manual mode (`--step-ms 0`): batches
+//! move only when a test steps them, so "the same tick" is exact.
+
+mod support;
+
+use std::time::{Duration, Instant};
+
+use aoai_blob_batch::openai::Batch;
+use aoai_stack::Capacity;
+use serde_json::Value;
+use support::*;
+
+/// Emulator tokens of one request of [`file`]: a quarter of the prompt's characters
+/// ("user" and 396 characters of content: 100) plus `max_tokens` (100).
+const REQUEST_TOKENS: u64 = 200;
+/// Requests per file: each file is 1,000 emulator tokens.
+const REQUESTS: usize = 5;
+/// Room for two files, not three.
+const LIMIT: u64 = 2 * REQUESTS as u64 * REQUEST_TOKENS + 500;
+
+/// `n` requests of [`REQUEST_TOKENS`] each; `tag` makes the content (and so the file) unique.
+fn file(tag: &str, n: usize) -> Vec<u8> {
+    let mut out = String::new();
+    for i in 0..n {
+        let content = format!("{tag}-{i:03} ").repeat(400);
+        let content = &content[..396];
+        out.push_str(
+            &serde_json::json!({
+                "custom_id": format!("{tag}-{i}"), "method": "POST", "url": "/chat/completions",
+                "body": {"model": DEPLOYMENT, "max_tokens": 100,
+                         "messages": [{"role": "user", "content": content}]}
+            })
+            .to_string(),
+        );
+        out.push('\n');
+    }
+    out.into_bytes()
+}
+
+fn small_quota() -> Capacity {
+    Capacity {
+        enqueued_token_limit: Some(LIMIT),
+        ..Capacity::default()
+    }
+}
+
+/// Creates the emulator answered with 400 `token_limit_exceeded`: its create calls less the
+/// batches it holds.
+async fn refusals(emulator: &Emulator) -> u64 {
+    let creates = emulator.calls().await["create"].as_u64().unwrap();
+    creates - emulator.batches().await.len() as u64
+}
+
+/// The emulator's unfinished batches.
+async fn unfinished(emulator: &Emulator) -> Vec<Batch> {
+    emulator
+        .batches()
+        .await
+        .into_iter()
+        .filter(|b| !b.status.is_terminal())
+        .collect()
+}
+
+/// The input blob names of the emulator's batches.
+async fn inputs_of(emulator: &Emulator) -> Vec<String> {
+    let mut names: Vec<String> = emulator
+        .batches()
+        .await
+        .into_iter()
+        .filter_map(|b| b.input_blob)
+        .map(|u| u.rsplit('/').next().unwrap().to_string())
+        .collect();
+    names.sort();
+    names
+}
+
+async fn deliver(handler: &Handler, store: &aoai_blob_batch::storage::BlobStore, name: &str) {
+    let body = store
+        .read("batch-input", name)
+        .await
+        .unwrap()
+        .expect("uploaded");
+    let url = store.blob_url("batch-input", name);
+    let (status, answer) = handler
+        .invoke(
+            "function-trigger",
+            &trigger_payload(blob_created_event(&url, &body.1, body.0.len() as u64)),
+        )
+        .await;
+    assert_eq!(status, 200, "{:?}", answer.logs);
+}
+
+async fn status_json(store: &aoai_blob_batch::storage::BlobStore, tag: &str) -> Value {
+    read_json(store, "batch-output", &format!("{tag}/status.json"))
+        .await
+        .unwrap_or_else(|| panic!("{tag}/status.json exists"))
+}
+
+#[tokio::test]
+async fn concurrent_intakes_over_a_small_quota_never_over_admit() {
+    let azurite = Azurite::start();
+    let emulator = Emulator::start_with_capacity(&azurite, small_quota(), &["--step-ms", "0"]);
+    let handler = Handler::start(handler_env(&azurite, &emulator));
+    let store = azurite.store();
+    store.ensure_container("batch-output").await.unwrap();
+
+    let tags: Vec<String> = (0..8).map(|i| format!("f{i}")).collect();
+    for tag in &tags {
+        upload_input(&store, &format!("{tag}.jsonl"), &file(tag, REQUESTS)).await;
+    }
+    // Every event at once: eight intakes race for room for two.
+    let names: Vec<String> = tags.iter().map(|t| format!("{t}.jsonl")).collect();
+    futures::future::join_all(names.iter().map(|n| deliver(&handler, &store, n))).await;
+    assert_eq!(
+        refusals(&emulator).await,
+        0,
+        "while the limit was unknown, one create at a time went"
+    );
+    let waiting: Vec<Value> = {
+        let mut v = Vec::new();
+        for tag in &tags {
+            v.push(status_json(&store, tag).await);
+        }
+        v.into_iter().filter(|s| s["status"] == "queued").collect()
+    };
+    assert!(waiting.len() >= 6, "at most two admitted: {waiting:?}");
+    assert!(
+        waiting
+            .iter()
+            .any(|s| s["waiting_for"].as_str().unwrap().contains("in line")),
+        "{waiting:?}"
+    );
+
+    let deadline = Instant::now() + Duration::from_secs(120);
+    let mut max_unfinished = 0;
+    loop {
+        let running = unfinished(&emulator).await.len();
+        max_unfinished = max_unfinished.max(running);
+        assert!(
+            running as u64 * REQUESTS as u64 * REQUEST_TOKENS <= LIMIT,
+            "{running} unfinished batches are past the quota"
+        );
+        let mut done = 0;
+        for tag in &tags {
+            if let Some(s) = read_json(&store, "batch-output", &format!("{tag}/summary.json")).await
+            {
+                assert_eq!(s["status"], "completed", "{s}");
+                done += 1;
+            }
+        }
+        if done == tags.len() {
+            break;
+        }
+        assert!(Instant::now() < deadline, "only {done} of 8 finished");
+        emulator.advance().await;
+        let (status, answer) = handler.tick().await;
+        assert_eq!(status, 200, "{:?}", answer.logs);
+    }
+    assert_eq!(max_unfinished, 2, "the quota was used, not left idle");
+    assert_eq!(
+        refusals(&emulator).await,
+        0,
+        "once the limit was known, nothing was refused"
+    );
+    assert_eq!(emulator.batches().await.len(), 8, "one batch per file");
+}
+
+#[tokio::test]
+async fn a_queued_job_is_admitted_in_the_tick_whose_harvest_frees_room() {
+    let azurite = Azurite::start();
+    let emulator = Emulator::start_with_capacity(&azurite, small_quota(), &["--step-ms", "0"]);
+    let stack_env = handler_env(&azurite, &emulator);
+    let handler = Handler::start(stack_env);
+    let store = azurite.store();
+    store.ensure_container("batch-output").await.unwrap();
+
+    for tag in ["a", "b", "c"] {
+        upload_input(&store, &format!("{tag}.jsonl"), &file(tag, REQUESTS)).await;
+        deliver(&handler, &store, &format!("{tag}.jsonl")).await;
+    }
+    assert_eq!(inputs_of(&emulator).await, ["a.jsonl", "b.jsonl"]);
+    let c = status_json(&store, "c").await;
+    assert_eq!(c["status"], "queued", "{c}");
+    assert_eq!(
+        c["waiting_for"].as_str().unwrap(),
+        "room in the enqueued-token quota: 1st in line",
+        "{c}"
+    );
+    assert!(c["next_attempt_at"].is_null(), "no timer: {c}");
+
+    // Ticks while a and b run change nothing for c.
+    for _ in 0..2 {
+        handler.tick().await;
+        assert_eq!(emulator.batches().await.len(), 2);
+    }
+    // a's batch ends at the service; the next tick harvests it and, in the same tick,
+    // creates c's batch.
+    let a_id = emulator
+        .batches()
+        .await
+        .into_iter()
+        .find(|b| b.input_blob.as_deref().unwrap().ends_with("/a.jsonl"))
+        .unwrap()
+        .id;
+    for _ in 0..20 {
+        if emulator.step(Some(&a_id), 1).await[0].status.is_terminal() {
+            break;
+        }
+    }
+    let (status, answer) = handler.tick().await;
+    assert_eq!(status, 200, "{:?}", answer.logs);
+    assert!(
+        read_json(&store, "batch-output", "a/summary.json")
+            .await
+            .is_some(),
+        "a harvested: {:?}",
+        answer.logs
+    );
+    assert_eq!(
+        inputs_of(&emulator).await,
+        ["a.jsonl", "b.jsonl", "c.jsonl"],
+        "c's batch created in the tick that harvested a: {:?}",
+        answer.logs
+    );
+    assert!(
+        answer.logs.iter().any(|l| l.contains("admitted=1")),
+        "{:?}",
+        answer.logs
+    );
+    assert_eq!(refusals(&emulator).await, 0);
+}
+
+#[tokio::test]
+async fn two_targets_are_both_used_when_one_is_full() {
+    let azurite = Azurite::start();
+    let east = Emulator::start_with_capacity(&azurite, small_quota(), &["--step-ms", "0"]);
+    let west = Emulator::start_with_capacity(&azurite, small_quota(), &["--step-ms", "0"]);
+    let mut env = handler_env(&azurite, &east);
+    for (k, v) in env.iter_mut() {
+        if k == "AZURE_OPENAI_ENDPOINT" {
+            *v = format!("{}, {}", east.endpoint(), west.endpoint());
+        }
+    }
+    let handler = Handler::start(env);
+    let store = azurite.store();
+    store.ensure_container("batch-output").await.unwrap();
+
+    let tags = ["p", "q", "r", "s", "t"];
+    for tag in tags {
+        upload_input(&store, &format!("{tag}.jsonl"), &file(tag, REQUESTS)).await;
+        deliver(&handler, &store, &format!("{tag}.jsonl")).await;
+    }
+    // Room for two files in each region: four go at once, the fifth waits.
+    assert_eq!(east.batches().await.len(), 2, "{:?}", inputs_of(&east).await);
+    assert_eq!(west.batches().await.len(), 2, "{:?}", inputs_of(&west).await);
+    assert_eq!(status_json(&store, "t").await["status"], "queued");
+
+    let deadline = Instant::now() + Duration::from_secs(120);
+    loop {
+        let mut done = 0;
+        for tag in tags {
+            if let Some(s) = read_json(&store, "batch-output", &format!("{tag}/summary.json")).await
+            {
+                assert_eq!(s["status"], "completed", "{s}");
+                let results =
+                    read_text(&store, "batch-output", &format!("{tag}/results.jsonl")).await;
+                assert_eq!(results.unwrap().lines().count(), REQUESTS, "{tag}");
+                done += 1;
+            }
+        }
+        if done == tags.len() {
+            break;
+        }
+        assert!(Instant::now() < deadline, "only {done} finished");
+        east.advance().await;
+        west.advance().await;
+        let (status, answer) = handler.tick().await;
+        assert_eq!(status, 200, "{:?}", answer.logs);
+    }
+    let total = east.batches().await.len() + west.batches().await.len();
+    assert_eq!(total, 5, "one batch per file, across the two regions");
+    assert_eq!(refusals(&east).await + refusals(&west).await, 0);
+}
+
+#[tokio::test]
+async fn two_instances_racing_for_the_last_room_one_wins() {
+    let azurite = Azurite::start();
+    let emulator = Emulator::start_with_capacity(&azurite, small_quota(), &["--step-ms", "0"]);
+    let env = handler_env(&azurite, &emulator);
+    let one = Handler::start(env.clone());
+    let two = Handler::start(env);
+    let store = azurite.store();
+    store.ensure_container("batch-output").await.unwrap();
+
+    // The first file tells the limit; room for one more is left.
+    upload_input(&store, "a.jsonl", &file("a", REQUESTS)).await;
+    deliver(&one, &store, "a.jsonl").await;
+    assert_eq!(emulator.batches().await.len(), 1);
+
+    upload_input(&store, "b.jsonl", &file("b", REQUESTS)).await;
+    upload_input(&store, "c.jsonl", &file("c", REQUESTS)).await;
+    tokio::join!(
+        deliver(&one, &store, "b.jsonl"),
+        deliver(&two, &store, "c.jsonl")
+    );
+    let inputs = inputs_of(&emulator).await;
+    assert_eq!(inputs.len(), 2, "one of b and c won the room: {inputs:?}");
+    assert_eq!(refusals(&emulator).await, 0, "and the other was not sent");
+    let loser = if inputs.contains(&"b.jsonl".to_string()) {
+        "c"
+    } else {
+        "b"
+    };
+    let st = status_json(&store, loser).await;
+    assert_eq!(st["status"], "queued", "{st}");
+    assert!(
+        st["waiting_for"].as_str().unwrap().contains("1st in line"),
+        "{st}"
+    );
+}
