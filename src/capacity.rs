@@ -95,7 +95,9 @@ impl Ledger {
     }
 
     fn scale(&self) -> f64 {
-        self.scale.filter(|s| s.is_finite() && *s > 0.0).unwrap_or(1.0)
+        self.scale
+            .filter(|s| s.is_finite() && *s > 0.0)
+            .unwrap_or(1.0)
     }
 
     /// What the service would count for `tokens` of ours.
@@ -189,7 +191,9 @@ async fn read(
             let ledger = serde_json::from_slice(&bytes).map_err(|e| StorageError::Failed {
                 op: "read",
                 target: format!("{}/{name}", app.config.state_container),
-                message: format!("the capacity ledger is not valid JSON ({e}); delete it and it is rebuilt"),
+                message: format!(
+                    "the capacity ledger is not valid JSON ({e}); delete it and it is rebuilt"
+                ),
             })?;
             Ok((ledger, Some(etag)))
         }
@@ -271,11 +275,7 @@ pub async fn reserve(
     tokens: u64,
 ) -> Result<Admission, StorageError> {
     let setting = app.config.enqueued_token_limit;
-    let endpoints: Vec<String> = app
-        .pool
-        .iter()
-        .map(|c| c.endpoint().to_string())
-        .collect();
+    let endpoints: Vec<String> = app.pool.iter().map(|c| c.endpoint().to_string()).collect();
     for _ in 0..MAX_RACES {
         let mut ledgers = Vec::with_capacity(endpoints.len());
         for endpoint in &endpoints {
@@ -350,10 +350,7 @@ fn no_room(ledgers: &[(Ledger, Option<String>)], tokens: u64, setting: Option<u6
                     LimitSource::Refusal => "last refusal",
                 },
                 if (l.scale() - 1.0).abs() > 0.005 {
-                    format!(
-                        "; the service counts {:.2}× our estimate",
-                        l.scale()
-                    )
+                    format!("; the service counts {:.2}× our estimate", l.scale())
                 } else {
                     String::new()
                 }
@@ -535,9 +532,18 @@ mod tests {
     #[test]
     fn an_unknown_limit_admits_one_create_at_a_time() {
         assert!(ledger(None, &[]).fits(10_000, None));
-        assert!(!ledger(None, &[(10, false)]).fits(10, None), "a create under way");
-        assert!(ledger(None, &[(10, true)]).fits(10, None), "answered, no header");
-        assert!(!ledger(None, &[(10, true)]).fits(10, Some(15)), "the setting");
+        assert!(
+            !ledger(None, &[(10, false)]).fits(10, None),
+            "a create under way"
+        );
+        assert!(
+            ledger(None, &[(10, true)]).fits(10, None),
+            "answered, no header"
+        );
+        assert!(
+            !ledger(None, &[(10, true)]).fits(10, Some(15)),
+            "the setting"
+        );
     }
 
     #[test]

@@ -417,7 +417,11 @@ async fn step(
                 done.retrieved = true;
                 // A batch the service says it does not know is the record's business: the
                 // step below retrieves it again with the record in hand.
-                batch = match app.openai_at(ix.endpoint.as_deref()).retrieve(&seen.id).await {
+                batch = match app
+                    .openai_at(ix.endpoint.as_deref())
+                    .retrieve(&seen.id)
+                    .await
+                {
                     Ok(b) => Some(b),
                     Err(OpenAiError::NotFound(_)) => None,
                     Err(e) => return Err(e.into()),

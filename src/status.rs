@@ -143,10 +143,7 @@ impl Status {
                 Phase::Queued,
                 match j.place() {
                     0 => "room in the enqueued-token quota".to_string(),
-                    n => format!(
-                        "room in the enqueued-token quota: {} in line",
-                        ordinal(n)
-                    ),
+                    n => format!("room in the enqueued-token quota: {} in line", ordinal(n)),
                 },
             ),
             AnyJob::Queued(j) => (

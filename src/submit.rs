@@ -304,7 +304,9 @@ pub async fn run_claimed(
     // both spend the last room.
     let endpoint = match capacity::reserve(app, &key, &facts.model, facts.tokens).await {
         Ok(Admission::Admitted { endpoint }) => endpoint,
-        Ok(Admission::NoRoom { reason }) => return wait_for_room(app, job, &etag, &reason, j).await,
+        Ok(Admission::NoRoom { reason }) => {
+            return wait_for_room(app, job, &etag, &reason, j).await;
+        }
         Err(e) => return Err(release(app, job, &etag, e.into(), j).await),
     };
     job.admit_to(&endpoint);

@@ -255,8 +255,18 @@ async fn two_targets_are_both_used_when_one_is_full() {
         deliver(&handler, &store, &format!("{tag}.jsonl")).await;
     }
     // Room for two files in each region: four go at once, the fifth waits.
-    assert_eq!(east.batches().await.len(), 2, "{:?}", inputs_of(&east).await);
-    assert_eq!(west.batches().await.len(), 2, "{:?}", inputs_of(&west).await);
+    assert_eq!(
+        east.batches().await.len(),
+        2,
+        "{:?}",
+        inputs_of(&east).await
+    );
+    assert_eq!(
+        west.batches().await.len(),
+        2,
+        "{:?}",
+        inputs_of(&west).await
+    );
     assert_eq!(status_json(&store, "t").await["status"], "queued");
 
     let deadline = Instant::now() + Duration::from_secs(120);
