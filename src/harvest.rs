@@ -158,7 +158,9 @@ pub async fn harvest_batch(
             batch.status,
             job.round()
         ));
-        submit::run_claimed(app, job, etag, j).await?;
+        // Boxed: with admission in it, the submit step made this future deep enough
+        // to overflow a worker thread's stack in debug builds.
+        Box::pin(submit::run_claimed(app, job, etag, j)).await?;
         return Ok(());
     }
 

@@ -595,10 +595,14 @@ async fn admit_queued(
             "job={key}: resubmitting after quota wait (attempt {attempt})"
         ));
     }
-    Ok(match submit::run_claimed(app, job, etag, j).await? {
-        submit::Intake::Queued => Admit::Waiting,
-        _ => Admit::Admitted,
-    })
+    // Boxed: with admission in it, the submit step made this future deep enough
+    // to overflow a worker thread's stack in debug builds.
+    Ok(
+        match Box::pin(submit::run_claimed(app, job, etag, j)).await? {
+            submit::Intake::Queued => Admit::Waiting,
+            _ => Admit::Admitted,
+        },
+    )
 }
 
 /// Moves one active job a step from its record; `Ok(true)` when it finished. `batch`: its
@@ -626,7 +630,9 @@ async fn step_record(
                 j.warn(format!(
                     "job={key}: claim lapsed (holder died?); resuming submission"
                 ));
-                submit::run_claimed(app, job, etag, j).await?;
+                // Boxed: with admission in it, the submit step made this future deep enough
+                // to overflow a worker thread's stack in debug builds.
+                Box::pin(submit::run_claimed(app, job, etag, j)).await?;
             }
             Ok(false)
         }
