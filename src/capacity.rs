@@ -335,6 +335,21 @@ pub async fn room_for(app: &App, deployment: &str, tokens: u64) -> Result<bool, 
     Ok(false)
 }
 
+/// The most of our estimated tokens any one target of deployment `deployment` could hold
+/// (its limit over the service's scale), where some target's limit is known: a file above it
+/// could never be admitted whole, and is split into parts that fit (issue 15, item 5).
+pub async fn largest_room(app: &App, deployment: &str) -> Result<Option<u64>, StorageError> {
+    let mut largest = None;
+    for client in &app.pool {
+        let (ledger, _) = read(app, client.endpoint().as_str(), deployment).await?;
+        if let Some((limit, _)) = ledger.limit_or(app.config.enqueued_token_limit) {
+            let room = (limit as f64 / ledger.scale()).floor() as u64;
+            largest = Some(largest.map_or(room, |l: u64| l.max(room)));
+        }
+    }
+    Ok(largest)
+}
+
 /// The sentence for a job that fits nowhere: what every target holds.
 fn no_room(ledgers: &[(Ledger, Option<String>)], tokens: u64, setting: Option<u64>) -> String {
     let each: Vec<String> = ledgers

@@ -275,6 +275,39 @@ pub async fn run_claimed(
             if !report.is_ok() {
                 return reject(app, job, &etag, report, j).await;
             }
+            // More tokens than any one quota holds: it could never be admitted whole, so it
+            // is read again and cut into parts that fit (only such files pay a second read).
+            let too_big = match job.part_of() {
+                Some(_) => Ok(None),
+                None => too_big_for_any_quota(app, &report).await,
+            };
+            let report = match too_big {
+                Ok(None) => report,
+                Ok(Some(max_tokens)) => {
+                    j.info(format!(
+                        "job={key}: an estimated {} input tokens, more than the largest \
+                         enqueued-token quota holds ({max_tokens}); split into parts that fit",
+                        report.tokens
+                    ));
+                    let input = job.input().clone();
+                    let again = holding_claim(
+                        app,
+                        &mut job,
+                        &mut etag,
+                        validate_with(app, &input, Some(max_tokens)),
+                        j,
+                    )
+                    .await?;
+                    match again {
+                        None => return Ok(Intake::InProgressElsewhere),
+                        Some(Ok(r)) if r.is_ok() => r,
+                        // Changed or gone since the first read: the next attempt sees it.
+                        Some(Ok(_)) => report,
+                        Some(Err(e)) => return Err(release(app, job, &etag, e.into(), j).await),
+                    }
+                }
+                Err(e) => return Err(release(app, job, &etag, e.into(), j).await),
+            };
             let facts = job
                 .validated(
                     InputFacts {
@@ -655,7 +688,28 @@ async fn release(
     err
 }
 
+/// The token limit a file's parts must keep to when its estimate is above the largest room
+/// any target of its deployment has (a part of a split file is never split again).
+async fn too_big_for_any_quota(app: &App, report: &Report) -> Result<Option<u64>, StorageError> {
+    let Some(model) = report.model.as_deref() else {
+        return Ok(None);
+    };
+    Ok(capacity::largest_room(app, model)
+        .await?
+        .filter(|room| report.tokens > *room && *room > 0))
+}
+
 async fn validate_input(app: &App, input: &InputRef) -> Result<Report, StorageError> {
+    validate_with(app, input, None).await
+}
+
+/// Validates the input, splitting it beyond one batch's limits and, with `max_tokens`, into
+/// parts of at most that many estimated tokens.
+async fn validate_with(
+    app: &App,
+    input: &InputRef,
+    max_tokens: Option<u64>,
+) -> Result<Report, StorageError> {
     if let Some(delay) = app.config.test_validate_delay {
         tracing::warn!(
             "blob={}/{}: test-only delay of {} ms before validating ({})",
@@ -671,7 +725,7 @@ async fn validate_input(app: &App, input: &InputRef) -> Result<Report, StorageEr
         .download(&input.container, &input.name, Some(&input.etag))
         .await?;
     // The limits bound each batch, not the input: beyond them, it is split.
-    validate_read_ahead(body, app.config.split_limits, &input.name).await
+    validate_read_ahead(body, app.config.split_limits, max_tokens, &input.name).await
 }
 
 /// Validates a blob's body while it downloads: the download runs in its own task, a few
@@ -680,6 +734,7 @@ async fn validate_input(app: &App, input: &InputRef) -> Result<Report, StorageEr
 async fn validate_read_ahead<S>(
     mut body: S,
     limits: crate::validate::Limits,
+    max_tokens: Option<u64>,
     name: &str,
 ) -> Result<Report, StorageError>
 where
@@ -694,7 +749,10 @@ where
             }
         }
     });
-    let mut validator = Validator::splitting(limits);
+    let mut validator = match max_tokens {
+        Some(t) => Validator::splitting_by_tokens(limits, t),
+        None => Validator::splitting(limits),
+    };
     while let Some(chunk) = chunks.recv().await {
         validator.feed(&chunk?);
     }
@@ -944,7 +1002,7 @@ mod tests {
             #[allow(unreachable_code)]
             Ok(Bytes::new())
         }));
-        let got = validate_read_ahead(Box::pin(body), Default::default(), "x.jsonl").await;
+        let got = validate_read_ahead(Box::pin(body), Default::default(), None, "x.jsonl").await;
         let err = got.expect_err("two lines of a longer file are not the file");
         assert!(
             err.to_string().contains("before the end of the blob"),
@@ -955,7 +1013,7 @@ mod tests {
     #[tokio::test]
     async fn a_whole_download_is_validated() {
         let body = stream::iter([Ok(Bytes::from(line("a"))), Ok(Bytes::from(line("b")))]);
-        let report = validate_read_ahead(body, Default::default(), "x.jsonl")
+        let report = validate_read_ahead(body, Default::default(), None, "x.jsonl")
             .await
             .unwrap();
         assert!(report.is_ok(), "{:?}", report.problems);

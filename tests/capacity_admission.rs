@@ -332,3 +332,52 @@ async fn two_instances_racing_for_the_last_room_one_wins() {
         "{st}"
     );
 }
+
+#[tokio::test]
+async fn a_file_bigger_than_any_quota_is_split_by_tokens_and_completes() {
+    let azurite = Azurite::start();
+    let emulator = Emulator::start_with_capacity(&azurite, small_quota(), &["--step-ms", "0"]);
+    let handler = Handler::start(handler_env(&azurite, &emulator));
+    let store = azurite.store();
+    store.ensure_container("batch-output").await.unwrap();
+
+    // A small file first: its create answer tells the limit, and how the service counts.
+    upload_input(&store, "small.jsonl", &file("small", REQUESTS)).await;
+    deliver(&handler, &store, "small.jsonl").await;
+    // 20 requests: 4,000 of the service's tokens, past the 2,500 of the whole quota.
+    let big = 20;
+    upload_input(&store, "big.jsonl", &file("big", big)).await;
+    deliver(&handler, &store, "big.jsonl").await;
+    let st = status_json(&store, "big").await;
+    assert_eq!(st["status"], "split", "{st}");
+
+    let deadline = Instant::now() + Duration::from_secs(120);
+    let summary = loop {
+        if let Some(s) = read_json(&store, "batch-output", "big/summary.json").await {
+            break s;
+        }
+        assert!(Instant::now() < deadline, "big.jsonl did not finish");
+        emulator.advance().await;
+        let (status, answer) = handler.tick().await;
+        assert_eq!(status, 200, "{:?}", answer.logs);
+    };
+    assert_eq!(summary["status"], "completed", "{summary:#}");
+    assert_eq!(summary["request_counts"]["completed"], big);
+    let parts = summary["parts"].as_array().unwrap();
+    assert!(parts.len() >= 2, "{summary:#}");
+    let merged = read_text(&store, "batch-output", "big/merged.jsonl")
+        .await
+        .unwrap();
+    let ids: Vec<String> = merged
+        .lines()
+        .map(|l| {
+            serde_json::from_str::<Value>(l).unwrap()["custom_id"]
+                .as_str()
+                .unwrap()
+                .to_string()
+        })
+        .collect();
+    let expected: Vec<String> = (0..big).map(|i| format!("big-{i}")).collect();
+    assert_eq!(ids, expected, "input order");
+    assert_eq!(refusals(&emulator).await, 0, "every part fitted");
+}
