@@ -116,13 +116,19 @@ impl Ledger {
     /// Whether `tokens` more fit now. A target holding nothing of ours always lets one job
     /// try, whatever the model says: only the service can say that a job alone is too big,
     /// and a job must never wait for room that cannot come.
-    fn fits(&self, tokens: u64, setting: Option<u64>) -> bool {
+    ///
+    /// `lost_before`: a create not answered by then never will be (its holder died; whoever
+    /// takes its job over adopts or creates its batch): it no longer holds up the others.
+    fn fits(&self, tokens: u64, setting: Option<u64>, lost_before: i64) -> bool {
         if self.reservations.is_empty() {
             return true;
         }
         match self.limit_or(setting) {
             // Unknown limit: one create in flight at a time, until an answer tells it.
-            None => self.reservations.values().all(|r| r.answered),
+            None => self
+                .reservations
+                .values()
+                .all(|r| r.answered || r.at < lost_before),
             Some((limit, _)) => self.scaled(self.held() + tokens) <= limit,
         }
     }
@@ -258,6 +264,12 @@ fn busy(endpoint: &str, deployment: &str) -> StorageError {
     }
 }
 
+/// Before this time, a create that got no answer never will: its in-flight window
+/// (`BATCH_CREATE_TIMEOUT_SECONDS`) is over.
+fn lost_before(app: &App) -> i64 {
+    app.now() - app.config.create_timeout.as_secs() as i64
+}
+
 /// A short random pause after a lost race, so racing writers spread out.
 async fn race_pause() {
     use rand::Rng;
@@ -287,8 +299,9 @@ pub async fn reserve(
             }
             ledgers.push((ledger, etag));
         }
+        let lost_before = lost_before(app);
         let mut open: Vec<usize> = (0..ledgers.len())
-            .filter(|&i| ledgers[i].0.fits(tokens, setting))
+            .filter(|&i| ledgers[i].0.fits(tokens, setting, lost_before))
             .collect();
         if open.is_empty() {
             return Ok(Admission::NoRoom {
@@ -328,7 +341,7 @@ pub async fn reserve(
 pub async fn room_for(app: &App, deployment: &str, tokens: u64) -> Result<bool, StorageError> {
     for client in &app.pool {
         let (ledger, _) = read(app, client.endpoint().as_str(), deployment).await?;
-        if ledger.fits(tokens, app.config.enqueued_token_limit) {
+        if ledger.fits(tokens, app.config.enqueued_token_limit, lost_before(app)) {
             return Ok(true);
         }
     }
@@ -538,27 +551,22 @@ mod tests {
     #[test]
     fn a_known_limit_admits_what_fits_and_no_more() {
         let l = ledger(Some(2500), &[(1000, true)]);
-        assert!(l.fits(1000, None));
-        assert!(!l.fits(1600, None));
+        assert!(l.fits(1000, None, 0));
+        assert!(!l.fits(1600, None, 0));
         let l = ledger(Some(2500), &[(1000, true), (1000, true)]);
-        assert!(!l.fits(1000, None), "3 × 1000 > 2500");
+        assert!(!l.fits(1000, None, 0), "3 × 1000 > 2500");
     }
 
     #[test]
     fn an_unknown_limit_admits_one_create_at_a_time() {
-        assert!(ledger(None, &[]).fits(10_000, None));
-        assert!(
-            !ledger(None, &[(10, false)]).fits(10, None),
-            "a create under way"
-        );
-        assert!(
-            ledger(None, &[(10, true)]).fits(10, None),
-            "answered, no header"
-        );
-        assert!(
-            !ledger(None, &[(10, true)]).fits(10, Some(15)),
-            "the setting"
-        );
+        assert!(ledger(None, &[]).fits(10_000, None, 0));
+        let under_way = ledger(None, &[(10, false)]);
+        assert!(!under_way.fits(10, None, 0), "a create under way");
+        // Reserved at 0: by 1 its create's window is over, its answer lost with its holder.
+        assert!(under_way.fits(10, None, 1), "a lost create");
+        let answered = ledger(None, &[(10, true)]);
+        assert!(answered.fits(10, None, 0), "answered, no header");
+        assert!(!answered.fits(10, Some(15), 0), "the setting");
     }
 
     #[test]
@@ -566,13 +574,13 @@ mod tests {
         // The service counts twice what we estimate: 2 × (1000 + 300) > 2500.
         let mut l = ledger(Some(2500), &[(1000, true)]);
         l.scale = Some(2.0);
-        assert!(!l.fits(300, None));
-        assert!(l.fits(200, None));
+        assert!(!l.fits(300, None, 0));
+        assert!(l.fits(200, None, 0));
     }
 
     #[test]
     fn an_empty_target_lets_a_job_try_whatever_its_size() {
-        assert!(ledger(Some(100), &[]).fits(1000, None));
+        assert!(ledger(Some(100), &[]).fits(1000, None, 0));
     }
 
     #[test]
