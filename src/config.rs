@@ -557,6 +557,54 @@ mod tests {
     }
 
     #[test]
+    fn several_endpoints_make_a_pool_and_a_bad_one_is_named() {
+        let mut env = base();
+        env.insert(
+            names::OPENAI_ENDPOINT.into(),
+            "https://east.openai.azure.com, https://west.openai.azure.com/".into(),
+        );
+        let c = Config::from_map(&env).unwrap();
+        let pool: Vec<&str> = c.openai_endpoints.iter().map(Url::as_str).collect();
+        assert_eq!(
+            pool,
+            [
+                "https://east.openai.azure.com/",
+                "https://west.openai.azure.com/"
+            ]
+        );
+        assert_eq!(c.openai_endpoint.as_str(), "https://east.openai.azure.com/");
+        assert_eq!(Config::from_map(&base()).unwrap().openai_endpoints.len(), 1);
+        for bad in [
+            "https://east.openai.azure.com,",
+            "https://a.openai.azure.com,https://a.openai.azure.com",
+            "https://a.openai.azure.com,ftp://b",
+        ] {
+            env.insert(names::OPENAI_ENDPOINT.into(), bad.into());
+            let err = Config::from_map(&env).unwrap_err().to_string();
+            assert!(err.contains(names::OPENAI_ENDPOINT), "{bad}: {err}");
+        }
+    }
+
+    #[test]
+    fn the_enqueued_token_limit_is_optional_and_checked() {
+        assert_eq!(
+            Config::from_map(&base()).unwrap().enqueued_token_limit,
+            None
+        );
+        let mut env = base();
+        env.insert(names::ENQUEUED_TOKEN_LIMIT.into(), "90000".into());
+        assert_eq!(
+            Config::from_map(&env).unwrap().enqueued_token_limit,
+            Some(90_000)
+        );
+        for bad in ["0", "-5", "lots"] {
+            env.insert(names::ENQUEUED_TOKEN_LIMIT.into(), bad.into());
+            let err = Config::from_map(&env).unwrap_err().to_string();
+            assert!(err.contains(names::ENQUEUED_TOKEN_LIMIT), "{bad}: {err}");
+        }
+    }
+
+    #[test]
     fn v1_selects_the_v1_style() {
         let mut env = base();
         env.insert(names::OPENAI_API_VERSION.into(), "v1".into());
