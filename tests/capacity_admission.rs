@@ -381,3 +381,79 @@ async fn a_file_bigger_than_any_quota_is_split_by_tokens_and_completes() {
     assert_eq!(ids, expected, "input order");
     assert_eq!(refusals(&emulator).await, 0, "every part fitted");
 }
+
+#[tokio::test]
+async fn a_webhook_that_harvests_a_batch_admits_the_next_in_line_without_a_tick() {
+    use aoai_blob_batch::webhook::signature::sign;
+    use base64::Engine;
+    const SECRET: &str = "whsec_dGVzdC13ZWJob29rLXNlY3JldC0wMTIzNDU2Nzg5";
+
+    let azurite = Azurite::start();
+    let emulator = Emulator::start_with_capacity(&azurite, small_quota(), &["--step-ms", "0"]);
+    let mut env = handler_env(&azurite, &emulator);
+    env.push(("AZURE_OPENAI_WEBHOOK_SECRET".into(), SECRET.into()));
+    let handler = Handler::start(env);
+    let store = azurite.store();
+    store.ensure_container("batch-output").await.unwrap();
+    for tag in ["a", "b", "c"] {
+        upload_input(&store, &format!("{tag}.jsonl"), &file(tag, REQUESTS)).await;
+        deliver(&handler, &store, &format!("{tag}.jsonl")).await;
+    }
+    assert_eq!(inputs_of(&emulator).await, ["a.jsonl", "b.jsonl"]);
+    let a_id = emulator
+        .batches()
+        .await
+        .into_iter()
+        .find(|b| b.input_blob.as_deref().unwrap().ends_with("/a.jsonl"))
+        .unwrap()
+        .id;
+    for _ in 0..20 {
+        if emulator.step(Some(&a_id), 1).await[0].status.is_terminal() {
+            break;
+        }
+    }
+
+    // The service's signed batch.completed event, as the host forwards it.
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs()
+        .to_string();
+    let body = serde_json::json!({
+        "object": "event", "id": "evt_admission", "type": "batch.completed",
+        "created_at": now.parse::<i64>().unwrap(), "data": {"id": a_id},
+    })
+    .to_string();
+    let key = base64::engine::general_purpose::STANDARD
+        .decode(SECRET.trim_start_matches("whsec_"))
+        .unwrap();
+    let resp = reqwest::Client::new()
+        .post(handler.url("/api/function-webhook"))
+        .header("content-type", "application/json")
+        .header("webhook-id", "wh_admission")
+        .header("webhook-timestamp", &now)
+        .header(
+            "webhook-signature",
+            sign(&key, "wh_admission", &now, body.as_bytes()),
+        )
+        .body(body)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200);
+
+    // No tick: the event's invocation harvested a and admitted c.
+    eventually(Duration::from_secs(30), "c's batch", || async {
+        inputs_of(&emulator)
+            .await
+            .contains(&"c.jsonl".to_string())
+            .then_some(())
+    })
+    .await;
+    assert!(
+        read_json(&store, "batch-output", "a/summary.json")
+            .await
+            .is_some()
+    );
+    assert_eq!(refusals(&emulator).await, 0);
+}
