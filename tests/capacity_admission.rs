@@ -457,3 +457,92 @@ async fn a_webhook_that_harvests_a_batch_admits_the_next_in_line_without_a_tick(
     );
     assert_eq!(refusals(&emulator).await, 0);
 }
+
+/// Rounds (one manual emulator step, i.e. one second of processing, then one tick) until all
+/// of `tags` have a summary.
+async fn rounds_to_finish(
+    handler: &Handler,
+    emulators: &[&Emulator],
+    store: &aoai_blob_batch::storage::BlobStore,
+    tags: &[String],
+) -> u32 {
+    for round in 1..=400 {
+        for e in emulators {
+            e.advance().await;
+        }
+        let (status, answer) = handler.tick().await;
+        assert_eq!(status, 200, "{:?}", answer.logs);
+        let mut done = 0;
+        for tag in tags {
+            if read_json(store, "batch-output", &format!("{tag}/summary.json"))
+                .await
+                .is_some()
+            {
+                done += 1;
+            }
+        }
+        if done == tags.len() {
+            return round;
+        }
+    }
+    panic!("the backlog did not finish in 400 rounds");
+}
+
+/// A backlog whose tokens are 5 × one deployment's quota, processed at a fixed rate: the
+/// makespan against the ideal (total tokens / rate), on one target and on two. Emulator
+/// time: one manual step is one second.
+#[tokio::test]
+async fn a_backlog_of_five_quotas_keeps_the_quota_busy() {
+    const FILES: usize = 20;
+    const RATE: u64 = 500;
+    let quota = (FILES as u64 * REQUESTS as u64 * REQUEST_TOKENS) / 5;
+    let capacity = Capacity {
+        enqueued_token_limit: Some(quota),
+        tokens_per_second: Some(RATE),
+        ..Capacity::default()
+    };
+    let ideal = (FILES as u64 * REQUESTS as u64 * REQUEST_TOKENS) / RATE;
+    let mut makespans = Vec::new();
+    for targets in [1, 2] {
+        let azurite = Azurite::start();
+        let emulators: Vec<Emulator> = (0..targets)
+            .map(|_| Emulator::start_with_capacity(&azurite, capacity, &["--step-ms", "0"]))
+            .collect();
+        let mut env = handler_env(&azurite, &emulators[0]);
+        let pool: Vec<String> = emulators.iter().map(Emulator::endpoint).collect();
+        for (k, v) in env.iter_mut() {
+            if k == "AZURE_OPENAI_ENDPOINT" {
+                *v = pool.join(",");
+            }
+        }
+        let handler = Handler::start(env);
+        let store = azurite.store();
+        store.ensure_container("batch-output").await.unwrap();
+        let tags: Vec<String> = (0..FILES).map(|i| format!("b{i:02}")).collect();
+        for tag in &tags {
+            upload_input(&store, &format!("{tag}.jsonl"), &file(tag, REQUESTS)).await;
+            deliver(&handler, &store, &format!("{tag}.jsonl")).await;
+        }
+        let refs: Vec<&Emulator> = emulators.iter().collect();
+        let rounds = rounds_to_finish(&handler, &refs, &store, &tags).await;
+        let mut refused = 0;
+        for e in &emulators {
+            refused += refusals(e).await;
+        }
+        println!(
+            "FIGURE fleet: {FILES} files, {} tokens = 5 x a {quota}-token quota, {RATE} tokens/s \
+             per deployment, {targets} target(s): makespan {rounds} s, ideal {} s ({:.2}x), \
+             {refused} refusal(s)",
+            FILES as u64 * REQUESTS as u64 * REQUEST_TOKENS,
+            ideal / targets,
+            rounds as f64 / (ideal / targets) as f64,
+        );
+        assert_eq!(refused, 0);
+        makespans.push(rounds);
+    }
+    println!(
+        "FIGURE fleet: two targets / one target = {:.2}",
+        makespans[1] as f64 / makespans[0] as f64
+    );
+    assert!(makespans[1] < makespans[0], "{makespans:?}");
+}
