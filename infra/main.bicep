@@ -21,6 +21,9 @@ param location string = resourceGroup().location
 @description('Region of the Azure OpenAI account (must offer the model as a batch deployment).')
 param openAiLocation string = location
 
+@description('Regions of extra Azure OpenAI accounts, each with the same batch deployment and roles: the handler admits each job to whichever region has room in its enqueued-token quota. Empty: one region.')
+param extraOpenAiLocations array = []
+
 @description('Suffix that makes default names unique.')
 param nameSuffix string = uniqueString(resourceGroup().id)
 
@@ -174,9 +177,33 @@ module openAi 'modules/openai.bicep' = {
   }
 }
 
+// The extra regions of the pool: an account per location, named after the main one and its
+// region, so their names and endpoints are known before the deployment runs.
+var extraOpenAiNames = [for extraLocation in extraOpenAiLocations: take('${openAiAccountName}-${extraLocation}', 64)]
+
+module extraRegions 'modules/region.bicep' = [for (extraLocation, i) in extraOpenAiLocations: {
+  name: 'region-${i}'
+  params: {
+    name: extraOpenAiNames[i]
+    location: extraLocation
+    tags: tags
+    deploymentName: modelDeploymentName
+    modelName: modelName
+    modelVersion: modelVersion
+    skuName: modelSku
+    capacity: modelCapacity
+    storageAccountName: storage.outputs.name
+    functionAppPrincipalId: functionApp.outputs.principalId
+  }
+}]
+
 // The handler wants endpoints without a trailing slash.
 var openAiEndpointRaw = openAi.outputs.endpoint
 var openAiEndpoint = endsWith(openAiEndpointRaw, '/') ? substring(openAiEndpointRaw, 0, length(openAiEndpointRaw) - 1) : openAiEndpointRaw
+// A custom subdomain's endpoint, as the account reports it for the main region.
+var extraOpenAiEndpoints = [for extraName in extraOpenAiNames: 'https://${extraName}.openai.azure.com']
+// AZURE_OPENAI_ENDPOINT: the main region first (jobs recorded before the pool use it), then the others.
+var openAiEndpoints = join(concat([openAiEndpoint], extraOpenAiEndpoints), ',')
 var blobEndpointRaw = storage.outputs.blobEndpoint
 var blobEndpoint = endsWith(blobEndpointRaw, '/') ? substring(blobEndpointRaw, 0, length(blobEndpointRaw) - 1) : blobEndpointRaw
 
@@ -190,7 +217,7 @@ module functionApp 'modules/functionapp.bicep' = {
     storageAccountName: storage.outputs.name
     deploymentContainerName: deploymentContainerName
     appInsightsName: monitoring.outputs.appInsightsName
-    openAiEndpoint: openAiEndpoint
+    openAiEndpoint: openAiEndpoints
     openAiApiVersion: openAiApiVersion
     inputContainerName: inputContainerName
     outputContainerName: outputContainerName
@@ -245,6 +272,8 @@ output stateContainerUrl string = '${blobEndpoint}/${stateContainerName}'
 output deadLetterContainerUrl string = '${blobEndpoint}/${deadLetterContainerName}'
 output openAiEndpoint string = openAiEndpoint
 output openAiAccountName string = openAi.outputs.name
+@description('Every endpoint of the pool, as AZURE_OPENAI_ENDPOINT lists them.')
+output openAiEndpoints string = openAiEndpoints
 @description('Put this in `body.model` on every input line.')
 output modelDeploymentName string = openAi.outputs.deploymentName
 output eventSubscriptionDeployed bool = deployEventSubscription

@@ -44,7 +44,10 @@ pub struct App {
     pub config: Config,
     pub store: Arc<BlobStore>,
     pub jobs: JobStore,
+    /// The client of the first endpoint: `pool[0]`.
     pub openai: BatchClient,
+    /// One client per endpoint of `AZURE_OPENAI_ENDPOINT`, in its order.
+    pub pool: Vec<BatchClient>,
     /// This process, as the owner of the claims it takes.
     pub instance: String,
     pub clock: Clock,
@@ -172,17 +175,25 @@ impl App {
             Some(key) => Auth::ApiKey(key.clone()),
             None => Auth::Entra(identity()?),
         };
-        let openai = BatchClient::new(
-            config.openai_endpoint.clone(),
-            config.api_style.clone(),
-            auth,
-            openai_retry,
-        );
+        let pool: Vec<BatchClient> = config
+            .openai_endpoints
+            .iter()
+            .map(|endpoint| {
+                BatchClient::new(
+                    endpoint.clone(),
+                    config.api_style.clone(),
+                    auth.clone(),
+                    openai_retry,
+                )
+            })
+            .collect();
+        let openai = pool[0].clone();
         let jobs = JobStore::new(store.clone(), config.state_container.clone());
         Ok(App {
             store,
             jobs,
             openai,
+            pool,
             instance: format!("handler-{}", uuid::Uuid::new_v4()),
             clock: Clock::default(),
             config,
@@ -203,6 +214,15 @@ impl App {
 
     pub fn now(&self) -> i64 {
         self.clock.now()
+    }
+
+    /// The client of the endpoint a job was admitted to (`Job::openai_endpoint`): every call
+    /// for its batch goes there. `None` (a record from before the pool), or an endpoint no
+    /// longer configured: the first, where such a job's batch was created.
+    pub fn openai_at(&self, endpoint: Option<&str>) -> &BatchClient {
+        endpoint
+            .and_then(|e| self.pool.iter().find(|c| c.endpoint().as_str() == e))
+            .unwrap_or(&self.openai)
     }
 
     /// Aborts the process at a named step when the test-only `BATCH_TEST_FAULT` names it:

@@ -216,7 +216,7 @@ pub async fn cancel_job(
                 if first && app.jobs.update(&job, &etag).await?.is_none() {
                     continue;
                 }
-                send_cancel(app, key, &id, j).await?;
+                send_cancel(app, key, job.openai_endpoint(), &id, j).await?;
                 return Ok(if first {
                     Cancelled::Requested { batches: vec![id] }
                 } else {
@@ -271,8 +271,14 @@ async fn publish(app: &App, key: &str) {
 
 /// Asks the service to stop batch `id`. A batch that has already ended (the service
 /// answers 400) or is unknown is no fault: the timer harvests what there is.
-async fn send_cancel(app: &App, key: &str, id: &str, j: &Journal) -> Result<(), StepError> {
-    match app.openai.cancel(id).await {
+async fn send_cancel(
+    app: &App,
+    key: &str,
+    endpoint: Option<&str>,
+    id: &str,
+    j: &Journal,
+) -> Result<(), StepError> {
+    match app.openai_at(endpoint).cancel(id).await {
         Ok(b) => {
             j.info(format!(
                 "job={key} batch={id} event=cancel_sent batch_status={}: the service was asked \
@@ -335,7 +341,7 @@ pub async fn advance(
             let id = job.batch().id.clone();
             // A fault here must not keep the batch from being polled (and harvested once it
             // ends): the next tick asks again.
-            if let Err(e) = send_cancel(app, job.key(), &id, j).await {
+            if let Err(e) = send_cancel(app, job.key(), job.openai_endpoint(), &id, j).await {
                 j.warn(format!(
                     "job={} batch={id} event=cancel_failed: will ask again next tick: {e}",
                     job.key()

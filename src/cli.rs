@@ -82,17 +82,25 @@ fn app(config: Config) -> Result<App, String> {
         Some(key) => Auth::ApiKey(key.clone()),
         None => Auth::Entra(developer()?),
     };
-    let openai = BatchClient::new(
-        config.openai_endpoint.clone(),
-        config.api_style.clone(),
-        auth,
-        RetryConfig::default(),
-    );
+    let pool: Vec<BatchClient> = config
+        .openai_endpoints
+        .iter()
+        .map(|endpoint| {
+            BatchClient::new(
+                endpoint.clone(),
+                config.api_style.clone(),
+                auth.clone(),
+                RetryConfig::default(),
+            )
+        })
+        .collect();
+    let openai = pool[0].clone();
     let jobs = JobStore::new(store.clone(), config.state_container.clone());
     Ok(App {
         store,
         jobs,
         openai,
+        pool,
         instance: format!("handler-cli-{}", uuid::Uuid::new_v4()),
         clock: Clock::default(),
         config,

@@ -25,6 +25,7 @@ pub mod names {
     pub const MAX_FOLLOWUPS: &str = "BATCH_MAX_FOLLOWUPS";
     pub const SPLIT_MAX_REQUESTS: &str = "BATCH_SPLIT_MAX_REQUESTS";
     pub const SPLIT_MAX_BYTES: &str = "BATCH_SPLIT_MAX_BYTES";
+    pub const ENQUEUED_TOKEN_LIMIT: &str = "BATCH_ENQUEUED_TOKEN_LIMIT";
     pub const MANAGED_IDENTITY_CLIENT_ID: &str = "AZURE_CLIENT_ID";
     pub const WEBHOOK_SECRET: &str = "AZURE_OPENAI_WEBHOOK_SECRET";
     pub const HANDLER_PORT: &str = "FUNCTIONS_CUSTOMHANDLER_PORT";
@@ -122,7 +123,15 @@ impl std::fmt::Debug for Secret {
 
 #[derive(Debug, Clone)]
 pub struct Config {
+    /// The first (usually the only) endpoint of `AZURE_OPENAI_ENDPOINT`: where a job admitted
+    /// before the pool existed has its batch.
     pub openai_endpoint: Url,
+    /// Every endpoint of `AZURE_OPENAI_ENDPOINT`, in the order given (the first is
+    /// `openai_endpoint`): the pool jobs are admitted to.
+    pub openai_endpoints: Vec<Url>,
+    /// Each deployment's enqueued-token limit, where the operator knows it before the service
+    /// says (`BATCH_ENQUEUED_TOKEN_LIMIT`); the service's own figure replaces it once seen.
+    pub enqueued_token_limit: Option<u64>,
     pub api_style: ApiStyle,
     pub openai_api_key: Option<Secret>,
     pub managed_identity_client_id: Option<String>,
@@ -205,7 +214,25 @@ impl Config {
             name: names::OPENAI_ENDPOINT,
             hint: "the Azure OpenAI resource URL, e.g. https://my-resource.openai.azure.com",
         })?;
-        let openai_endpoint = parse_http_url(names::OPENAI_ENDPOINT, &endpoint_text)?;
+        // Several regions: a comma-separated list, each a resource with the same deployment.
+        let mut openai_endpoints: Vec<Url> = Vec::new();
+        for text in endpoint_text.split(',').map(str::trim) {
+            if text.is_empty() {
+                return Err(ConfigError::Malformed {
+                    name: names::OPENAI_ENDPOINT,
+                    reason: "an empty entry in the comma-separated list".into(),
+                });
+            }
+            let url = parse_http_url(names::OPENAI_ENDPOINT, text)?;
+            if openai_endpoints.contains(&url) {
+                return Err(ConfigError::Malformed {
+                    name: names::OPENAI_ENDPOINT,
+                    reason: format!("{url} is listed twice"),
+                });
+            }
+            openai_endpoints.push(url);
+        }
+        let openai_endpoint = openai_endpoints[0].clone();
 
         let api_style = match get(names::OPENAI_API_VERSION) {
             None => ApiStyle::Classic {
@@ -350,6 +377,16 @@ impl Config {
 
         Ok(Config {
             openai_endpoint,
+            openai_endpoints,
+            enqueued_token_limit: match get(names::ENQUEUED_TOKEN_LIMIT) {
+                None => None,
+                Some(_) => Some(ranged(
+                    names::ENQUEUED_TOKEN_LIMIT,
+                    0,
+                    1..=u64::MAX,
+                    "a deployment's enqueued-token limit",
+                )?),
+            },
             api_style,
             openai_api_key: get(names::OPENAI_API_KEY).map(Secret),
             webhook_keys: match get(names::WEBHOOK_SECRET) {
@@ -517,6 +554,54 @@ mod tests {
                 api_version: "2025-04-01-preview".into()
             }
         );
+    }
+
+    #[test]
+    fn several_endpoints_make_a_pool_and_a_bad_one_is_named() {
+        let mut env = base();
+        env.insert(
+            names::OPENAI_ENDPOINT.into(),
+            "https://east.openai.azure.com, https://west.openai.azure.com/".into(),
+        );
+        let c = Config::from_map(&env).unwrap();
+        let pool: Vec<&str> = c.openai_endpoints.iter().map(Url::as_str).collect();
+        assert_eq!(
+            pool,
+            [
+                "https://east.openai.azure.com/",
+                "https://west.openai.azure.com/"
+            ]
+        );
+        assert_eq!(c.openai_endpoint.as_str(), "https://east.openai.azure.com/");
+        assert_eq!(Config::from_map(&base()).unwrap().openai_endpoints.len(), 1);
+        for bad in [
+            "https://east.openai.azure.com,",
+            "https://a.openai.azure.com,https://a.openai.azure.com",
+            "https://a.openai.azure.com,ftp://b",
+        ] {
+            env.insert(names::OPENAI_ENDPOINT.into(), bad.into());
+            let err = Config::from_map(&env).unwrap_err().to_string();
+            assert!(err.contains(names::OPENAI_ENDPOINT), "{bad}: {err}");
+        }
+    }
+
+    #[test]
+    fn the_enqueued_token_limit_is_optional_and_checked() {
+        assert_eq!(
+            Config::from_map(&base()).unwrap().enqueued_token_limit,
+            None
+        );
+        let mut env = base();
+        env.insert(names::ENQUEUED_TOKEN_LIMIT.into(), "90000".into());
+        assert_eq!(
+            Config::from_map(&env).unwrap().enqueued_token_limit,
+            Some(90_000)
+        );
+        for bad in ["0", "-5", "lots"] {
+            env.insert(names::ENQUEUED_TOKEN_LIMIT.into(), bad.into());
+            let err = Config::from_map(&env).unwrap_err().to_string();
+            assert!(err.contains(names::ENQUEUED_TOKEN_LIMIT), "{bad}: {err}");
+        }
     }
 
     #[test]

@@ -53,8 +53,15 @@ pub async fn harvest_batch(
     let key = job.key().to_string();
     let batch = match batch {
         Some(b) => b,
-        None => app.openai.retrieve(&job.batch().id).await?,
+        None => {
+            app.openai_at(job.openai_endpoint())
+                .retrieve(&job.batch().id)
+                .await?
+        }
     };
+    // The batch has ended: the service no longer counts its tokens, so neither do we. Freed
+    // first, before the moves, so that the tick's admission pass (same invocation) can use it.
+    submit::free_room(app, &job, j).await;
     let cancel_requested = job.cancel_request().is_some();
     let outcome = cancel::outcome_after_cancel(cancel_requested, outcome_of(&batch.status));
     let out = job.output_container(&app.config).to_string();
@@ -151,7 +158,9 @@ pub async fn harvest_batch(
             batch.status,
             job.round()
         ));
-        submit::run_claimed(app, job, etag, j).await?;
+        // Boxed: with admission in it, the submit step made this future deep enough
+        // to overflow a worker thread's stack in debug builds.
+        Box::pin(submit::run_claimed(app, job, etag, j)).await?;
         return Ok(());
     }
 

@@ -9,6 +9,8 @@
 //!                   (each a module of functions taking `&App`; the arrows are who calls whom)
 //!                   └────────────────────┴───────────┴──▶ cancel (a leaf: server and cli call it too)
 //!                   │
+//!  admission     capacity (the ledger per target: room, reservations; `submit`, `poll`,
+//!                   │      `harvest` call it)
 //!  context       app (App: settings, clients, clock; Journal; StepError; guarded; fault points)
 //!                   │
 //!  job model     summary ──▶ status (status.json) ──▶ jobs (records, typed states, their store)
@@ -26,6 +28,7 @@
 
 pub mod app;
 pub mod cancel;
+pub mod capacity;
 pub mod cli;
 pub mod config;
 pub mod harvest;

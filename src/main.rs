@@ -221,7 +221,14 @@ fn serve() -> ExitCode {
         tracing::info!(
             %addr,
             storage = %app.store.account_url(),
-            openai = %app.config.openai_endpoint,
+            // Every endpoint of the pool (URLs only: no key, no token).
+            openai = %app
+                .config
+                .openai_endpoints
+                .iter()
+                .map(|u| u.as_str())
+                .collect::<Vec<_>>()
+                .join(","),
             input = %app.config.input_container,
             output = %app.config.output_container,
             state = %app.config.state_container,

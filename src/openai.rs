@@ -202,6 +202,37 @@ pub struct CreateBatch {
     pub output_folder_url: String,
 }
 
+/// A create's answer: the batch, and what the service said about the deployment's quota.
+#[derive(Debug, Clone)]
+pub struct Created {
+    pub batch: Batch,
+    pub quota: Quota,
+}
+
+/// The quota headers of a create answer (`post_batch_blob.json` in the REST spec): tokens the
+/// deployment holds in unfinished batches (this one's included, and other users'), and its
+/// limit. Absent where the service does not send them.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Quota {
+    pub enqueued: Option<u64>,
+    pub maximum: Option<u64>,
+}
+
+impl Quota {
+    fn from_headers(headers: &HeaderMap) -> Self {
+        let number = |name: &str| {
+            headers
+                .get(name)
+                .and_then(|v| v.to_str().ok())
+                .and_then(|v| v.trim().parse().ok())
+        };
+        Quota {
+            enqueued: number("deployment-enqueued-tokens"),
+            maximum: number("deployment-maximum-enqueued-tokens"),
+        }
+    }
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum OpenAiError {
     /// The deployment's enqueued-token quota is full: the job waits and is resubmitted later.
@@ -354,7 +385,11 @@ impl BatchClient {
     /// caller looks the batch up by `input_blob` before creating again: that is what keeps it
     /// to one. `timeout` bounds each attempt: the caller's in-flight window, so the client
     /// never gives up on a request the caller still counts as on its way.
-    pub async fn create(&self, req: &CreateBatch, timeout: Duration) -> Result<Batch, OpenAiError> {
+    pub async fn create(
+        &self,
+        req: &CreateBatch,
+        timeout: Duration,
+    ) -> Result<Created, OpenAiError> {
         let body = serde_json::json!({
             "input_file_id": null,
             "endpoint": req.endpoint,
@@ -362,14 +397,24 @@ impl BatchClient {
             "input_blob": req.input_blob,
             "output_folder": { "url": req.output_folder_url },
         });
-        self.send_with(
-            Method::POST,
-            self.url("batches", &[]),
-            Some(body),
-            false,
-            Some(timeout),
-        )
-        .await
+        let (batch, headers) = self
+            .send_full(
+                Method::POST,
+                self.url("batches", &[]),
+                Some(body),
+                false,
+                Some(timeout),
+            )
+            .await?;
+        Ok(Created {
+            batch,
+            quota: Quota::from_headers(&headers),
+        })
+    }
+
+    /// The endpoint this client calls (no key or token in it).
+    pub fn endpoint(&self) -> &Url {
+        &self.endpoint
     }
 
     pub async fn retrieve(&self, id: &str) -> Result<Batch, OpenAiError> {
@@ -561,6 +606,20 @@ impl BatchClient {
         retry_server_errors: bool,
         timeout: Option<Duration>,
     ) -> Result<T, OpenAiError> {
+        self.send_full(method, url, body, retry_server_errors, timeout)
+            .await
+            .map(|(value, _)| value)
+    }
+
+    /// `send_with`, also returning the successful answer's headers (a create's quota).
+    async fn send_full<T: for<'de> Deserialize<'de>>(
+        &self,
+        method: Method,
+        url: Url,
+        body: Option<Value>,
+        retry_server_errors: bool,
+        timeout: Option<Duration>,
+    ) -> Result<(T, HeaderMap), OpenAiError> {
         let what = format!("{} {}", method, url.path());
         let mut attempt = 0;
         loop {
@@ -590,6 +649,7 @@ impl BatchClient {
                     let text = resp.text().await.unwrap_or_default();
                     if status.is_success() {
                         return serde_json::from_str(&text)
+                            .map(|value| (value, headers))
                             .map_err(|e| OpenAiError::Decode(format!("{what}: {e}")));
                     }
                     let (code, message) = error_fields(&text);

@@ -22,7 +22,7 @@ use futures::{StreamExt, TryStreamExt};
 
 use crate::{
     app::{App, Journal, StepError, guarded},
-    cancel,
+    cancel, capacity,
     config::ApiStyle,
     harvest,
     jobs::{
@@ -73,6 +73,9 @@ pub struct TickStats {
     pub records_read: usize,
     /// Inputs the sweep looked at: those modified since its mark, with no active job.
     pub sweep_looked_at: usize,
+    /// Queued jobs admitted (submitted) this tick, and those still waiting for room.
+    pub admitted: usize,
+    pub waiting: usize,
 }
 
 /// How a job's step went, for the tick's totals.
@@ -125,14 +128,17 @@ pub async fn tick(app: &App, j: &Journal) -> Result<TickStats, StepError> {
     let started = std::time::Instant::now();
     let mut stats = TickStats::default();
     let mut no_route = NoSuchRoute::default();
+    let mut listed_at = app.now();
     let mut entries = app.jobs.active_entries().await?;
     let active: HashSet<String> = entries.iter().map(|e| e.key.clone()).collect();
     stats.swept = sweep(app, &active, &mut no_route, &mut stats, j).await?;
     if stats.swept > 0 {
         // Listed again: the sweep added jobs, and those are polled at once.
+        listed_at = app.now();
         entries = app.jobs.active_entries().await?;
     }
     stats.active = entries.len();
+    let active: HashSet<String> = entries.iter().map(|e| e.key.clone()).collect();
 
     // Inputs deleted while their job ran, whose BlobDeleted event never came (or Event Grid
     // is not set up): their jobs are cancelled as the event would have.
@@ -156,13 +162,23 @@ pub async fn tick(app: &App, j: &Journal) -> Result<TickStats, StepError> {
         }
     };
     let listed = &listed;
+    let first = app.openai.endpoint().to_string();
+    let first = &first;
+    // Jobs waiting for room are admitted after every other job's step, in arrival order:
+    // the batches that ended in this tick have freed their room by then.
+    let (waiting, entries): (Vec<_>, Vec<_>) = entries.into_iter().partition(|e| {
+        e.index
+            .as_ref()
+            .is_some_and(|ix| ix.state == JobState::Queued && !ix.cancel_requested)
+    });
     let results: Vec<Result<StepDone, StepError>> = futures::stream::iter(entries)
         .map(|entry| async move {
-            let batch = entry
-                .index
-                .as_ref()
-                .and_then(|ix| ix.batch.as_ref())
-                .and_then(|b| listed.get(&b.id));
+            let batch = entry.index.as_ref().and_then(|ix| {
+                let endpoint = ix.endpoint.clone().unwrap_or_else(|| first.clone());
+                ix.batch
+                    .as_ref()
+                    .and_then(|b| listed.get(&(endpoint, b.id.clone())))
+            });
             guarded(format!("job={}", entry.key), step(app, &entry, batch, j)).await
         })
         .buffer_unordered(TICK_CONCURRENCY)
@@ -185,10 +201,26 @@ pub async fn tick(app: &App, j: &Journal) -> Result<TickStats, StepError> {
             }
         }
     }
+    // A holder that died between reserving room and using it leaves a reservation no job
+    // will release: dropped once its job is no longer active.
+    match capacity::drop_stale(app, &active, listed_at).await {
+        Ok(0) => {}
+        Ok(n) => j.warn(format!(
+            "capacity: dropped {n} reservation(s) of jobs no longer active (a holder died?)"
+        )),
+        Err(e) => j.warn(format!(
+            "capacity: stale reservations will be looked for again next tick: {e}"
+        )),
+    }
+    let admitted = admit_in_order(app, waiting, &mut no_route, j).await;
+    stats.faults += admitted.faults;
+    stats.admitted = admitted.admitted;
+    stats.waiting = admitted.waiting;
     no_route.report(app, j);
     j.info(format!(
         "tick done in {} ms: {} new input(s), {} active job(s), {} finished, {} fault(s); \
-         running={} list_pages={} retrieved={} records_read={} sweep_looked_at={}",
+         running={} list_pages={} retrieved={} records_read={} sweep_looked_at={} \
+         admitted={} waiting={}",
         started.elapsed().as_millis(),
         stats.swept,
         stats.active,
@@ -199,33 +231,57 @@ pub async fn tick(app: &App, j: &Journal) -> Result<TickStats, StepError> {
         stats.retrieved,
         stats.records_read,
         stats.sweep_looked_at,
+        stats.admitted,
+        stats.waiting,
     ));
     Ok(stats)
 }
 
-/// The running jobs' batches as one list walk shows them, keyed by batch id.
+/// The running jobs' batches as the list walks show them (one walk per endpoint of the
+/// pool that has running jobs), keyed by endpoint and batch id.
 async fn list_running(
     app: &App,
     entries: &[ActiveEntry],
     stats: &mut TickStats,
-) -> Result<HashMap<String, Batch>, OpenAiError> {
-    let running: Vec<_> = entries
-        .iter()
-        .filter_map(|e| e.index.as_ref())
-        .filter(|ix| ix.state == JobState::Running)
-        .filter_map(|ix| ix.batch.as_ref().map(|b| (b.id.clone(), ix.created_at)))
-        .collect();
-    stats.running = running.len();
-    // One running batch is as cheaply retrieved as listed.
-    if running.len() < 2 {
-        return Ok(HashMap::new());
+) -> Result<HashMap<(String, String), Batch>, OpenAiError> {
+    let first = app.openai.endpoint().to_string();
+    let mut by_endpoint: HashMap<String, Vec<(String, i64)>> = HashMap::new();
+    for ix in entries.iter().filter_map(|e| e.index.as_ref()) {
+        if ix.state != JobState::Running {
+            continue;
+        }
+        if let Some(b) = &ix.batch {
+            let endpoint = ix.endpoint.clone().unwrap_or_else(|| first.clone());
+            by_endpoint
+                .entry(endpoint)
+                .or_default()
+                .push((b.id.clone(), ix.created_at));
+        }
     }
-    let since = running.iter().map(|(_, t)| *t).min().unwrap_or_default() - LIST_CLOCK_SLACK_SECS;
-    let wanted: HashSet<String> = running.into_iter().map(|(id, _)| id).collect();
-    let max_pages = (wanted.len() / RUNNING_JOBS_PER_LIST_PAGE).max(1) as u32;
-    let listed = app.openai.list_wanted(&wanted, since, max_pages).await?;
-    stats.list_pages = listed.pages;
-    Ok(listed.batches)
+    stats.running = by_endpoint.values().map(Vec::len).sum();
+    let mut all = HashMap::new();
+    for (endpoint, running) in by_endpoint {
+        // One running batch is as cheaply retrieved as listed.
+        if running.len() < 2 {
+            continue;
+        }
+        let since =
+            running.iter().map(|(_, t)| *t).min().unwrap_or_default() - LIST_CLOCK_SLACK_SECS;
+        let wanted: HashSet<String> = running.into_iter().map(|(id, _)| id).collect();
+        let max_pages = (wanted.len() / RUNNING_JOBS_PER_LIST_PAGE).max(1) as u32;
+        let listed = app
+            .openai_at(Some(&endpoint))
+            .list_wanted(&wanted, since, max_pages)
+            .await?;
+        stats.list_pages += listed.pages;
+        all.extend(
+            listed
+                .batches
+                .into_iter()
+                .map(|(id, b)| ((endpoint.clone(), id), b)),
+        );
+    }
+    Ok(all)
 }
 
 /// Submits inputs that have no job record for their current version.
@@ -362,7 +418,11 @@ async fn step(
                 done.retrieved = true;
                 // A batch the service says it does not know is the record's business: the
                 // step below retrieves it again with the record in hand.
-                batch = match app.openai.retrieve(&seen.id).await {
+                batch = match app
+                    .openai_at(ix.endpoint.as_deref())
+                    .retrieve(&seen.id)
+                    .await
+                {
                     Ok(b) => Some(b),
                     Err(OpenAiError::NotFound(_)) => None,
                     Err(e) => return Err(e.into()),
@@ -391,7 +451,159 @@ pub async fn step_job(app: &App, key: &str, j: &Journal) -> Result<bool, StepErr
     let Some((job, etag)) = app.jobs.load_active(key).await? else {
         return Ok(false);
     };
-    step_record(app, job, etag, None, j).await
+    let finished = step_record(app, job, etag, None, j).await?;
+    if finished {
+        // Its room is free now: the jobs waiting for it go in this invocation, not the next
+        // tick.
+        let waiting: Vec<ActiveEntry> = app
+            .jobs
+            .active_entries()
+            .await?
+            .into_iter()
+            .filter(|e| {
+                e.index
+                    .as_ref()
+                    .is_some_and(|ix| ix.state == JobState::Queued && !ix.cancel_requested)
+            })
+            .collect();
+        let mut no_route = NoSuchRoute::default();
+        admit_in_order(app, waiting, &mut no_route, j).await;
+        no_route.report(app, j);
+    }
+    Ok(finished)
+}
+
+/// What an admission pass did.
+#[derive(Debug, Default)]
+struct AdmissionPass {
+    admitted: usize,
+    waiting: usize,
+    faults: usize,
+}
+
+/// Admits the queued jobs `waiting` in order of arrival, each where it fits (the next that
+/// fits goes, a larger one before it does not hold it up); those that still do not fit get
+/// their place in line written, when it changed, so status.json tells it.
+async fn admit_in_order(
+    app: &App,
+    mut waiting: Vec<ActiveEntry>,
+    no_route: &mut NoSuchRoute,
+    j: &Journal,
+) -> AdmissionPass {
+    let created = |e: &ActiveEntry| e.index.as_ref().map_or(0, |ix| ix.created_at);
+    waiting.sort_by(|a, b| (created(a), &a.key).cmp(&(created(b), &b.key)));
+    let mut pass = AdmissionPass::default();
+    for entry in waiting {
+        let place = pass.waiting as u32 + 1;
+        let what = format!("job={}", entry.key);
+        match guarded(what, admit_one(app, &entry.key, place, j)).await {
+            Ok(Admit::Waiting) => pass.waiting += 1,
+            Ok(Admit::Admitted) => pass.admitted += 1,
+            Ok(Admit::Other | Admit::Finished) => {}
+            Err(e) => {
+                pass.faults += 1;
+                pass.waiting += 1;
+                if !no_route.absorb(&e) {
+                    j.error(format!(
+                        "a queued job's admission failed and will be retried next tick: {e}"
+                    ));
+                }
+            }
+        }
+    }
+    pass
+}
+
+/// What became of a queued job in an admission pass.
+enum Admit {
+    /// Submitted (or on its way: claimed to be submitted).
+    Admitted,
+    /// Still waiting for room.
+    Waiting,
+    /// Its input changed while it waited: this version is finished.
+    Finished,
+    /// Not waiting for room (any more): finished, cancelled, changed by someone else, or
+    /// waiting for a backoff timer.
+    Other,
+}
+
+async fn admit_one(app: &App, key: &str, place: u32, j: &Journal) -> Result<Admit, StepError> {
+    let Some((job, etag)) = app.jobs.load_active(key).await? else {
+        return Ok(Admit::Other);
+    };
+    match job {
+        AnyJob::Queued(job) if job.cancel_request().is_none() => {
+            admit_queued(app, job, etag, Some(place), j).await
+        }
+        other => {
+            step_record(app, other, etag, None, j).await?;
+            Ok(Admit::Other)
+        }
+    }
+}
+
+/// A queued job: admitted if some target has room for it (and its backoff, if any, is
+/// over); otherwise it stays, at `place` in line when the pass counts it.
+async fn admit_queued(
+    app: &App,
+    mut job: Job<Queued>,
+    etag: String,
+    place: Option<u32>,
+    j: &Journal,
+) -> Result<Admit, StepError> {
+    let key = job.key().to_string();
+    let t = app.now();
+    if !job.waits_for_room() && job.next_attempt_at() > t {
+        return Ok(Admit::Other);
+    }
+    if !input_unchanged(app, job.input()).await? {
+        supersede(app, job, &etag, j).await?;
+        return Ok(Admit::Finished);
+    }
+    // Looked at without reserving: a job that still does not fit costs no write.
+    if let Some(facts) = job.facts()
+        && !capacity::room_for(app, &facts.model, facts.tokens).await?
+    {
+        if job.waits_for_room()
+            && let Some(place) = place
+            && job.place() != place
+        {
+            job.set_place(place);
+            if app.jobs.update(&job, &etag).await?.is_some() {
+                crate::status::publish(
+                    &app.store,
+                    &app.jobs,
+                    &app.config.output_container,
+                    &job.into(),
+                    None,
+                    app.now(),
+                )
+                .await;
+            }
+        }
+        return Ok(Admit::Waiting);
+    }
+    let attempt = job.quota_attempts() + 1;
+    let room = job.waits_for_room();
+    let job = job.take_over(&app.instance, app.config.submit_lease.as_secs(), t);
+    let Some(etag) = app.jobs.update(&job, &etag).await? else {
+        return Ok(Admit::Other);
+    };
+    if room {
+        j.info(format!("job={key}: room in the quota; submitting"));
+    } else {
+        j.info(format!(
+            "job={key}: resubmitting after quota wait (attempt {attempt})"
+        ));
+    }
+    // Boxed: with admission in it, the submit step made this future deep enough
+    // to overflow a worker thread's stack in debug builds.
+    Ok(
+        match Box::pin(submit::run_claimed(app, job, etag, j)).await? {
+            submit::Intake::Queued => Admit::Waiting,
+            _ => Admit::Admitted,
+        },
+    )
 }
 
 /// Moves one active job a step from its record; `Ok(true)` when it finished. `batch`: its
@@ -419,25 +631,16 @@ async fn step_record(
                 j.warn(format!(
                     "job={key}: claim lapsed (holder died?); resuming submission"
                 ));
-                submit::run_claimed(app, job, etag, j).await?;
+                // Boxed: with admission in it, the submit step made this future deep enough
+                // to overflow a worker thread's stack in debug builds.
+                Box::pin(submit::run_claimed(app, job, etag, j)).await?;
             }
             Ok(false)
         }
-        AnyJob::Queued(job) if job.next_attempt_at() > t => Ok(false),
-        AnyJob::Queued(job) => {
-            if !input_unchanged(app, job.input()).await? {
-                return supersede(app, job, &etag, j).await;
-            }
-            let attempt = job.quota_attempts() + 1;
-            let job = job.take_over(&app.instance, lease, t);
-            if let Some(etag) = app.jobs.update(&job, &etag).await? {
-                j.info(format!(
-                    "job={key}: resubmitting after quota wait (attempt {attempt})"
-                ));
-                submit::run_claimed(app, job, etag, j).await?;
-            }
-            Ok(false)
-        }
+        AnyJob::Queued(job) => Ok(matches!(
+            admit_queued(app, job, etag, None, j).await?,
+            Admit::Finished
+        )),
         AnyJob::Running(job) => {
             // The batch in hand is this job's only if it is the one the record names (a
             // follow-up round may have started since the index was listed).
@@ -487,7 +690,11 @@ async fn poll_running(
     let batch_id = job.batch().id.clone();
     let retrieved = match known {
         Some(b) => Ok(b),
-        None => app.openai.retrieve(&batch_id).await,
+        None => {
+            app.openai_at(job.openai_endpoint())
+                .retrieve(&batch_id)
+                .await
+        }
     };
     let batch = match retrieved {
         Ok(b) => b,

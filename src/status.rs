@@ -139,6 +139,13 @@ impl Status {
                     "the handler to create the batch".to_string()
                 },
             ),
+            AnyJob::Queued(j) if j.waits_for_room() => (
+                Phase::Queued,
+                match j.place() {
+                    0 => "room in the enqueued-token quota".to_string(),
+                    n => format!("room in the enqueued-token quota: {} in line", ordinal(n)),
+                },
+            ),
             AnyJob::Queued(j) => (
                 Phase::Queued,
                 format!(
@@ -208,7 +215,7 @@ impl Status {
             updated_at: now,
             estimated_finish_at,
             next_attempt_at: match job {
-                AnyJob::Queued(j) => Some(j.next_attempt_at()),
+                AnyJob::Queued(j) if !j.waits_for_room() => Some(j.next_attempt_at()),
                 _ => None,
             },
             cancel_requested_by: job.cancel_request().map(|c| c.by),
@@ -298,6 +305,18 @@ fn estimate_finish(started: i64, counts: &RequestCounts, now: i64) -> Option<i64
     let rate = done as f64 / elapsed;
     let left = (counts.total - done) as f64;
     Some(now + (left / rate).ceil() as i64)
+}
+
+/// 1st, 2nd, 3rd, 4th, …, 11th, 12th, 13th, 21st: a place in line.
+pub fn ordinal(n: u32) -> String {
+    let suffix = match (n % 10, n % 100) {
+        (_, 11..=13) => "th",
+        (1, _) => "st",
+        (2, _) => "nd",
+        (3, _) => "rd",
+        _ => "th",
+    };
+    format!("{n}{suffix}")
 }
 
 /// A unix time as RFC 3339, for the sentences in `waiting_for`.

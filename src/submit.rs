@@ -17,6 +17,7 @@ use futures::StreamExt;
 use crate::{
     app::{App, Journal, StepError},
     cancel,
+    capacity::{self, Admission},
     jobs::{
         AnyJob, CanQueue, Claim, Finished, InputFacts, InputRef, Job, JobState, PartOf, Split,
         Submitting, Unfinished,
@@ -215,7 +216,7 @@ pub async fn run_claimed(
     let earlier = match job.create_started_at() {
         None => None,
         Some(started) => match app
-            .openai
+            .openai_at(job.openai_endpoint())
             .find_by_input_blob(job.batch_input_url(), started - CLOCK_SKEW_SECS)
             .await
         {
@@ -279,6 +280,39 @@ pub async fn run_claimed(
             if !report.is_ok() {
                 return reject(app, job, &etag, report, j).await;
             }
+            // More tokens than any one quota holds: it could never be admitted whole, so it
+            // is read again and cut into parts that fit (only such files pay a second read).
+            let too_big = match job.part_of() {
+                Some(_) => Ok(None),
+                None => too_big_for_any_quota(app, &report).await,
+            };
+            let report = match too_big {
+                Ok(None) => report,
+                Ok(Some(max_tokens)) => {
+                    j.info(format!(
+                        "job={key}: an estimated {} input tokens, more than the largest \
+                         enqueued-token quota holds ({max_tokens}); split into parts that fit",
+                        report.tokens
+                    ));
+                    let input = job.input().clone();
+                    let again = holding_claim(
+                        app,
+                        &mut job,
+                        &mut etag,
+                        validate_with(app, &input, Some(max_tokens)),
+                        j,
+                    )
+                    .await?;
+                    match again {
+                        None => return Ok(Intake::InProgressElsewhere),
+                        Some(Ok(r)) if r.is_ok() => r,
+                        // Changed or gone since the first read: the next attempt sees it.
+                        Some(Ok(_)) => report,
+                        Some(Err(e)) => return Err(release(app, job, &etag, e.into(), j).await),
+                    }
+                }
+                Err(e) => return Err(release(app, job, &etag, e.into(), j).await),
+            };
             let facts = job
                 .validated(
                     InputFacts {
@@ -303,6 +337,17 @@ pub async fn run_claimed(
     };
 
     app.fault_point("submit:after-validate");
+    // Admission: the job goes only where its tokens fit; else it waits in line, for room,
+    // not for a timer. The reservation is taken before the create, so two invocations cannot
+    // both spend the last room.
+    let endpoint = match capacity::reserve(app, &key, &facts.model, facts.tokens).await {
+        Ok(Admission::Admitted { endpoint }) => endpoint,
+        Ok(Admission::NoRoom { reason }) => {
+            return wait_for_room(app, job, &etag, &reason, j).await;
+        }
+        Err(e) => return Err(release(app, job, &etag, e.into(), j).await),
+    };
+    job.admit_to(&endpoint);
     // While the create may be in flight (bounded by `create_timeout`, retries for
     // throttling included), nobody takes the job over: they could not find the batch yet
     // and would make a second one.
@@ -325,7 +370,8 @@ pub async fn run_claimed(
     // Bounded, so that the in-flight window noted in the record really ends; each attempt
     // is given the whole window, so the client never gives up on a request the record still
     // counts as on its way.
-    let created = tokio::time::timeout(window, app.openai.create(&request, window))
+    let client = app.openai_at(Some(&endpoint));
+    let created = tokio::time::timeout(window, client.create(&request, window))
         .await
         .unwrap_or_else(|_| {
             Err(OpenAiError::Unanswered {
@@ -334,8 +380,15 @@ pub async fn run_claimed(
             })
         });
     match created {
-        Ok(batch) => {
+        Ok(crate::openai::Created { batch, quota }) => {
             app.fault_point("submit:after-create");
+            // Best effort: the reservation stands either way; what is lost is the news.
+            if let Err(e) = capacity::answered(app, &endpoint, &facts.model, &key, quota).await {
+                j.warn(format!(
+                    "job={key}: could not note the service's quota answer in the capacity \
+                     ledger: {e}"
+                ));
+            }
             let job = job.submitted(&batch, false, app.now());
             let recorded = app.jobs.update(&job, &etag).await?;
             app.fault_point("submit:after-record");
@@ -382,6 +435,7 @@ pub async fn run_claimed(
             j.error(format!(
                 "job={key}: the service refused the batch (HTTP {status}, {code}): {message}"
             ));
+            free_room(app, &job, j).await;
             fail_job(app, job, &etag, &code, message, j).await?;
             Ok(Intake::Refused)
         }
@@ -456,6 +510,19 @@ pub async fn queue_for_quota<S: CanQueue>(
     j: &Journal,
 ) -> Result<Intake, StepError> {
     let key = job.key().to_string();
+    // A refusal the model did not predict: the ledger learns from it, and the room this
+    // job held is free again.
+    if let Some(facts) = job.facts() {
+        let endpoint = job
+            .openai_endpoint()
+            .unwrap_or(app.config.openai_endpoint.as_str())
+            .to_string();
+        if let Err(e) = capacity::refused(app, &endpoint, &facts.model, &key).await {
+            j.warn(format!(
+                "job={key}: could not note the refusal in the capacity ledger: {e}"
+            ));
+        }
+    }
     let attempt = job.quota_attempts() + 1;
     if attempt >= app.config.queue_max_attempts {
         j.error(format!(
@@ -490,6 +557,51 @@ pub async fn queue_for_quota<S: CanQueue>(
         publish_status(app, job.into(), None).await;
     }
     Ok(Intake::Queued)
+}
+
+/// No target has room for the job now: it waits in line (its place counted among the jobs
+/// that wait for room, in arrival order) and the timer admits it once a batch ends.
+async fn wait_for_room(
+    app: &App,
+    job: Job<Submitting>,
+    etag: &str,
+    reason: &str,
+    j: &Journal,
+) -> Result<Intake, StepError> {
+    let key = job.key().to_string();
+    let entries = app.jobs.active_entries().await?;
+    let ahead = entries
+        .iter()
+        .filter_map(|e| e.index.as_ref().map(|ix| (e, ix)))
+        .filter(|(e, ix)| {
+            ix.state == JobState::Queued
+                && e.key != key
+                && (ix.created_at, e.key.as_str()) < (job.created_at(), key.as_str())
+        })
+        .count();
+    let place = ahead as u32 + 1;
+    let job = job.wait_for_room(reason, place, app.now());
+    if app.jobs.update(&job, etag).await?.is_some() {
+        j.info(format!(
+            "job={key}: queued, {} in line, waiting for {reason}",
+            crate::status::ordinal(place)
+        ));
+        publish_status(app, job.into(), None).await;
+    }
+    Ok(Intake::Queued)
+}
+
+/// The job's batch will not run (refused for good, failed by us): its reservation goes.
+/// Best effort: should this fail, the tick drops it once the job is no longer active.
+pub async fn free_room<S: crate::jobs::State>(app: &App, job: &Job<S>, j: &Journal) {
+    if let Some(facts) = job.facts()
+        && let Err(e) = capacity::release(app, &facts.model, job.key()).await
+    {
+        j.warn(format!(
+            "job={}: could not release its room in the capacity ledger (the tick will): {e}",
+            job.key()
+        ));
+    }
 }
 
 /// Ends a job as `failed` for a reason of ours (not a batch's own failure): its summary
@@ -616,7 +728,28 @@ async fn release(
     err
 }
 
+/// The token limit a file's parts must keep to when its estimate is above the largest room
+/// any target of its deployment has (a part of a split file is never split again).
+async fn too_big_for_any_quota(app: &App, report: &Report) -> Result<Option<u64>, StorageError> {
+    let Some(model) = report.model.as_deref() else {
+        return Ok(None);
+    };
+    Ok(capacity::largest_room(app, model)
+        .await?
+        .filter(|room| report.tokens > *room && *room > 0))
+}
+
 async fn validate_input(app: &App, input: &InputRef) -> Result<Report, StorageError> {
+    validate_with(app, input, None).await
+}
+
+/// Validates the input, splitting it beyond one batch's limits and, with `max_tokens`, into
+/// parts of at most that many estimated tokens.
+async fn validate_with(
+    app: &App,
+    input: &InputRef,
+    max_tokens: Option<u64>,
+) -> Result<Report, StorageError> {
     if let Some(delay) = app.config.test_validate_delay {
         tracing::warn!(
             "blob={}/{}: test-only delay of {} ms before validating ({})",
@@ -632,7 +765,7 @@ async fn validate_input(app: &App, input: &InputRef) -> Result<Report, StorageEr
         .download(&input.container, &input.name, Some(&input.etag))
         .await?;
     // The limits bound each batch, not the input: beyond them, it is split.
-    validate_read_ahead(body, app.config.split_limits, &input.name).await
+    validate_read_ahead(body, app.config.split_limits, max_tokens, &input.name).await
 }
 
 /// Validates a blob's body while it downloads: the download runs in its own task, a few
@@ -641,6 +774,7 @@ async fn validate_input(app: &App, input: &InputRef) -> Result<Report, StorageEr
 async fn validate_read_ahead<S>(
     mut body: S,
     limits: crate::validate::Limits,
+    max_tokens: Option<u64>,
     name: &str,
 ) -> Result<Report, StorageError>
 where
@@ -655,7 +789,10 @@ where
             }
         }
     });
-    let mut validator = Validator::splitting(limits);
+    let mut validator = match max_tokens {
+        Some(t) => Validator::splitting_by_tokens(limits, t),
+        None => Validator::splitting(limits),
+    };
     while let Some(chunk) = chunks.recv().await {
         validator.feed(&chunk?);
     }
@@ -912,7 +1049,7 @@ mod tests {
             #[allow(unreachable_code)]
             Ok(Bytes::new())
         }));
-        let got = validate_read_ahead(Box::pin(body), Default::default(), "x.jsonl").await;
+        let got = validate_read_ahead(Box::pin(body), Default::default(), None, "x.jsonl").await;
         let err = got.expect_err("two lines of a longer file are not the file");
         assert!(
             err.to_string().contains("before the end of the blob"),
@@ -923,7 +1060,7 @@ mod tests {
     #[tokio::test]
     async fn a_whole_download_is_validated() {
         let body = stream::iter([Ok(Bytes::from(line("a"))), Ok(Bytes::from(line("b")))]);
-        let report = validate_read_ahead(body, Default::default(), "x.jsonl")
+        let report = validate_read_ahead(body, Default::default(), None, "x.jsonl")
             .await
             .unwrap();
         assert!(report.is_ok(), "{:?}", report.problems);

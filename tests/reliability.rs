@@ -354,6 +354,9 @@ async fn crash_at_every_fault_point() {
     // A claim whose create may have been in flight is held for the create timeout before
     // anyone looks for its batch: 5 s here instead of the default 120 s.
     healthy_env.push(("BATCH_CREATE_TIMEOUT_SECONDS".into(), "5".into()));
+    // The quota is known and roomy: every crash point is reached at once, not after a crash
+    // before a create (an answer that never comes) held up admission for the create timeout.
+    healthy_env.push(("BATCH_ENQUEUED_TOKEN_LIMIT".into(), "200000000".into()));
     // The "fresh" handler: no fault; it submits for the harvest points, takes the redelivered
     // events and ticks after every crash.
     let healthy = Handler::start(healthy_env.clone());

@@ -174,9 +174,15 @@ async fn parts_are_submitted_as_quota_allows() {
         let rec = read_json(&s.azurite.store(), "batch-jobs", name)
             .await
             .unwrap();
-        waited |= rec["quota_attempts"].as_u64().unwrap_or(0) > 0;
+        // Admitted only where it fits: a part waits for room, it is not refused.
+        assert_eq!(rec["quota_attempts"].as_u64().unwrap_or(0), 0, "{rec}");
+        waited |= rec["history"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|h| h["note"].as_str().unwrap().starts_with("waiting for room"));
     }
-    assert!(waited, "some part waited for quota: {history:?}");
+    assert!(waited, "some part waited for room: {history:?}");
     s.assert_clean().await;
 }
 

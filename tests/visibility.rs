@@ -311,7 +311,7 @@ async fn handler_status_shows_queued_running_and_finished_files() {
         st["waiting_for"]
             .as_str()
             .unwrap()
-            .contains("room in the deployment's enqueued-token quota"),
+            .contains("room in the enqueued-token quota: 1st in line"),
         "{st:#}"
     );
     let running = s.emulator.batches().await[0].id.clone();
@@ -361,7 +361,8 @@ async fn handler_status_shows_queued_running_and_finished_files() {
     assert_eq!(by_file("runs.jsonl")["batch_id"], running.as_str());
     assert_eq!(by_file("runs.jsonl")["request_counts"]["total"], 20);
     assert_eq!(by_file("waits.jsonl")["status"], "queued");
-    assert!(by_file("waits.jsonl")["next_attempt_at"].is_i64());
+    // It waits for room, not for a timer: no next attempt time.
+    assert!(by_file("waits.jsonl")["next_attempt_at"].is_null());
     assert!(by_file("waits.jsonl")["age_seconds"].is_i64());
     let finished = doc["finished"].as_array().unwrap();
     assert_eq!(finished.len(), 1, "{doc:#}");

@@ -31,6 +31,7 @@ mod keys {
     pub const FAILED: &str = "ixfailed";
     pub const MISSING: &str = "ixmissing";
     pub const CANCEL: &str = "ixcancel";
+    pub const ENDPOINT: &str = "ixendpoint";
 }
 const VERSION: &str = "1";
 
@@ -49,6 +50,9 @@ pub struct JobIndex {
     pub missing: bool,
     /// Someone asked for the job to stop: its record is read whatever else the index says.
     pub cancel_requested: bool,
+    /// The endpoint the job was admitted to (`None`: the first of the pool), so a tick's list
+    /// walk of each endpoint looks only for that endpoint's batches.
+    pub endpoint: Option<String>,
 }
 
 impl<S: State> Job<S> {
@@ -61,6 +65,7 @@ impl<S: State> Job<S> {
             batch: running.map(|(b, _)| b.clone()),
             missing: running.is_some_and(|(_, m)| m),
             cancel_requested: self.common.cancel.is_some(),
+            endpoint: self.common.openai_endpoint.clone(),
         }
     }
 }
@@ -114,6 +119,14 @@ impl JobIndex {
         if self.cancel_requested {
             m.insert(keys::CANCEL.into(), "1".into());
         }
+        // A URL is visible ASCII, fine in a header; anything else is left out (the record
+        // has it, and a running job without it in the index is simply retrieved).
+        if let Some(e) = &self.endpoint
+            && !e.is_empty()
+            && e.bytes().all(|b| b.is_ascii_graphic())
+        {
+            m.insert(keys::ENDPOINT.into(), e.clone());
+        }
         m
     }
 
@@ -158,6 +171,7 @@ impl JobIndex {
             batch,
             missing: get(keys::MISSING) == Some("1"),
             cancel_requested: get(keys::CANCEL) == Some("1"),
+            endpoint: get(keys::ENDPOINT).map(str::to_string),
         })
     }
 }
@@ -196,6 +210,7 @@ mod tests {
             }),
             missing: false,
             cancel_requested: false,
+            endpoint: None,
         }
     }
 
@@ -222,6 +237,11 @@ mod tests {
                 batch: None,
                 missing: false,
                 cancel_requested: true,
+                endpoint: None,
+            },
+            JobIndex {
+                endpoint: Some("https://west.openai.azure.com/".into()),
+                ..running("in_progress", 1)
             },
         ] {
             assert_eq!(JobIndex::from_metadata(&ix.to_metadata()), Some(ix));
@@ -286,6 +306,7 @@ mod tests {
             batch: None,
             missing: false,
             cancel_requested: false,
+            endpoint: None,
         };
         assert!(ix.quiet_at(10));
         ix.cancel_requested = true;

@@ -48,6 +48,10 @@ pub(super) struct Common {
     pub(super) results_folder: Option<String>,
     /// Someone asked for the job to stop (`handler cancel`, the input deleted).
     pub(super) cancel: Option<CancelRequest>,
+    /// The Azure OpenAI endpoint (one of `AZURE_OPENAI_ENDPOINT`'s) the job was admitted to:
+    /// every later call for its batch goes there. `None` in records written before the pool
+    /// existed, and before admission: the first endpoint.
+    pub(super) openai_endpoint: Option<String>,
     pub(super) created_at: i64,
     pub(super) updated_at: i64,
     pub(super) history: Vec<HistoryEntry>,
@@ -86,10 +90,16 @@ pub struct CreateCall {
     pub in_flight_until: Option<i64>,
 }
 
-/// Waiting for room in the enqueued-token quota until `next_attempt_at`.
+/// Waiting for room in the enqueued-token quota: admitted once a target has room for it
+/// (`room`), or, after a refusal the capacity model did not predict, not before
+/// `next_attempt_at` (a backoff).
 #[derive(Debug, Clone, PartialEq)]
 pub struct Queued {
     pub(super) next_attempt_at: i64,
+    /// Waits for room, not for a timer.
+    pub(super) room: bool,
+    /// Its place in the line of jobs waiting for room (1 = next), as last counted.
+    pub(super) place: u32,
 }
 
 /// A batch exists and has not ended.
@@ -246,6 +256,10 @@ impl<S: State> Job<S> {
     pub fn cancel_request(&self) -> Option<CancelRequest> {
         self.common.cancel
     }
+    /// The endpoint the job was admitted to; `None`: the first of the pool.
+    pub fn openai_endpoint(&self) -> Option<&str> {
+        self.common.openai_endpoint.as_deref()
+    }
 
     /// The blob the current round's batch reads: the input, or a follow-up's staged lines.
     pub fn batch_input_url(&self) -> &str {
@@ -388,6 +402,7 @@ impl Job<Submitting> {
                 followup_url: None,
                 results_folder: None,
                 cancel: None,
+                openai_endpoint: None,
                 created_at: at,
                 updated_at: at,
                 history: Vec::new(),
@@ -548,6 +563,8 @@ impl<S: CanQueue> Job<S> {
     pub fn queue(self, reason: &str, delay_secs: u64, at: i64) -> Job<Queued> {
         let mut job = self.map_state(|_| Queued {
             next_attempt_at: at + delay_secs as i64,
+            room: false,
+            place: 0,
         });
         job.common.quota_attempts += 1;
         job.common.last_error = Some(reason.to_string());
@@ -562,9 +579,44 @@ impl<S: CanQueue> Job<S> {
     }
 }
 
+impl Job<Submitting> {
+    /// No target has room for it now: it waits, `place`-th in line, and is admitted the
+    /// moment one has (not a retry: nothing was refused).
+    pub fn wait_for_room(self, reason: &str, place: u32, at: i64) -> Job<Queued> {
+        let mut job = self.map_state(|_| Queued {
+            next_attempt_at: at,
+            room: true,
+            place,
+        });
+        job.common.last_error = Some(reason.to_string());
+        job.note(at, format!("waiting for room: {reason}"));
+        job
+    }
+
+    /// Admitted to `endpoint`: its batch is created there, and looked for there.
+    pub fn admit_to(&mut self, endpoint: &str) {
+        self.common.openai_endpoint = Some(endpoint.to_string());
+    }
+}
+
 impl Job<Queued> {
     pub fn next_attempt_at(&self) -> i64 {
         self.state.next_attempt_at
+    }
+
+    /// Waits for room (not for a backoff timer).
+    pub fn waits_for_room(&self) -> bool {
+        self.state.room
+    }
+
+    /// Its place in the line, as last counted (0: not counted).
+    pub fn place(&self) -> u32 {
+        self.state.place
+    }
+
+    /// The line moved: `place` is its new place. No history note: a line moves often.
+    pub fn set_place(&mut self, place: u32) {
+        self.state.place = place;
     }
 
     /// The wait is over: claim it to try again.

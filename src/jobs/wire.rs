@@ -53,6 +53,14 @@ pub struct Wire {
     quota_attempts: u32,
     #[serde(default)]
     next_attempt_at: Option<i64>,
+    /// A queued job waiting for room, not a backoff timer; absent in earlier records.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    waiting_for_room: bool,
+    #[serde(default, skip_serializing_if = "is_zero")]
+    queue_place: u32,
+    /// The endpoint the job was admitted to; absent before the pool (the first endpoint).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    openai_endpoint: Option<String>,
     #[serde(default)]
     last_error: Option<String>,
     #[serde(default)]
@@ -112,6 +120,9 @@ impl<S: State> Job<S> {
             create_in_flight_until: None,
             quota_attempts: self.common.quota_attempts,
             next_attempt_at: None,
+            waiting_for_room: false,
+            queue_place: 0,
+            openai_endpoint: self.common.openai_endpoint.clone(),
             last_error: self.common.last_error.clone(),
             round: self.common.round,
             rounds: self.common.rounds.clone(),
@@ -147,6 +158,7 @@ impl<S: State> Job<S> {
                 followup_url: w.followup_url,
                 results_folder: w.results_folder,
                 cancel: w.cancel,
+                openai_endpoint: w.openai_endpoint,
                 created_at: w.created_at,
                 updated_at: w.updated_at,
                 history: w.history,
@@ -236,11 +248,15 @@ impl WireState for Submitting {
 impl WireState for Queued {
     fn put(&self, w: &mut Wire) {
         w.next_attempt_at = Some(self.next_attempt_at);
+        w.waiting_for_room = self.room;
+        w.queue_place = self.place;
     }
     fn take(w: &mut Wire) -> Result<Self, &'static str> {
         Ok(Queued {
             // No time noted: the wait is over.
             next_attempt_at: w.next_attempt_at.unwrap_or(0),
+            room: w.waiting_for_room,
+            place: w.queue_place,
         })
     }
 }

@@ -25,13 +25,27 @@ pub struct PartSpan {
 /// take it past `max_lines` requests or `max_bytes` bytes.
 #[derive(Debug, Default)]
 pub(super) struct Splitter {
+    /// Estimated input tokens per part at most (`Validator::splitting_by_tokens`).
+    max_tokens: Option<u64>,
     parts: Vec<PartSpan>,
     current: Option<PartSpan>,
+    /// The line number and start of the request last taken: where a token cut begins the
+    /// next part.
+    last: (u64, u64),
 }
 
 impl Splitter {
+    /// A splitter whose parts also keep within `max_tokens` estimated tokens.
+    pub(super) fn by_tokens(max_tokens: u64) -> Self {
+        Splitter {
+            max_tokens: Some(max_tokens),
+            ..Splitter::default()
+        }
+    }
+
     /// Takes the request at `line` spanning `[start, end)`; true when it begins a new part.
     pub(super) fn request(&mut self, line: u64, start: u64, end: u64, limits: &Limits) -> bool {
+        self.last = (line, start);
         if let Some(p) = &mut self.current
             && p.requests < limits.max_lines
             && end - p.offset <= limits.max_bytes
@@ -52,11 +66,34 @@ impl Splitter {
         begun
     }
 
-    /// Adds the estimated tokens of the request last taken to its part.
-    pub(super) fn add_tokens(&mut self, tokens: u64) {
-        if let Some(p) = &mut self.current {
-            p.tokens += tokens;
+    /// Adds the estimated tokens of the request last taken to its part. A request that would
+    /// take a part of several requests past `max_tokens` begins the next part instead; true
+    /// then (its tokens are known only once the line is parsed, after `request` placed it).
+    pub(super) fn add_tokens(&mut self, tokens: u64) -> bool {
+        let Some(p) = &mut self.current else {
+            return false;
+        };
+        if p.requests > 1
+            && self
+                .max_tokens
+                .is_some_and(|max| p.tokens.saturating_add(tokens) > max)
+        {
+            let (line, start) = self.last;
+            let end = p.offset + p.bytes;
+            p.requests -= 1;
+            p.bytes = start - p.offset;
+            self.parts.extend(self.current.take());
+            self.current = Some(PartSpan {
+                first_line: line,
+                requests: 1,
+                offset: start,
+                bytes: end - start,
+                tokens,
+            });
+            return true;
         }
+        p.tokens += tokens;
+        false
     }
 
     pub(super) fn finish(mut self) -> Vec<PartSpan> {
@@ -72,7 +109,14 @@ mod tests {
     use crate::validate::{Report, Validator, codes};
 
     fn split(input: &[u8], limits: Limits, chunk: usize) -> Report {
-        let mut v = Validator::splitting(limits);
+        split_by(input, limits, None, chunk)
+    }
+
+    fn split_by(input: &[u8], limits: Limits, max_tokens: Option<u64>, chunk: usize) -> Report {
+        let mut v = match max_tokens {
+            Some(t) => Validator::splitting_by_tokens(limits, t),
+            None => Validator::splitting(limits),
+        };
         for c in input.chunks(chunk) {
             v.feed(c);
         }
@@ -127,6 +171,55 @@ mod tests {
             codes(&check_with(file(&["a1", "a2", "a3"]), limits)),
             vec![(None, codes::FILE_TOO_LARGE)]
         );
+    }
+
+    #[test]
+    fn splitting_by_tokens_keeps_each_part_within_the_token_limit() {
+        let ids: Vec<String> = (1..=10).map(|i| format!("t{i:02}")).collect();
+        let text = file(&ids.iter().map(String::as_str).collect::<Vec<_>>());
+        let whole = split(text.as_bytes(), Limits::default(), 1 << 20);
+        let per_request = whole.tokens / 10;
+        assert_eq!(whole.tokens, per_request * 10, "equal requests");
+        // Room for three requests' tokens a part, not four.
+        let room = Some(3 * per_request + 1);
+        let limits = Limits::default();
+        for chunk in [5, 1 << 20] {
+            let r = split_by(text.as_bytes(), limits, room, chunk);
+            assert!(r.is_ok(), "{:?}", r.problems);
+            let shape: Vec<_> = r
+                .parts
+                .iter()
+                .map(|p| (p.first_line, p.requests, p.tokens))
+                .collect();
+            let t = per_request;
+            assert_eq!(
+                shape,
+                vec![(1, 3, 3 * t), (4, 3, 3 * t), (7, 3, 3 * t), (10, 1, t)]
+            );
+            // Whole lines, contiguous.
+            let mut at = 0;
+            for p in &r.parts {
+                assert_eq!(p.offset, at);
+                at += p.bytes;
+            }
+            assert_eq!(at as usize, text.len());
+        }
+        // The same id in two parts is no duplicate: each part is its own batch.
+        let r = split_by(
+            file(&["t01", "t02", "t03", "t01"]).as_bytes(),
+            limits,
+            room,
+            1 << 20,
+        );
+        assert!(r.is_ok(), "{:?}", r.problems);
+        assert_eq!(r.parts.len(), 2);
+        // Without the token cut, the same file repeats an id within one batch.
+        let r = split(
+            file(&["t01", "t02", "t03", "t01"]).as_bytes(),
+            limits,
+            1 << 20,
+        );
+        assert!(!r.is_ok());
     }
 
     #[test]

@@ -98,6 +98,15 @@ impl Validator {
         }
     }
 
+    /// `splitting`, with parts also kept within `max_tokens` estimated input tokens: for a
+    /// file that no single enqueued-token quota could hold (issue 15, item 5).
+    pub fn splitting_by_tokens(limits: Limits, max_tokens: u64) -> Self {
+        Validator {
+            splitter: Some(Splitter::by_tokens(max_tokens)),
+            ..Validator::new(limits)
+        }
+    }
+
     /// Takes the next bytes of the file.
     pub fn feed(&mut self, chunk: &[u8]) {
         self.bytes += chunk.len() as u64;
@@ -338,6 +347,14 @@ impl Validator {
             }
         };
 
+        // Counted before the id is checked: a part cut by tokens begins at this request, and
+        // its ids are checked within the new part.
+        if let Body::Object { model, prompt } = &req.body
+            && self.count_tokens(model, prompt)
+        {
+            self.ids = IdSet::new();
+        }
+
         match &req.custom_id {
             Value::Missing => self.push(Some(n), codes::MISSING_CUSTOM_ID, || {
                 "no custom_id; every request needs a unique string custom_id to match its result".to_string()
@@ -434,16 +451,14 @@ impl Validator {
                 };
                 format!("body must be a JSON object{hint}, found {kind}")
             }),
-            Body::Object { model, prompt } => {
-                self.count_tokens(model, prompt);
-                self.check_model(n, model);
-            }
+            Body::Object { model, .. } => self.check_model(n, model),
         }
     }
 
     /// Adds the request's estimated tokens, with the tokenizer of its `body.model` (or, when
     /// it has none, of the last one seen).
-    fn count_tokens(&mut self, model: &Value<'_>, prompt: &super::tokens::Prompt<'_>) {
+    /// True when the request begins a new part, cut by tokens.
+    fn count_tokens(&mut self, model: &Value<'_>, prompt: &super::tokens::Prompt<'_>) -> bool {
         let encoding = match (model, &self.encoding) {
             (Value::Str(m), Some((name, e))) if name == m => *e,
             (Value::Str(m), _) => {
@@ -456,8 +471,9 @@ impl Validator {
         };
         let tokens = prompt.tokens(encoding, &mut self.counters);
         self.tokens += tokens;
-        if let Some(splitter) = &mut self.splitter {
-            splitter.add_tokens(tokens);
+        match &mut self.splitter {
+            Some(splitter) => splitter.add_tokens(tokens),
+            None => false,
         }
     }
 

@@ -217,7 +217,16 @@ def test_endpoints_have_no_trailing_slash(deployment: Deployment) -> None:
     assert raw_settings["AZURE_OPENAI_ENDPOINT"] == "openAiEndpoint"
     main = deployment.main
     symbol, _ = deployment.module_for("functionapp.bicep")
-    assert unwrap(main.modules[symbol])[0]["params"]["openAiEndpoint"] == "openAiEndpoint"
+    # The pool: the main region first, then one endpoint per extra region, comma-separated.
+    assert unwrap(main.modules[symbol])[0]["params"]["openAiEndpoint"] == "openAiEndpoints"
+    joined = main.variables["openAiEndpoints"]["value"]["function"]
+    assert joined["type"] == "join" and joined["parameters"]["delimiter"] == ","
+    listed = joined["parameters"]["input_array"]["function"]
+    assert listed["type"] == "concat"
+    assert listed["parameters"] == {"arg_1": ["openAiEndpoint"], "arg_2": "extraOpenAiEndpoints"}
+    extra = main.variables["extraOpenAiEndpoints"]["value"]
+    assert extra["loop_type"]["detail"]["array_name"] == "extraOpenAiNames"
+    assert extra["config"] == "https://${extraName}.openai.azure.com", "no trailing slash"
     strips_trailing_slash(main, "openAiEndpoint", "openAiEndpointRaw")
     openai_symbol, openai_module = deployment.module_for("openai.bicep")
     assert dotted(main.variables["openAiEndpointRaw"]["value"]) == f"{openai_symbol}.outputs.endpoint"
@@ -398,7 +407,8 @@ def principal_of(deployment: Deployment, reference: str) -> tuple[str, str]:
 def test_required_role_assignments_are_present(deployment: Deployment) -> None:
     grants = set()
     for ra in role_assignments(deployment):
-        if ra["conditional"]:
+        # The extra regions' grants are looped over extraOpenAiLocations: checked on their own below.
+        if ra["conditional"] or ra["file"].path.name == "region.bicep":
             continue
         principal_type, identity = principal_of(deployment, ra["principal"])
         assert identity == "SystemAssigned"
@@ -429,6 +439,39 @@ def test_required_role_assignments_are_present(deployment: Deployment) -> None:
         (topic, BLOB_DATA_CONTRIBUTOR, *dead_letter),
     }
     assert grants == expected, f"missing: {expected - grants}\nunexpected: {grants - expected}"
+
+
+def test_every_extra_region_gets_the_main_regions_deployment_and_roles(deployment: Deployment) -> None:
+    """extraOpenAiLocations: one more account per region, same deployment, same two grants."""
+    main = deployment.main
+    assert main.parameters["extraOpenAiLocations"]["default"] == [], "one region unless asked"
+    symbol, region = deployment.module_for("region.bicep")
+    loop = main.modules[symbol]["config"]["loop_type"]
+    assert loop["detail"]["array_name"] == "extraOpenAiLocations"
+    params, _ = unwrap(main.modules[symbol])
+    same = {"deploymentName": "modelDeploymentName", "modelName": "modelName", "modelVersion": "modelVersion",
+            "skuName": "modelSku", "capacity": "modelCapacity"}
+    for name, main_param in same.items():
+        assert params["params"][name] == main_param, name
+    # The account and its deployment come from openai.bicep, as the main region's do.
+    (nested,) = region.modules.values()
+    assert nested["detail"]["path"] == "openai.bicep"
+    assert unwrap(nested)[0]["params"]["deploymentName"] == "deploymentName"
+
+    grants = {
+        (ra["role"], ra["scope_type"], ra["principal"])
+        for ra in role_assignments(deployment)
+        if ra["file"].path.name == "region.bicep"
+    }
+    assert grants == {
+        # The handler's batch calls with an Entra ID token.
+        (OPENAI_USER, "Microsoft.CognitiveServices/accounts", "functionApp.outputs.principalId"),
+        # The batch service reads input_blob and writes output_folder with the account's identity.
+        (BLOB_DATA_CONTRIBUTOR, "Microsoft.Storage/storageAccounts", "openAi.outputs.principalId"),
+    }, grants
+    # openAi.outputs.principalId is the account's system-assigned identity (openai.bicep).
+    _, openai_file = deployment.module_for("openai.bicep")
+    assert openai_file.resolve(openai_file.outputs["principalId"]["value"]) == "account.identity.principalId"
 
 
 def test_no_role_is_broader_than_needed(deployment: Deployment) -> None:

@@ -1,0 +1,597 @@
+//! Admission: which target (an endpoint of the pool and the deployment the input names) has
+//! room for a job's enqueued tokens, and the reservation that holds that room.
+//!
+//! Each target has a ledger blob in the state container, `capacity/{target}.json`: its limit
+//! and where the limit came from, the tokens the service counted that are not ours, and our
+//! reservations, one per job key. A reservation is taken, with an `If-Match` write, before
+//! the create call, and released when the batch ends (harvest) or the create is refused. Two
+//! instances that both see the last room both try to write the ledger they read; storage
+//! lets only one of the two writes through (412 for the other), and the loser reads again
+//! and finds no room. So the ledger, not a timer, says when a job may go.
+//!
+//! What is known of a target's room, best first: the service's own figure
+//! (`deployment-maximum-enqueued-tokens` on a create answer), the operator's
+//! `BATCH_ENQUEUED_TOKEN_LIMIT`, a limit learnt from a refusal. While none is known, one
+//! create at a time goes to the target, so a burst of arrivals is not a burst of refusals;
+//! the first answer tells the limit.
+//!
+//! A holder that dies leaves its reservation behind: the tick drops reservations whose job
+//! is no longer active (`drop_stale`), so none leaks for longer than a tick.
+//!
+//! Below the workflows (`submit`, `poll`, `harvest` call it); it calls none of them.
+
+use std::collections::{BTreeMap, HashSet};
+
+use bytes::Bytes;
+use futures::TryStreamExt;
+use serde::{Deserialize, Serialize};
+
+use crate::{
+    app::App,
+    openai::Quota,
+    storage::{StorageError, WriteCondition},
+};
+
+/// Where the ledgers live in the state container.
+pub const LEDGER_PREFIX: &str = "capacity/";
+
+/// Ledger writes lost to another writer before an admission gives up for now (the job then
+/// waits as if there were no room, and the next tick tries again).
+const MAX_RACES: u32 = 40;
+
+/// A reservation younger than this is never taken for stale: the job that holds it may have
+/// been claimed after the tick listed the active jobs.
+const STALE_AFTER_SECS: i64 = 120;
+
+/// Where a target's limit came from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum LimitSource {
+    /// `deployment-maximum-enqueued-tokens` on a create answer.
+    Header,
+    /// `BATCH_ENQUEUED_TOKEN_LIMIT`.
+    Setting,
+    /// A refusal the model did not predict: what was held then.
+    Refusal,
+}
+
+/// One target's ledger, as stored.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct Ledger {
+    pub endpoint: String,
+    pub deployment: String,
+    #[serde(default)]
+    pub limit: Option<u64>,
+    #[serde(default)]
+    pub limit_source: Option<LimitSource>,
+    /// The service's count over ours, at its last answer (`deployment-enqueued-tokens` over
+    /// the tokens of our answered reservations): the service estimates by characters, we by
+    /// the tokenizer, and other users of the deployment count too. Our figures are scaled by
+    /// it before they are held against the limit, so what we admit is what the service will
+    /// count. 1 until an answer tells it.
+    #[serde(default)]
+    pub scale: Option<f64>,
+    /// The service's `deployment-enqueued-tokens` at its last answer.
+    #[serde(default)]
+    pub service_enqueued: Option<u64>,
+    #[serde(default)]
+    pub reservations: BTreeMap<String, Reservation>,
+    #[serde(default)]
+    pub updated_at: i64,
+}
+
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct Reservation {
+    pub tokens: u64,
+    pub at: i64,
+    /// The create call got its answer (while not, the limit may still be unknown).
+    #[serde(default)]
+    pub answered: bool,
+}
+
+impl Ledger {
+    pub fn held(&self) -> u64 {
+        self.reservations.values().map(|r| r.tokens).sum()
+    }
+
+    fn scale(&self) -> f64 {
+        self.scale
+            .filter(|s| s.is_finite() && *s > 0.0)
+            .unwrap_or(1.0)
+    }
+
+    /// What the service would count for `tokens` of ours.
+    fn scaled(&self, tokens: u64) -> u64 {
+        (tokens as f64 * self.scale()).ceil() as u64
+    }
+
+    fn limit_or(&self, setting: Option<u64>) -> Option<(u64, LimitSource)> {
+        match (self.limit, self.limit_source) {
+            (Some(l), Some(s)) => Some((l, s)),
+            (Some(l), None) => Some((l, LimitSource::Header)),
+            _ => setting.map(|l| (l, LimitSource::Setting)),
+        }
+    }
+
+    /// Whether `tokens` more fit now. A target holding nothing of ours always lets one job
+    /// try, whatever the model says: only the service can say that a job alone is too big,
+    /// and a job must never wait for room that cannot come.
+    ///
+    /// `lost_before`: a create not answered by then never will be (its holder died; whoever
+    /// takes its job over adopts or creates its batch): it no longer holds up the others.
+    fn fits(&self, tokens: u64, setting: Option<u64>, lost_before: i64) -> bool {
+        if self.reservations.is_empty() {
+            return true;
+        }
+        match self.limit_or(setting) {
+            // Unknown limit: one create in flight at a time, until an answer tells it.
+            None => self
+                .reservations
+                .values()
+                .all(|r| r.answered || r.at < lost_before),
+            Some((limit, _)) => self.scaled(self.held() + tokens) <= limit,
+        }
+    }
+
+    /// How full it is: what is held (ours and others') over the limit. Unknown: empty if
+    /// nothing of ours is held, else full (it is tried after those that say they have room).
+    fn load(&self, setting: Option<u64>) -> f64 {
+        match self.limit_or(setting) {
+            Some((limit, _)) if limit > 0 => self.scaled(self.held()) as f64 / limit as f64,
+            _ if self.reservations.is_empty() => 0.0,
+            _ => 1.0,
+        }
+    }
+}
+
+/// What admission decided.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Admission {
+    /// Room was reserved (or already held) at this endpoint.
+    Admitted { endpoint: String },
+    /// No target has room now; the sentence says what it waits for.
+    NoRoom { reason: String },
+}
+
+/// A ledger's blob name: the endpoint's host, port and path and the deployment, made safe.
+pub fn ledger_name(endpoint: &str, deployment: &str) -> String {
+    let trimmed = endpoint
+        .split_once("://")
+        .map_or(endpoint, |(_, rest)| rest)
+        .trim_end_matches('/');
+    let safe = |s: &str| -> String {
+        s.chars()
+            .map(|c| {
+                if c.is_ascii_alphanumeric() || c == '.' || c == '-' {
+                    c
+                } else {
+                    '_'
+                }
+            })
+            .collect()
+    };
+    format!(
+        "{LEDGER_PREFIX}{}--{}.json",
+        safe(trimmed),
+        safe(deployment)
+    )
+}
+
+/// The ledger of a target, and its ETag (`None`: not written yet).
+async fn read(
+    app: &App,
+    endpoint: &str,
+    deployment: &str,
+) -> Result<(Ledger, Option<String>), StorageError> {
+    let name = ledger_name(endpoint, deployment);
+    match app.store.read(&app.config.state_container, &name).await? {
+        None => Ok((
+            Ledger {
+                endpoint: endpoint.to_string(),
+                deployment: deployment.to_string(),
+                ..Ledger::default()
+            },
+            None,
+        )),
+        Some((bytes, etag)) => {
+            let ledger = serde_json::from_slice(&bytes).map_err(|e| StorageError::Failed {
+                op: "read",
+                target: format!("{}/{name}", app.config.state_container),
+                message: format!(
+                    "the capacity ledger is not valid JSON ({e}); delete it and it is rebuilt"
+                ),
+            })?;
+            Ok((ledger, Some(etag)))
+        }
+    }
+}
+
+/// Writes a ledger only if it is still the version read; `Ok(false)` when someone wrote first.
+async fn write(app: &App, ledger: &mut Ledger, etag: Option<&str>) -> Result<bool, StorageError> {
+    ledger.updated_at = app.now();
+    let name = ledger_name(&ledger.endpoint, &ledger.deployment);
+    let body = serde_json::to_vec_pretty(ledger).expect("a ledger serializes");
+    let condition = match etag {
+        Some(e) => WriteCondition::IfMatch(e.to_string()),
+        None => WriteCondition::IfNotExists,
+    };
+    match app
+        .store
+        .write(
+            &app.config.state_container,
+            &name,
+            Bytes::from(body),
+            condition,
+            "application/json",
+        )
+        .await
+    {
+        Ok(_) => Ok(true),
+        Err(StorageError::ConditionNotMet { .. }) | Err(StorageError::AlreadyExists { .. }) => {
+            Ok(false)
+        }
+        Err(e) => Err(e),
+    }
+}
+
+/// Changes a ledger with `change` until the write goes through (re-reading after each lost
+/// race). `change` returns `false` to leave it as it is.
+async fn update<T>(
+    app: &App,
+    endpoint: &str,
+    deployment: &str,
+    mut change: impl FnMut(&mut Ledger) -> (bool, T),
+) -> Result<T, StorageError> {
+    for _ in 0..MAX_RACES {
+        let (mut ledger, etag) = read(app, endpoint, deployment).await?;
+        let (changed, out) = change(&mut ledger);
+        if !changed || write(app, &mut ledger, etag.as_deref()).await? {
+            return Ok(out);
+        }
+        race_pause().await;
+    }
+    Err(busy(endpoint, deployment))
+}
+
+fn busy(endpoint: &str, deployment: &str) -> StorageError {
+    StorageError::Transient {
+        op: "reserve",
+        target: ledger_name(endpoint, deployment),
+        message: format!(
+            "{MAX_RACES} writes of the capacity ledger of deployment {deployment} at {endpoint} \
+             lost to other writers in a row; tried again later"
+        ),
+    }
+}
+
+/// Before this time, a create that got no answer never will: its in-flight window
+/// (`BATCH_CREATE_TIMEOUT_SECONDS`) is over.
+fn lost_before(app: &App) -> i64 {
+    app.now() - app.config.create_timeout.as_secs() as i64
+}
+
+/// A short random pause after a lost race, so racing writers spread out.
+async fn race_pause() {
+    use rand::Rng;
+    let ms = rand::rng().random_range(5..40);
+    tokio::time::sleep(std::time::Duration::from_millis(ms)).await;
+}
+
+/// Reserves `tokens` for job `key` at the target with room that would finish it first (the
+/// least loaded, relative to its limit), deployment `deployment`. A job that already holds a
+/// reservation (a retry after a crash) keeps it.
+pub async fn reserve(
+    app: &App,
+    key: &str,
+    deployment: &str,
+    tokens: u64,
+) -> Result<Admission, StorageError> {
+    let setting = app.config.enqueued_token_limit;
+    let endpoints: Vec<String> = app.pool.iter().map(|c| c.endpoint().to_string()).collect();
+    for _ in 0..MAX_RACES {
+        let mut ledgers = Vec::with_capacity(endpoints.len());
+        for endpoint in &endpoints {
+            let (ledger, etag) = read(app, endpoint, deployment).await?;
+            if ledger.reservations.contains_key(key) {
+                return Ok(Admission::Admitted {
+                    endpoint: endpoint.clone(),
+                });
+            }
+            ledgers.push((ledger, etag));
+        }
+        let lost_before = lost_before(app);
+        let mut open: Vec<usize> = (0..ledgers.len())
+            .filter(|&i| ledgers[i].0.fits(tokens, setting, lost_before))
+            .collect();
+        if open.is_empty() {
+            return Ok(Admission::NoRoom {
+                reason: no_room(&ledgers, tokens, setting),
+            });
+        }
+        // Stable: on equal load, the pool's order.
+        open.sort_by(|&a, &b| {
+            ledgers[a]
+                .0
+                .load(setting)
+                .total_cmp(&ledgers[b].0.load(setting))
+        });
+        let best = open[0];
+        let (ledger, etag) = &mut ledgers[best];
+        ledger.reservations.insert(
+            key.to_string(),
+            Reservation {
+                tokens,
+                at: app.now(),
+                answered: false,
+            },
+        );
+        if write(app, ledger, etag.as_deref()).await? {
+            return Ok(Admission::Admitted {
+                endpoint: endpoints[best].clone(),
+            });
+        }
+        // Another writer came first: everything read may be stale now.
+        race_pause().await;
+    }
+    Err(busy(&endpoints.join(","), deployment))
+}
+
+/// Whether some target has room for `tokens` now, without reserving it: the tick's look
+/// before it takes a waiting job out of the line.
+pub async fn room_for(app: &App, deployment: &str, tokens: u64) -> Result<bool, StorageError> {
+    for client in &app.pool {
+        let (ledger, _) = read(app, client.endpoint().as_str(), deployment).await?;
+        if ledger.fits(tokens, app.config.enqueued_token_limit, lost_before(app)) {
+            return Ok(true);
+        }
+    }
+    Ok(false)
+}
+
+/// The most of our estimated tokens any one target of deployment `deployment` could hold
+/// (its limit over the service's scale), where some target's limit is known: a file above it
+/// could never be admitted whole, and is split into parts that fit (issue 15, item 5).
+pub async fn largest_room(app: &App, deployment: &str) -> Result<Option<u64>, StorageError> {
+    let mut largest = None;
+    for client in &app.pool {
+        let (ledger, _) = read(app, client.endpoint().as_str(), deployment).await?;
+        if let Some((limit, _)) = ledger.limit_or(app.config.enqueued_token_limit) {
+            let room = (limit as f64 / ledger.scale()).floor() as u64;
+            largest = Some(largest.map_or(room, |l: u64| l.max(room)));
+        }
+    }
+    Ok(largest)
+}
+
+/// The sentence for a job that fits nowhere: what every target holds.
+fn no_room(ledgers: &[(Ledger, Option<String>)], tokens: u64, setting: Option<u64>) -> String {
+    let each: Vec<String> = ledgers
+        .iter()
+        .map(|(l, _)| match l.limit_or(setting) {
+            Some((limit, source)) => format!(
+                "{} holds {} of {limit} (limit from the {}{})",
+                l.endpoint,
+                l.scaled(l.held()),
+                match source {
+                    LimitSource::Header => "service",
+                    LimitSource::Setting => "setting",
+                    LimitSource::Refusal => "last refusal",
+                },
+                if (l.scale() - 1.0).abs() > 0.005 {
+                    format!("; the service counts {:.2}× our estimate", l.scale())
+                } else {
+                    String::new()
+                }
+            ),
+            None => format!(
+                "{} has a create under way and its limit is not known yet",
+                l.endpoint
+            ),
+        })
+        .collect();
+    format!(
+        "room for {tokens} tokens in the enqueued-token quota of deployment {}: {}",
+        ledgers.first().map_or("", |(l, _)| l.deployment.as_str()),
+        each.join("; ")
+    )
+}
+
+/// The create at `endpoint` was answered: the reservation stands, and the quota headers
+/// tell the target's limit and the service's own count.
+pub async fn answered(
+    app: &App,
+    endpoint: &str,
+    deployment: &str,
+    key: &str,
+    quota: Quota,
+) -> Result<(), StorageError> {
+    update(app, endpoint, deployment, |l| {
+        if let Some(r) = l.reservations.get_mut(key) {
+            r.answered = true;
+        }
+        if let Some(max) = quota.maximum {
+            l.limit = Some(max);
+            l.limit_source = Some(LimitSource::Header);
+        }
+        if let Some(enqueued) = quota.enqueued {
+            l.service_enqueued = Some(enqueued);
+            // Only answered creates: the service may not count one still under way.
+            let ours: u64 = l
+                .reservations
+                .values()
+                .filter(|r| r.answered)
+                .map(|r| r.tokens)
+                .sum();
+            if ours > 0 {
+                l.scale = Some(enqueued as f64 / ours as f64);
+            }
+        }
+        (true, ())
+    })
+    .await
+}
+
+/// The create at `endpoint` was refused for quota, which the model did not predict: the
+/// reservation goes, and what was held then (ours and others') becomes the limit, unless a
+/// lower one is known. A refusal with nothing else held says only that this job alone is
+/// too big (or others fill the deployment): then the limit stays.
+pub async fn refused(
+    app: &App,
+    endpoint: &str,
+    deployment: &str,
+    key: &str,
+) -> Result<(), StorageError> {
+    update(app, endpoint, deployment, |l| {
+        l.reservations.remove(key);
+        let held = l.scaled(l.held());
+        if held > 0 && l.limit.is_none_or(|limit| held < limit) {
+            l.limit = Some(held);
+            l.limit_source = Some(LimitSource::Refusal);
+        }
+        (true, ())
+    })
+    .await
+}
+
+/// Job `key`'s batch ended (or it will not be created): its room is free again. Released
+/// from every target of the pool it may be held at (a job holds at most one).
+pub async fn release(app: &App, deployment: &str, key: &str) -> Result<bool, StorageError> {
+    let mut released = false;
+    for client in &app.pool {
+        let endpoint = client.endpoint().to_string();
+        released |= update(app, &endpoint, deployment, |l| {
+            let had = l.reservations.remove(key).is_some();
+            (had, had)
+        })
+        .await?;
+    }
+    Ok(released)
+}
+
+/// Drops the reservations of jobs that are no longer active (a holder died between its
+/// reservation and the release): `active` are the active job keys as listed at `listed_at`.
+/// Returns how many were dropped.
+pub async fn drop_stale(
+    app: &App,
+    active: &HashSet<String>,
+    listed_at: i64,
+) -> Result<usize, StorageError> {
+    let names: Vec<String> = app
+        .store
+        .list(&app.config.state_container, LEDGER_PREFIX)
+        .map_ok(|b| b.name)
+        .try_collect()
+        .await?;
+    let mut dropped = 0;
+    for name in names {
+        let Some((bytes, etag)) = app.store.read(&app.config.state_container, &name).await? else {
+            continue;
+        };
+        let Ok(mut ledger) = serde_json::from_slice::<Ledger>(&bytes) else {
+            continue;
+        };
+        let before = ledger.reservations.len();
+        ledger
+            .reservations
+            .retain(|key, r| active.contains(key) || r.at > listed_at - STALE_AFTER_SECS);
+        let gone = before - ledger.reservations.len();
+        // Lost to a writer: it is looked at again next tick.
+        if gone > 0 && write(app, &mut ledger, Some(&etag)).await? {
+            dropped += gone;
+        }
+    }
+    Ok(dropped)
+}
+
+/// Every ledger, for status and tests.
+pub async fn ledgers(app: &App) -> Result<Vec<Ledger>, StorageError> {
+    let names: Vec<String> = app
+        .store
+        .list(&app.config.state_container, LEDGER_PREFIX)
+        .map_ok(|b| b.name)
+        .try_collect()
+        .await?;
+    let mut out = Vec::new();
+    for name in names {
+        if let Some((bytes, _)) = app.store.read(&app.config.state_container, &name).await?
+            && let Ok(l) = serde_json::from_slice(&bytes)
+        {
+            out.push(l);
+        }
+    }
+    Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ledger(limit: Option<u64>, held: &[(u64, bool)]) -> Ledger {
+        Ledger {
+            limit,
+            limit_source: limit.map(|_| LimitSource::Header),
+            reservations: held
+                .iter()
+                .enumerate()
+                .map(|(i, &(tokens, answered))| {
+                    (
+                        format!("k{i}"),
+                        Reservation {
+                            tokens,
+                            at: 0,
+                            answered,
+                        },
+                    )
+                })
+                .collect(),
+            ..Ledger::default()
+        }
+    }
+
+    #[test]
+    fn a_known_limit_admits_what_fits_and_no_more() {
+        let l = ledger(Some(2500), &[(1000, true)]);
+        assert!(l.fits(1000, None, 0));
+        assert!(!l.fits(1600, None, 0));
+        let l = ledger(Some(2500), &[(1000, true), (1000, true)]);
+        assert!(!l.fits(1000, None, 0), "3 × 1000 > 2500");
+    }
+
+    #[test]
+    fn an_unknown_limit_admits_one_create_at_a_time() {
+        assert!(ledger(None, &[]).fits(10_000, None, 0));
+        let under_way = ledger(None, &[(10, false)]);
+        assert!(!under_way.fits(10, None, 0), "a create under way");
+        // Reserved at 0: by 1 its create's window is over, its answer lost with its holder.
+        assert!(under_way.fits(10, None, 1), "a lost create");
+        let answered = ledger(None, &[(10, true)]);
+        assert!(answered.fits(10, None, 0), "answered, no header");
+        assert!(!answered.fits(10, Some(15), 0), "the setting");
+    }
+
+    #[test]
+    fn the_services_count_scales_ours() {
+        // The service counts twice what we estimate: 2 × (1000 + 300) > 2500.
+        let mut l = ledger(Some(2500), &[(1000, true)]);
+        l.scale = Some(2.0);
+        assert!(!l.fits(300, None, 0));
+        assert!(l.fits(200, None, 0));
+    }
+
+    #[test]
+    fn an_empty_target_lets_a_job_try_whatever_its_size() {
+        assert!(ledger(Some(100), &[]).fits(1000, None, 0));
+    }
+
+    #[test]
+    fn ledger_names_are_safe_blob_names() {
+        assert_eq!(
+            ledger_name("http://127.0.0.1:8080/", "gpt-4o"),
+            "capacity/127.0.0.1_8080--gpt-4o.json"
+        );
+        assert_eq!(
+            ledger_name("https://a.openai.azure.com/x/", "m/1"),
+            "capacity/a.openai.azure.com_x--m_1.json"
+        );
+    }
+}
