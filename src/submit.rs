@@ -583,7 +583,10 @@ async fn wait_for_room(
     let job = job.wait_for_room(reason, place, app.now());
     if app.jobs.update(&job, etag).await?.is_some() {
         j.info(format!(
-            "job={key}: queued, {} in line, waiting for {reason}",
+            "job={key} blob={}/{} {} place={place}: queued, {} in line, waiting for {reason}",
+            job.input().container,
+            job.input().name,
+            event_field(job.part_of(), "queued"),
             crate::status::ordinal(place)
         ));
         publish_status(app, job.into(), None).await;

@@ -2,7 +2,8 @@
 //! so every field one of its queries reads must be one the handler prints. A real run
 //! (Azurite, the batch emulator in manual step mode, the real handler; the test plays the
 //! Functions host) ends one file of each kind: completed, split and completed, rejected,
-//! failed (quota never freed) and cancelled (input deleted). Its log lines, as the host
+//! failed (a deployment the service does not have), cancelled (input deleted) and one that
+//! waited in line for quota, then completed. Its log lines, as the host
 //! gets them twice (the handler's stdout, and each invocation's `Logs`), are then checked
 //! against every query of the workbook.
 //!
@@ -197,13 +198,10 @@ impl Run {
 async fn every_field_the_workbook_reads_is_printed_by_the_handler() {
     let queries = queries();
     // 1,100 enqueued tokens: one 10-line file at a time (about 84 tokens a line), so the
-    // second waits for quota, and gives up on its second try (BATCH_QUEUE_MAX_ATTEMPTS=2).
+    // second waits in line for room (event=queued) until the first ends.
     let s = Stack::start(
         &["--step-ms", "0", "--enqueued-token-limit", "1100"],
-        &[
-            ("BATCH_SPLIT_MAX_REQUESTS", "10"),
-            ("BATCH_QUEUE_MAX_ATTEMPTS", "2"),
-        ],
+        &[("BATCH_SPLIT_MAX_REQUESTS", "10")],
     );
     let mut run = Run {
         s,
@@ -216,16 +214,19 @@ async fn every_field_the_workbook_reads_is_printed_by_the_handler() {
     run.finish("done", "completed").await;
     let dup = [chat_line("same", "a"), chat_line("same", "b")].join("\n");
     run.submit("bad.jsonl", dup.as_bytes()).await;
+    // A batch the service fails: its lines name a deployment the resource does not have.
+    let wrong = String::from_utf8(lines(2, "x"))
+        .unwrap()
+        .replace(DEPLOYMENT, "no-such-deployment");
+    run.submit("wrong.jsonl", wrong.as_bytes()).await;
+    run.finish("wrong", "failed").await;
     run.submit("runs.jsonl", &lines(10, "r")).await;
     run.submit("waits.jsonl", &lines(10, "w")).await;
-    // Past the first backoff: its second try is refused too, and the file fails.
-    advance_clock(&run.s.handler, 5).await;
-    run.tick().await;
     let store = run.s.azurite.store();
-    let waits = read_json(&store, "batch-output", "waits/summary.json")
+    let waits = read_json(&store, "batch-output", "waits/status.json")
         .await
-        .expect("waits.jsonl gave up on quota");
-    assert_eq!(waits["status"], "failed", "{waits:#}");
+        .expect("waits.jsonl has a status while it waits");
+    assert_eq!(waits["status"], "queued", "{waits:#}");
     // Deleted while running: the sweep cancels it.
     assert!(
         store
@@ -234,6 +235,8 @@ async fn every_field_the_workbook_reads_is_printed_by_the_handler() {
             .unwrap()
     );
     run.finish("runs", "cancelled").await;
+    // Its room freed, the file in line runs.
+    run.finish("waits", "completed").await;
 
     let stdout = Copy {
         what: "the handler's stdout and stderr",
@@ -289,10 +292,8 @@ async fn every_field_the_workbook_reads_is_printed_by_the_handler() {
     let pair = |o: &str, c: &str| (o.to_string(), c.to_string());
     assert_eq!(latest["done.jsonl"], pair("completed", "-"));
     assert_eq!(latest["split.jsonl"], pair("completed", "-"));
-    assert_eq!(
-        latest["waits.jsonl"],
-        pair("failed", "token_limit_exceeded")
-    );
+    assert_eq!(latest["waits.jsonl"], pair("completed", "-"));
+    assert_eq!(latest["wrong.jsonl"], pair("failed", "model_not_found"));
     // (its code is the service's: the emulator, like Azure, reports the deleted input)
     assert_eq!(latest["runs.jsonl"].0, "cancelled");
     assert_eq!(latest["bad.jsonl"].0, "rejected");
@@ -300,7 +301,7 @@ async fn every_field_the_workbook_reads_is_printed_by_the_handler() {
         latest["bad.jsonl"].1, "-",
         "a rejected file names its first problem"
     );
-    assert_eq!(latest.len(), 5, "{latest:?}");
+    assert_eq!(latest.len(), 6, "{latest:?}");
     let tokens = Regex::new(
         &queries
             .iter()
