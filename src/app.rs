@@ -128,7 +128,7 @@ impl StepError {
 
 #[derive(Debug, thiserror::Error)]
 pub enum StartError {
-    #[error("cannot set up the managed identity credential: {0}")]
+    #[error("cannot set up the Azure credential: {0}")]
     Identity(String),
     #[error(transparent)]
     Storage(#[from] StorageError),
@@ -144,22 +144,37 @@ impl App {
         storage_retry: RetryPolicy,
         openai_retry: RetryConfig,
     ) -> Result<Self, StartError> {
-        // Built lazily: only a deployment that uses Entra ID for something needs it.
-        let mut credential: Option<Arc<dyn TokenCredential>> = None;
-        let mut identity = || -> Result<Arc<dyn TokenCredential>, StartError> {
-            if let Some(c) = &credential {
-                return Ok(c.clone());
-            }
+        let client_id = config.managed_identity_client_id.clone();
+        let identity = move || -> Result<Arc<dyn TokenCredential>, StartError> {
             let options = ManagedIdentityCredentialOptions {
-                user_assigned_id: config
-                    .managed_identity_client_id
-                    .clone()
-                    .map(UserAssignedId::ClientId),
+                user_assigned_id: client_id.clone().map(UserAssignedId::ClientId),
                 ..Default::default()
             };
             let c: Arc<dyn TokenCredential> = ManagedIdentityCredential::new(Some(options))
-                .map_err(|e| StartError::Identity(e.to_string()))?;
-            credential = Some(c.clone());
+                .map_err(|e| StartError::Identity(format!("managed identity: {e}")))?;
+            Ok(c)
+        };
+        Self::assemble(config, storage_retry, openai_retry, identity, "handler")
+    }
+
+    /// The clients a configuration names, signed in with `credential` wherever Entra ID is
+    /// used (made at most once, and only if needed): the function app's managed identity, or
+    /// a developer's sign-in for the commands (`cli`). `instance` prefixes this process's name
+    /// in claims.
+    pub fn assemble(
+        config: Config,
+        storage_retry: RetryPolicy,
+        openai_retry: RetryConfig,
+        mut credential: impl FnMut() -> Result<Arc<dyn TokenCredential>, StartError>,
+        instance: &str,
+    ) -> Result<Self, StartError> {
+        let mut made: Option<Arc<dyn TokenCredential>> = None;
+        let mut identity = || -> Result<Arc<dyn TokenCredential>, StartError> {
+            if let Some(c) = &made {
+                return Ok(c.clone());
+            }
+            let c = credential()?;
+            made = Some(c.clone());
             Ok(c)
         };
 
@@ -194,7 +209,7 @@ impl App {
             jobs,
             openai,
             pool,
-            instance: format!("handler-{}", uuid::Uuid::new_v4()),
+            instance: format!("{instance}-{}", uuid::Uuid::new_v4()),
             clock: Clock::default(),
             config,
         })

@@ -16,13 +16,13 @@ use futures::{StreamExt, TryStreamExt};
 use serde_json::{Value, json};
 
 use crate::{
-    app::{App, Clock, Journal},
+    app::{App, Journal, StartError},
     cancel::{self, Cancelled},
-    config::{Config, StorageAuth, names},
-    jobs::{AnyJob, Finished, Job, JobStore},
-    openai::{Auth, BatchClient, RetryConfig},
+    config::{Config, names},
+    jobs::{AnyJob, Finished, Job},
+    openai::RetryConfig,
     status::{self, Status},
-    storage::{BlobStore, RetryPolicy},
+    storage::RetryPolicy,
 };
 
 /// Exit codes of the commands (README, "Watching and stopping a file").
@@ -55,56 +55,21 @@ fn config(needs_openai: bool) -> Result<Config, String> {
 
 /// The app the commands work with: the function app's, but signed in as the developer.
 fn app(config: Config) -> Result<App, String> {
-    let mut credential: Option<Arc<dyn TokenCredential>> = None;
-    let mut developer = || -> Result<Arc<dyn TokenCredential>, String> {
-        if let Some(c) = &credential {
-            return Ok(c.clone());
-        }
+    let developer = || -> Result<Arc<dyn TokenCredential>, StartError> {
         let c: Arc<dyn TokenCredential> = azure_identity::DeveloperToolsCredential::new(None)
-            .map_err(|e| format!("cannot set up your Azure sign-in (az login): {e}"))?;
-        credential = Some(c.clone());
+            .map_err(|e| {
+                StartError::Identity(format!("cannot set up your Azure sign-in (az login): {e}"))
+            })?;
         Ok(c)
     };
-    let store = Arc::new(
-        match &config.storage {
-            StorageAuth::ManagedIdentity { account_url } => BlobStore::with_credential(
-                account_url.clone(),
-                developer()?,
-                RetryPolicy::default(),
-            ),
-            StorageAuth::ConnectionString(cs) => {
-                BlobStore::from_connection_string(cs.expose(), RetryPolicy::default())
-            }
-        }
-        .map_err(|e| e.to_string())?,
-    );
-    let auth = match &config.openai_api_key {
-        Some(key) => Auth::ApiKey(key.clone()),
-        None => Auth::Entra(developer()?),
-    };
-    let pool: Vec<BatchClient> = config
-        .openai_endpoints
-        .iter()
-        .map(|endpoint| {
-            BatchClient::new(
-                endpoint.clone(),
-                config.api_style.clone(),
-                auth.clone(),
-                RetryConfig::default(),
-            )
-        })
-        .collect();
-    let openai = pool[0].clone();
-    let jobs = JobStore::new(store.clone(), config.state_container.clone());
-    Ok(App {
-        store,
-        jobs,
-        openai,
-        pool,
-        instance: format!("handler-cli-{}", uuid::Uuid::new_v4()),
-        clock: Clock::default(),
+    App::assemble(
         config,
-    })
+        RetryPolicy::default(),
+        RetryConfig::default(),
+        developer,
+        "handler-cli",
+    )
+    .map_err(|e| e.to_string())
 }
 
 fn runtime() -> tokio::runtime::Runtime {
