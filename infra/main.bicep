@@ -200,8 +200,10 @@ module extraRegions 'modules/region.bicep' = [for (extraLocation, i) in extraOpe
 // The handler wants endpoints without a trailing slash.
 var openAiEndpointRaw = openAi.outputs.endpoint
 var openAiEndpoint = endsWith(openAiEndpointRaw, '/') ? substring(openAiEndpointRaw, 0, length(openAiEndpointRaw) - 1) : openAiEndpointRaw
-// A custom subdomain's endpoint, as the account reports it for the main region.
-var extraOpenAiEndpoints = [for extraName in extraOpenAiNames: 'https://${extraName}.openai.azure.com']
+// Each extra account's endpoint is the main one's with its own subdomain (the account name), so
+// it has the main account's domain in every cloud (openai.azure.com, or a sovereign cloud's).
+// Read from the accounts themselves it would make a cycle: they grant the function app a role.
+var extraOpenAiEndpoints = [for extraName in extraOpenAiNames: replace(openAiEndpoint, '//${openAiAccountName}.', '//${extraName}.')]
 // AZURE_OPENAI_ENDPOINT: the main region first (jobs recorded before the pool use it), then the others.
 var openAiEndpoints = join(concat([openAiEndpoint], extraOpenAiEndpoints), ',')
 var blobEndpointRaw = storage.outputs.blobEndpoint

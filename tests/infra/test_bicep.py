@@ -204,7 +204,7 @@ def strips_trailing_slash(file: BicepFile, var: str, raw: str) -> None:
 
 
 def test_endpoints_have_no_trailing_slash(deployment: Deployment) -> None:
-    """The handler's settings are `https://<account>.blob.core.windows.net` and `https://<r>.openai.azure.com`."""
+    """The handler's settings are the accounts' endpoints (`https://<account>.blob.core.windows.net`, `https://<r>.openai.azure.com`) without a trailing slash."""
     module, config = function_app(deployment)
     raw_settings = {s["name"]: s["value"] for s in config["properties"]["siteConfig"]["appSettings"]}
 
@@ -226,7 +226,18 @@ def test_endpoints_have_no_trailing_slash(deployment: Deployment) -> None:
     assert listed["parameters"] == {"arg_1": ["openAiEndpoint"], "arg_2": "extraOpenAiEndpoints"}
     extra = main.variables["extraOpenAiEndpoints"]["value"]
     assert extra["loop_type"]["detail"]["array_name"] == "extraOpenAiNames"
-    assert extra["config"] == "https://${extraName}.openai.azure.com", "no trailing slash"
+    # The main endpoint (slash removed) with the extra account's subdomain: the same domain in
+    # every cloud, where a literal openai.azure.com would be wrong in a sovereign one.
+    assert extra["config"] == {
+        "function": {
+            "type": "replace",
+            "parameters": {
+                "original_string": "openAiEndpoint",
+                "old_string": "//${openAiAccountName}.",
+                "new_string": "//${extraName}.",
+            }
+        }
+    }
     strips_trailing_slash(main, "openAiEndpoint", "openAiEndpointRaw")
     openai_symbol, openai_module = deployment.module_for("openai.bicep")
     assert dotted(main.variables["openAiEndpointRaw"]["value"]) == f"{openai_symbol}.outputs.endpoint"
