@@ -38,6 +38,10 @@ pub mod names {
     /// so a test sees an intake as long as a large file's without uploading one (a
     /// redelivery arriving mid-intake). Debug builds only.
     pub const TEST_VALIDATE_DELAY_MS: &str = "BATCH_TEST_VALIDATE_DELAY_MS";
+    /// Test-only: milliseconds a harvest waits once it holds the job, before it touches the
+    /// output folder, so a test sees a second harvester (a tick, a webhook) arrive
+    /// mid-harvest. Debug builds only.
+    pub const TEST_HARVEST_DELAY_MS: &str = "BATCH_TEST_HARVEST_DELAY_MS";
     /// Test-only: the sweep's look-back before its mark, in seconds (default 900), so a test
     /// sees old inputs left alone without waiting a quarter of an hour. Debug builds only.
     pub const TEST_SWEEP_OVERLAP_SECONDS: &str = "BATCH_TEST_SWEEP_OVERLAP_SECONDS";
@@ -159,6 +163,7 @@ pub struct Config {
     pub webhook_keys: Vec<SigningKey>,
     pub test_fault: Option<String>,
     pub test_validate_delay: Option<Duration>,
+    pub test_harvest_delay: Option<Duration>,
     /// How far before its mark the timer's sweep looks again (`poll`): storage's clock on
     /// a blob's Last-Modified, with room for a commit that lands while the listing runs.
     pub sweep_overlap_secs: i64,
@@ -362,6 +367,18 @@ impl Config {
                 }),
             }
         };
+        // A test-only delay in milliseconds: read by debug builds, ignored by the release one.
+        let test_delay = |name: &'static str| -> Result<Option<Duration>, ConfigError> {
+            match get(name) {
+                Some(_) if TEST_SWITCHES_COMPILED => Ok(Some(Duration::from_millis(ranged(
+                    name,
+                    0,
+                    0..=DAY * 1000,
+                    "a delay in milliseconds",
+                )?))),
+                _ => Ok(None),
+            }
+        };
 
         let flag = |name: &'static str, default: bool| -> Result<bool, ConfigError> {
             match get(name).map(|v| v.to_ascii_lowercase()) {
@@ -460,15 +477,8 @@ impl Config {
                 }
             },
             test_fault: get(names::TEST_FAULT).filter(|_| TEST_SWITCHES_COMPILED),
-            test_validate_delay: match get(names::TEST_VALIDATE_DELAY_MS) {
-                Some(_) if TEST_SWITCHES_COMPILED => Some(Duration::from_millis(ranged(
-                    names::TEST_VALIDATE_DELAY_MS,
-                    0,
-                    0..=DAY * 1000,
-                    "a delay in milliseconds",
-                )?)),
-                _ => None,
-            },
+            test_validate_delay: test_delay(names::TEST_VALIDATE_DELAY_MS)?,
+            test_harvest_delay: test_delay(names::TEST_HARVEST_DELAY_MS)?,
             sweep_overlap_secs: match get(names::TEST_SWEEP_OVERLAP_SECONDS) {
                 Some(_) if TEST_SWITCHES_COMPILED => ranged(
                     names::TEST_SWEEP_OVERLAP_SECONDS,
@@ -686,18 +696,26 @@ mod tests {
     }
 
     #[test]
-    fn the_test_validate_delay_is_read_in_debug_builds_and_named_when_malformed() {
-        assert_eq!(Config::from_map(&base()).unwrap().test_validate_delay, None);
+    fn the_test_delays_are_read_in_debug_builds_and_named_when_malformed() {
+        let delays = |c: &Config| (c.test_validate_delay, c.test_harvest_delay);
+        assert_eq!(delays(&Config::from_map(&base()).unwrap()), (None, None));
         let mut env = base();
         env.insert(names::TEST_VALIDATE_DELAY_MS.into(), "1500".into());
+        env.insert(names::TEST_HARVEST_DELAY_MS.into(), "700".into());
         assert_eq!(
-            Config::from_map(&env).unwrap().test_validate_delay,
-            TEST_SWITCHES_COMPILED.then_some(Duration::from_millis(1500))
+            delays(&Config::from_map(&env).unwrap()),
+            (
+                TEST_SWITCHES_COMPILED.then_some(Duration::from_millis(1500)),
+                TEST_SWITCHES_COMPILED.then_some(Duration::from_millis(700))
+            )
         );
-        env.insert(names::TEST_VALIDATE_DELAY_MS.into(), "soon".into());
-        if TEST_SWITCHES_COMPILED {
-            let err = Config::from_map(&env).unwrap_err().to_string();
-            assert!(err.contains(names::TEST_VALIDATE_DELAY_MS), "{err}");
+        for name in [names::TEST_VALIDATE_DELAY_MS, names::TEST_HARVEST_DELAY_MS] {
+            let mut env = base();
+            env.insert(name.into(), "soon".into());
+            if TEST_SWITCHES_COMPILED {
+                let err = Config::from_map(&env).unwrap_err().to_string();
+                assert!(err.contains(name), "{err}");
+            }
         }
     }
 

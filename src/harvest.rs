@@ -21,9 +21,10 @@ use crate::{
     app::{App, Journal, StepError},
     cancel,
     jobs::{Harvesting, Job, Outcome, followup_blob},
+    lease,
     openai::{Batch, BatchStatus, RequestCounts},
     outputs::{
-        ERRORS, MERGED, RESULTS, clear_folder, custom_id_of, merged_line, open_lines,
+        self, ERRORS, MERGED, RESULTS, clear_folder, custom_id_of, merged_line, open_lines,
         results_folder, save_progress,
     },
     storage::StorageError,
@@ -41,8 +42,9 @@ fn outcome_of(status: &BatchStatus) -> Outcome {
 }
 
 /// Moves a harvesting job's results into place and finishes it, or, when its batch left
-/// requests unanswered and follow-ups are enabled, submits them as the next round. `batch`
-/// is the service's answer when the caller has it (a poll); otherwise it is fetched.
+/// requests unanswered and follow-ups are enabled, submits them as the next round. The
+/// caller holds the job (`outputs::take_hold`, or the write that recorded the batch's end).
+/// `batch` is the service's answer when the caller has it (a poll); otherwise it is fetched.
 pub async fn harvest_batch(
     app: &App,
     mut job: Job<Harvesting>,
@@ -51,6 +53,7 @@ pub async fn harvest_batch(
     j: &Journal,
 ) -> Result<(), StepError> {
     let key = job.key().to_string();
+    outputs::test_delay(app, &key).await;
     let batch = match batch {
         Some(b) => b,
         None => {
@@ -74,7 +77,7 @@ pub async fn harvest_batch(
             clear_folder(app, &out, &path).await?;
         }
         job.progress_mut().cleared = true;
-        etag = save_progress(app, &job, &etag).await?;
+        etag = save_progress(app, &mut job, &etag).await?;
         app.fault_point("harvest:after-clear");
     }
     if first_round {
@@ -91,7 +94,7 @@ pub async fn harvest_batch(
             )
             .await?;
             job.progress_mut().results_moved = true;
-            etag = save_progress(app, &job, &etag).await?;
+            etag = save_progress(app, &mut job, &etag).await?;
             app.fault_point("harvest:after-results");
         }
         if !job.progress().errors_moved {
@@ -106,7 +109,7 @@ pub async fn harvest_batch(
             )
             .await?;
             job.progress_mut().errors_moved = true;
-            etag = save_progress(app, &job, &etag).await?;
+            etag = save_progress(app, &mut job, &etag).await?;
             app.fault_point("harvest:after-errors");
         }
     } else {
@@ -116,7 +119,7 @@ pub async fn harvest_batch(
         if !job.progress().results_moved {
             fold(app, results.as_ref(), &out, &path, RESULTS, None).await?;
             job.progress_mut().results_moved = true;
-            etag = save_progress(app, &job, &etag).await?;
+            etag = save_progress(app, &mut job, &etag).await?;
         }
         if !job.progress().errors_moved {
             fold(app, errors.as_ref(), &out, &path, ERRORS, results.as_ref()).await?;
@@ -124,7 +127,7 @@ pub async fn harvest_batch(
                 app.store.delete(c, n, None).await?;
             }
             job.progress_mut().errors_moved = true;
-            etag = save_progress(app, &job, &etag).await?;
+            etag = save_progress(app, &mut job, &etag).await?;
         }
     }
 
@@ -136,7 +139,13 @@ pub async fn harvest_batch(
         // What was cancelled on request is not sent again.
         && !cancel_requested;
     let staged = follow_up.then(|| followup_blob(&key, job.round() + 1));
-    let merged = write_merged(app, &job, &out, &path, staged.as_deref()).await?;
+    // The longest step (every result line read once): the lease is renewed while it runs.
+    let reading = job.clone();
+    let merging = Box::pin(write_merged(app, &reading, &out, &path, staged.as_deref()));
+    let Some(merged) = lease::holding(app, &mut job, &mut etag, merging, j).await? else {
+        return Ok(());
+    };
+    let merged = merged?;
     app.fault_point("harvest:after-merged");
 
     if let Some(staged) = staged.filter(|_| merged.followup_lines > 0) {

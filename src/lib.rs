@@ -33,6 +33,7 @@ pub mod cli;
 pub mod config;
 pub mod harvest;
 pub mod jobs;
+pub mod lease;
 pub mod openai;
 pub mod outputs;
 pub mod poll;

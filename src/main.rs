@@ -20,6 +20,9 @@ use aoai_blob_batch::{
 use clap::{Parser, Subcommand};
 use tracing_subscriber::fmt::writer::MakeWriterExt;
 
+/// Each worker thread's stack (see where the runtime is built).
+const WORKER_STACK_BYTES: usize = 8 * 1024 * 1024;
+
 #[derive(Parser)]
 #[command(
     name = "handler",
@@ -167,6 +170,7 @@ fn serve() -> ExitCode {
             names::TEST_FAULT,
             names::TEST_HOOKS,
             names::TEST_VALIDATE_DELAY_MS,
+            names::TEST_HARVEST_DELAY_MS,
             names::TEST_SWEEP_OVERLAP_SECONDS,
             names::TEST_WEBHOOK_ANSWER_MS,
         ] {
@@ -199,6 +203,11 @@ fn serve() -> ExitCode {
     };
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
+        // The workflows nest (a tick steps a split job, which submits a part, which is
+        // admitted, …), and a debug build's futures are many times a release build's: the
+        // default 2 MiB of a worker thread overflowed in debug builds. Address space only:
+        // a thread's pages are committed as they are touched.
+        .thread_stack_size(WORKER_STACK_BYTES)
         .build()
         .expect("tokio runtime");
     runtime.block_on(async move {

@@ -69,13 +69,57 @@ pub async fn clear_folder(app: &App, container: &str, folder: &str) -> Result<()
     Ok(())
 }
 
-/// Writes the record with the steps done so far; a lost race stops the step (whoever
-/// changed the record goes on from it).
+/// Takes `job`, read from its record, to move its results into place: `Some(etag)` when
+/// this invocation now holds it; `None` when another holds it (it goes on) or changed the
+/// record since it was read (whoever changed it goes on). Nothing in the folder may be
+/// touched before this wins. (Whoever records a batch's end holds the job in that same
+/// write, and needs no second one.)
+pub async fn take_hold<S: MovesResults>(
+    app: &App,
+    job: &mut Job<S>,
+    etag: &str,
+    j: &Journal,
+) -> Result<Option<String>, StepError> {
+    let now = app.now();
+    if let Some(holder) = job.held_by(now) {
+        j.info(format!(
+            "job={}: its results are being moved by {holder}; left to it",
+            job.key()
+        ));
+        return Ok(None);
+    }
+    job.hold(&app.instance, app.config.submit_lease.as_secs(), now);
+    let taken = app.jobs.update(job, etag).await?;
+    if taken.is_none() {
+        j.info(format!(
+            "job={}: another invocation moved it on first; left to it",
+            job.key()
+        ));
+    }
+    Ok(taken)
+}
+
+/// In a debug build under test, waits as long as `BATCH_TEST_HARVEST_DELAY_MS` says, between
+/// taking the job and touching its folder: the moment a second harvester must keep out.
+pub async fn test_delay(app: &App, key: &str) {
+    if let Some(delay) = app.config.test_harvest_delay {
+        tracing::warn!(
+            "job={key}: test-only delay of {} ms before moving results ({})",
+            delay.as_millis(),
+            crate::config::names::TEST_HARVEST_DELAY_MS
+        );
+        tokio::time::sleep(delay).await;
+    }
+}
+
+/// Writes the record with the steps done so far, renewing the holder's lease; a lost race
+/// stops the step (whoever changed the record goes on from it).
 pub async fn save_progress<S: MovesResults>(
     app: &App,
-    job: &Job<S>,
+    job: &mut Job<S>,
     etag: &str,
 ) -> Result<String, StepError> {
+    job.renew(app.config.submit_lease.as_secs(), app.now());
     match app.jobs.update(job, etag).await? {
         Some(e) => Ok(e),
         None => Err(StorageError::ConditionNotMet {

@@ -29,7 +29,7 @@ use crate::{
         ActiveEntry, AnyJob, InputRef, Job, JobState, Observed, Outcome, Queued, Running, job_key,
     },
     openai::{Batch, BatchStatus, OpenAiError},
-    split,
+    outputs, split,
     submit::{self, fail_job, queue_for_quota},
 };
 
@@ -654,10 +654,22 @@ async fn step_record(
             }
             Ok(combined)
         }
-        AnyJob::Harvesting(job) => harvest::harvest_batch(app, job, etag, None, j)
-            .await
-            .map(|_| true),
-        AnyJob::Combining(job) => split::combine_parts(app, job, etag, j).await.map(|_| true),
+        AnyJob::Harvesting(mut job) => {
+            let Some(etag) = outputs::take_hold(app, &mut job, &etag, j).await? else {
+                return Ok(false);
+            };
+            // Boxed, as the submit step is: a harvest's future is deep enough to overflow a
+            // worker thread's stack in debug builds.
+            Box::pin(harvest::harvest_batch(app, job, etag, None, j)).await?;
+            Ok(true)
+        }
+        AnyJob::Combining(mut job) => {
+            let Some(etag) = outputs::take_hold(app, &mut job, &etag, j).await? else {
+                return Ok(false);
+            };
+            Box::pin(split::combine_parts(app, job, etag, j)).await?;
+            Ok(true)
+        }
         AnyJob::Finished(job) => {
             // Finished but not yet moved (a crash between the two writes): move it now.
             app.jobs.finish(&job, &etag).await?;
@@ -759,13 +771,23 @@ async fn poll_running(
             }
             Ok(false)
         }
-        Observed::Ended(job) => {
+        Observed::Ended(mut job) => {
+            // Whoever records the end holds the harvest, in the same write: a webhook or a
+            // redelivered event arriving meanwhile leaves it alone.
+            job.hold(&app.instance, app.config.submit_lease.as_secs(), app.now());
             let Some(etag) = app.jobs.update(&job, &etag).await? else {
                 return Ok(false);
             };
             log_status();
             publish_status(app, job.clone().into(), &batch).await;
-            harvest::harvest_batch(app, job, etag, Some(batch.clone()), j).await?;
+            Box::pin(harvest::harvest_batch(
+                app,
+                job,
+                etag,
+                Some(batch.clone()),
+                j,
+            ))
+            .await?;
             Ok(true)
         }
     }

@@ -22,6 +22,7 @@ use futures::{StreamExt, TryStreamExt};
 use crate::{
     app::{App, Journal, StepError},
     jobs::{Combining, HarvestProgress, Job, Outcome, PartRef, Submitting, staging_prefix},
+    lease,
     openai::{BatchError, RequestCounts},
     outputs::{
         ERRORS, MERGED, RESULTS, clear_folder, custom_id_of, merged_line, open_lines,
@@ -114,13 +115,20 @@ pub async fn combine_parts(
     if !job.progress().cleared {
         clear_folder(app, &out, &path).await?;
         job.progress_mut().cleared = true;
-        etag = save_progress(app, &job, &etag).await?;
+        etag = save_progress(app, &mut job, &etag).await?;
     }
     for file in [RESULTS, ERRORS, MERGED] {
         if !*concat_done(job.progress_mut(), file) {
-            concat_parts(app, job.parts(), file, &out, &format!("{path}/{file}")).await?;
+            // Every part's file is streamed through: the lease is renewed while it runs.
+            let parts = job.parts().to_vec();
+            let target = format!("{path}/{file}");
+            let concat = Box::pin(concat_parts(app, &parts, file, &out, &target));
+            let Some(done) = lease::holding(app, &mut job, &mut etag, concat, j).await? else {
+                return Ok(());
+            };
+            done?;
             *concat_done(job.progress_mut(), file) = true;
-            etag = save_progress(app, &job, &etag).await?;
+            etag = save_progress(app, &mut job, &etag).await?;
             if file == RESULTS {
                 app.fault_point("split:after-results");
             }
@@ -134,7 +142,7 @@ pub async fn combine_parts(
         let summary = parts_summary(app, &job, &note, &out, &path).await?;
         summary::write(&app.store, &out, &path, &summary).await?;
         job.progress_mut().summary_written = true;
-        etag = save_progress(app, &job, &etag).await?;
+        etag = save_progress(app, &mut job, &etag).await?;
         app.fault_point("split:after-summary");
         let input = job.input();
         let fields = summary.log_fields(

@@ -22,6 +22,7 @@ use crate::{
         AnyJob, CanQueue, Claim, Finished, InputFacts, InputRef, Job, JobState, PartOf, Split,
         Submitting, Unfinished,
     },
+    lease,
     openai::{BatchError, CreateBatch, OpenAiError},
     split,
     storage::StorageError,
@@ -259,7 +260,7 @@ pub async fn run_claimed(
         None => {
             let input = job.input().clone();
             let validated =
-                holding_claim(app, &mut job, &mut etag, validate_input(app, &input), j).await?;
+                lease::holding(app, &mut job, &mut etag, validate_input(app, &input), j).await?;
             let Some(validated) = validated else {
                 return Ok(Intake::InProgressElsewhere);
             };
@@ -295,7 +296,7 @@ pub async fn run_claimed(
                         report.tokens
                     ));
                     let input = job.input().clone();
-                    let again = holding_claim(
+                    let again = lease::holding(
                         app,
                         &mut job,
                         &mut etag,
@@ -450,53 +451,6 @@ pub async fn run_claimed(
                 job.create_answered();
             }
             Err(release(app, job, &etag, e.into(), j).await)
-        }
-    }
-}
-
-/// Runs `work`, a long step of an intake (validating, staging the parts of a split), while
-/// renewing the claim's lease every third of it. A redelivery that comes meanwhile (Event
-/// Grid stops waiting after 30 s, a large input takes longer to read) or the timer's sweep
-/// then finds the claim held by a live intake and leaves it, instead of taking over a lapsed
-/// claim and reading the whole file a second time. Should this process die, the renewals
-/// stop with it and the lease lapses as before, so the file is not lost.
-///
-/// `Ok(None)`: the claim was lost (only possible after renewals failed for a whole lease);
-/// its new holder goes on, and this intake stops without acting on `work`'s result.
-async fn holding_claim<T>(
-    app: &App,
-    job: &mut Job<Submitting>,
-    etag: &mut String,
-    work: impl std::future::Future<Output = T>,
-    j: &Journal,
-) -> Result<Option<T>, StepError> {
-    let lease = app.config.submit_lease;
-    let every = (lease / 3).max(std::time::Duration::from_millis(100));
-    let mut renewals = tokio::time::interval_at(tokio::time::Instant::now() + every, every);
-    renewals.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    let mut work = std::pin::pin!(work);
-    loop {
-        tokio::select! {
-            done = &mut work => return Ok(Some(done)),
-            _ = renewals.tick() => {
-                job.renew(lease.as_secs(), app.now());
-                match app.jobs.update(job, etag).await {
-                    Ok(Some(renewed)) => *etag = renewed,
-                    Ok(None) => {
-                        j.warn(format!(
-                            "job={}: lost the claim while working on it; its new holder goes on",
-                            job.key()
-                        ));
-                        return Ok(None);
-                    }
-                    // The next renewal may get through; the lease has two more thirds to go.
-                    Err(e) => tracing::warn!(
-                        invocation_id = %j.invocation_id(),
-                        "job={}: could not renew the claim: {e}",
-                        job.key()
-                    ),
-                }
-            }
         }
     }
 }
@@ -875,7 +829,7 @@ async fn split_input(
     let key = job.key().to_string();
     // Staging reads the whole input again and writes every part: as long as validating.
     let staging = job.clone();
-    let staged = holding_claim(
+    let staged = lease::holding(
         app,
         &mut job,
         &mut etag,
@@ -977,12 +931,14 @@ pub async fn advance_parts(
     if unfinished > 0 {
         return waiting(started);
     }
-    let job = job.parts_finished(app.now());
+    let mut job = job.parts_finished(app.now());
+    // Whoever records the last part's end holds the combine, in the same write.
+    job.hold(&app.instance, app.config.submit_lease.as_secs(), app.now());
     let Some(etag) = app.jobs.update(&job, &etag).await? else {
         return waiting(started);
     };
     publish_status(app, job.clone().into(), None).await;
-    split::combine_parts(app, job, etag, j).await?;
+    Box::pin(split::combine_parts(app, job, etag, j)).await?;
     Ok(PartsAdvanced {
         started,
         combined: true,

@@ -729,7 +729,9 @@ async fn a_crash_between_summary_and_status_is_healed_by_the_retried_harvest() {
         .await
         .unwrap();
 
-    // The next tick retries the harvest: one summary, no status.
+    // The next tick once the dead harvester's hold has lapsed (2 s here) retries the
+    // harvest: one summary, no status.
+    advance_clock(&s.handler, 3).await;
     s.tick_ok().await;
     let summary = s.read_summary("crash").await.unwrap();
     assert_eq!(summary["status"], "completed");

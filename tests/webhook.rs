@@ -361,6 +361,70 @@ async fn a_duplicate_event_racing_a_tick_gives_one_harvest() {
     assert_eq!(blob_names(&store, "batch-jobs", "done/").await.len(), 1);
 }
 
+/// The record of the stack's only active job, once it is in `state`.
+async fn wait_for_state(s: &Stack, state: &str) {
+    let store = s.azurite.store();
+    eventually(Duration::from_secs(20), state, || async {
+        for name in blob_names(&store, "batch-jobs", "active/").await {
+            let record = read_json(&store, "batch-jobs", &name).await?;
+            if record["state"] == state {
+                return Some(());
+            }
+        }
+        None
+    })
+    .await
+}
+
+#[tokio::test]
+async fn a_harvester_arriving_mid_harvest_leaves_the_job_to_its_holder() {
+    // The first handler takes a while between recording the batch's end and moving its
+    // results (as a large result file would make it); a second handler, another instance
+    // of the app, gets the webhook and its own tick meanwhile.
+    let s = Stack::start(
+        &["--step-ms", "0"],
+        &[
+            ("AZURE_OPENAI_WEBHOOK_SECRET", SECRET),
+            ("BATCH_TEST_HARVEST_DELAY_MS", "1500"),
+        ],
+    );
+    let mut env = handler_env(&s.azurite, &s.emulator);
+    env.push(("AZURE_OPENAI_WEBHOOK_SECRET".into(), SECRET.into()));
+    let other = Handler::start(env);
+    let batch_id = submit_sample(&s).await;
+    finish_batch(&s, &batch_id).await;
+
+    let body = event(&batch_id, "batch.completed");
+    let (first, (hook, second)) = tokio::join!(s.handler.tick(), async {
+        wait_for_state(&s, "harvesting").await;
+        let hook = deliver(&other, SECRET, "msg_mid", now(), &body).await;
+        (hook, other.tick().await)
+    });
+    assert_eq!(first.0, 200, "{:?}", first.1.logs);
+    assert_eq!(second.0, 200, "{:?}", second.1.logs);
+    assert_eq!(hook.0, 200, "{}", hook.1);
+
+    let summary = summary(&s).await.expect("summary.json");
+    assert_eq!(summary["status"], "completed");
+    let store = s.azurite.store();
+    for file in ["results.jsonl", "merged.jsonl"] {
+        let text = read_text(&store, "batch-output", &format!("test/{file}"))
+            .await
+            .unwrap_or_else(|| panic!("{file} is where the summary says"));
+        assert_eq!(text.lines().count(), 3, "{file}: {text}");
+    }
+    assert!(blob_names(&store, "batch-jobs", "active/").await.is_empty());
+    assert_eq!(blob_names(&store, "batch-jobs", "done/").await.len(), 1);
+    // The holder harvested it; the other instance left it alone, by webhook and by tick.
+    let harvested = |logs: &[String]| {
+        logs.iter()
+            .any(|l| l.contains("results in batch-output/test/"))
+    };
+    assert!(harvested(&first.1.logs), "{:?}", first.1.logs);
+    assert!(!harvested(&second.1.logs), "{:?}", second.1.logs);
+    assert!(!hook.1.contains("finished"), "{}", hook.1);
+}
+
 #[tokio::test]
 async fn handler_webhook_register_registers_the_url_and_writes_the_secret_to_a_file_only() {
     let azurite = Azurite::start();
@@ -566,7 +630,9 @@ async fn a_crash_at_each_harvest_step_of_a_webhook_loses_nothing() {
         assert_eq!(status, 200, "{point}: {text}");
         names.push(name);
     }
-    // The timer finishes whatever the crashes left.
+    // A crashed holder's hold on its job lapses with its lease (2 s here); then the timer
+    // finishes whatever the crashes left.
+    advance_clock(&s.handler, 3).await;
     let (status, answer) = s.handler.tick().await;
     assert_eq!(status, 200, "{:?}", answer.logs);
     for name in &names {

@@ -34,8 +34,8 @@ mod wire;
 
 pub use index::JobIndex;
 pub use record::{
-    AnyJob, BatchSeen, CanQueue, Combining, CreateCall, Finished, Harvesting, Indexed, Job,
-    Missing, MovesResults, Observed, Queued, Running, Split, State, Submitting, Unfinished,
+    AnyJob, BatchSeen, CanQueue, Combining, CreateCall, Finished, Harvesting, Holder, Indexed, Job,
+    Leased, Missing, MovesResults, Observed, Queued, Running, Split, State, Submitting, Unfinished,
 };
 pub use store::{ActiveEntry, Claim, JobStore, JobStoreError, Version};
 pub use wire::{InvalidRecord, Wire, WireState};

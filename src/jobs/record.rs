@@ -147,6 +147,7 @@ pub struct Split {
 pub struct Harvesting {
     pub(super) batch: BatchSeen,
     pub(super) progress: HarvestProgress,
+    pub(super) holder: Option<Holder>,
 }
 
 /// Every part of a split job finished: their results are being combined into place.
@@ -154,6 +155,19 @@ pub struct Harvesting {
 pub struct Combining {
     pub(super) parts: Vec<PartRef>,
     pub(super) progress: HarvestProgress,
+    pub(super) holder: Option<Holder>,
+}
+
+/// Who moves a job's results into place, and until when. The moves (clearing the folder,
+/// copying, writing `merged.jsonl`) happen between the record's writes, where its ETag
+/// guards nothing: two harvests at once (a webhook and a tick, a redelivered event) could
+/// each clear what the other had moved. So one invocation at a time holds the job, under a
+/// lease like an intake's claim; a holder that dies lets it lapse, and the next one goes on
+/// from the steps recorded.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Holder {
+    pub(super) owner: String,
+    pub(super) until: i64,
 }
 
 /// Nothing more will happen.
@@ -205,8 +219,17 @@ impl Indexed for Running {
     }
 }
 impl Indexed for Split {}
-impl Indexed for Harvesting {}
-impl Indexed for Combining {}
+// While held, a tick need not even read it: its holder is at work.
+impl Indexed for Harvesting {
+    fn quiet_until(&self) -> Option<i64> {
+        self.holder.as_ref().map(|h| h.until)
+    }
+}
+impl Indexed for Combining {
+    fn quiet_until(&self) -> Option<i64> {
+        self.holder.as_ref().map(|h| h.until)
+    }
+}
 impl Indexed for Finished {}
 
 const TAKEN_OVER: &str = "taken over";
@@ -476,13 +499,6 @@ impl Job<Submitting> {
         self.note(at, format!("{TAKEN_OVER} (previous owner {previous})"));
     }
 
-    /// Extends the claim of a holder that is still at work (a long validation or staging),
-    /// so that nobody takes over a claim whose holder is alive; a dead holder renews nothing
-    /// and its lease lapses as before. Never shortens it (a create window may run longer).
-    pub fn renew(&mut self, lease_secs: u64, at: i64) {
-        self.state.lease_until = self.state.lease_until.max(at + lease_secs as i64);
-    }
-
     /// Records what validation learnt; returns it for the create that follows.
     pub fn validated(&mut self, facts: InputFacts, at: i64) -> &InputFacts {
         self.note(
@@ -690,6 +706,7 @@ impl Job<Running> {
             let mut job = self.map_state(|_| Harvesting {
                 batch: seen,
                 progress: HarvestProgress::default(),
+                holder: None,
             });
             job.note(at, format!("batch ended: {}", batch.status));
             return Observed::Ended(job);
@@ -716,6 +733,7 @@ impl Job<Split> {
         let mut job = self.map_state(|s| Combining {
             parts: s.parts,
             progress: HarvestProgress::default(),
+            holder: None,
         });
         job.note(at, "every part finished; combining their results");
         job
@@ -728,10 +746,13 @@ impl Job<Combining> {
     }
 }
 
-/// The two states that move results into an output folder, step by recorded step.
-pub trait MovesResults: State {
+/// The two states that move results into an output folder, step by recorded step, held by
+/// one invocation at a time.
+pub trait MovesResults: State + Leased {
     fn progress(&self) -> &HarvestProgress;
     fn progress_mut(&mut self) -> &mut HarvestProgress;
+    fn holder(&self) -> Option<&Holder>;
+    fn holder_mut(&mut self) -> &mut Option<Holder>;
 }
 
 impl MovesResults for Harvesting {
@@ -741,6 +762,12 @@ impl MovesResults for Harvesting {
     fn progress_mut(&mut self) -> &mut HarvestProgress {
         &mut self.progress
     }
+    fn holder(&self) -> Option<&Holder> {
+        self.holder.as_ref()
+    }
+    fn holder_mut(&mut self) -> &mut Option<Holder> {
+        &mut self.holder
+    }
 }
 
 impl MovesResults for Combining {
@@ -749,6 +776,46 @@ impl MovesResults for Combining {
     }
     fn progress_mut(&mut self) -> &mut HarvestProgress {
         &mut self.progress
+    }
+    fn holder(&self) -> Option<&Holder> {
+        self.holder.as_ref()
+    }
+    fn holder_mut(&mut self) -> &mut Option<Holder> {
+        &mut self.holder
+    }
+}
+
+/// The states one invocation holds under a lease while it works: an intake's claim, a
+/// harvest's holder. The holder renews the lease while it works (`lease::holding`), so that
+/// nobody takes over from a live holder.
+pub trait Leased: State {
+    fn lease_until_mut(&mut self) -> Option<&mut i64>;
+}
+
+impl Leased for Submitting {
+    fn lease_until_mut(&mut self) -> Option<&mut i64> {
+        Some(&mut self.lease_until)
+    }
+}
+impl Leased for Harvesting {
+    fn lease_until_mut(&mut self) -> Option<&mut i64> {
+        self.holder.as_mut().map(|h| &mut h.until)
+    }
+}
+impl Leased for Combining {
+    fn lease_until_mut(&mut self) -> Option<&mut i64> {
+        self.holder.as_mut().map(|h| &mut h.until)
+    }
+}
+
+impl<S: Leased> Job<S> {
+    /// Extends the lease of a holder that is still at work (a long validation, staging or
+    /// merge), so that nobody takes over from a live holder; a dead holder renews nothing
+    /// and its lease lapses. Never shortens it (a create window may run longer).
+    pub fn renew(&mut self, lease_secs: u64, at: i64) {
+        if let Some(until) = self.state.lease_until_mut() {
+            *until = (*until).max(at + lease_secs as i64);
+        }
     }
 }
 
@@ -763,6 +830,26 @@ impl<S: MovesResults> Job<S> {
     /// Chosen once, at the first harvest step; kept for follow-up rounds.
     pub fn choose_results_folder(&mut self, folder: String) {
         self.common.results_folder = Some(folder);
+    }
+    /// The invocation moving this job's results right now, if its lease is live.
+    pub fn held_by(&self, at: i64) -> Option<&str> {
+        self.state
+            .holder()
+            .filter(|h| h.until > at)
+            .map(|h| h.owner.as_str())
+    }
+    /// Takes the job to move its results, for `lease_secs`; the caller writes the record
+    /// (with `If-Match`) before touching the folder, and goes on only if that write wins.
+    pub fn hold(&mut self, owner: &str, lease_secs: u64, at: i64) {
+        let previous = self.state.holder_mut().replace(Holder {
+            owner: owner.to_string(),
+            until: at + lease_secs as i64,
+        });
+        // A lapsed holder that never finished: it died, or lost the record. Worth a line
+        // in the history; a first hold is not.
+        if let Some(p) = previous {
+            self.note(at, format!("{TAKEN_OVER} (previous holder {})", p.owner));
+        }
     }
 }
 

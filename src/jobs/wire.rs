@@ -15,8 +15,8 @@ use super::{
     CancelRequest, HarvestProgress, HistoryEntry, InputFacts, InputRef, JobState, Outcome, PartOf,
     PartRef, RoundRecord,
     record::{
-        AnyJob, BatchSeen, Combining, Common, CreateCall, Finished, Harvesting, Job, Missing,
-        Queued, Running, Split, State, Submitting,
+        AnyJob, BatchSeen, Combining, Common, CreateCall, Finished, Harvesting, Holder, Job,
+        Missing, Queued, Running, Split, State, Submitting,
     },
 };
 
@@ -302,11 +302,13 @@ impl WireState for Harvesting {
     fn put(&self, w: &mut Wire) {
         put_batch(&self.batch, w);
         w.harvest = Some(self.progress.clone());
+        put_holder(self.holder.as_ref(), w);
     }
     fn take(w: &mut Wire) -> Result<Self, &'static str> {
         Ok(Harvesting {
             batch: take_batch(w).ok_or("it is harvesting but names no batch_id and no parts")?,
             progress: w.harvest.take().unwrap_or_default(),
+            holder: take_holder(w),
         })
     }
 }
@@ -315,13 +317,32 @@ impl WireState for Combining {
     fn put(&self, w: &mut Wire) {
         w.parts = self.parts.clone();
         w.harvest = Some(self.progress.clone());
+        put_holder(self.holder.as_ref(), w);
     }
     fn take(w: &mut Wire) -> Result<Self, &'static str> {
         Ok(Combining {
             parts: std::mem::take(&mut w.parts),
             progress: w.harvest.take().unwrap_or_default(),
+            holder: take_holder(w),
         })
     }
+}
+
+/// A harvest's holder rides in the claim's fields (`owner`, `lease_until`), which earlier
+/// versions wrote only for submitting jobs and ignore in other states; records from before
+/// the holder read as held by nobody.
+fn put_holder(holder: Option<&Holder>, w: &mut Wire) {
+    if let Some(h) = holder {
+        w.owner = Some(h.owner.clone());
+        w.lease_until = Some(h.until);
+    }
+}
+
+fn take_holder(w: &mut Wire) -> Option<Holder> {
+    Some(Holder {
+        owner: w.owner.take()?,
+        until: w.lease_until.take()?,
+    })
 }
 
 impl WireState for Finished {
@@ -482,6 +503,32 @@ mod tests {
             }
             assert_eq!(after, before, "{name}");
         }
+    }
+
+    #[test]
+    fn a_harvest_holder_is_kept_in_the_record_and_lapses_with_its_lease() {
+        let AnyJob::Harvesting(mut j) = v1("harvesting-batch") else {
+            panic!()
+        };
+        let t = j.updated_at();
+        assert_eq!(j.held_by(t), None, "records from before the holder: nobody");
+        j.hold("instance-a", 300, t);
+        let text = serde_json::to_string(&AnyJob::from(j)).unwrap();
+        let AnyJob::Harvesting(mut j) = serde_json::from_str(&text).unwrap() else {
+            panic!()
+        };
+        assert_eq!(j.held_by(t + 299), Some("instance-a"));
+        j.renew(300, t + 200);
+        assert_eq!(j.held_by(t + 499), Some("instance-a"), "renewed");
+        assert_eq!(j.held_by(t + 500), None, "lapsed");
+        j.hold("instance-b", 300, t + 500);
+        assert_eq!(j.held_by(t + 501), Some("instance-b"));
+        assert!(
+            j.history()
+                .last()
+                .is_some_and(|h| h.note.contains("previous holder instance-a")),
+            "taking over from a lapsed holder is noted"
+        );
     }
 
     #[test]
