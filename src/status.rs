@@ -69,6 +69,10 @@ pub struct Status {
     pub batch_id: Option<String>,
     /// The batch's status as the service last reported it.
     pub batch_status: Option<String>,
+    /// The requests' input tokens as the handler estimated them while validating (what the
+    /// job holds of the enqueued-token quota); absent until the file has been checked.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub estimated_tokens: Option<u64>,
     /// A split input: each part's batch.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub batches: Vec<PartStatus>,
@@ -204,6 +208,7 @@ impl Status {
             input_etag: job.input().etag.clone(),
             batch_id: seen.map(|b| b.id.clone()),
             batch_status: seen.map(|b| b.status.to_string()),
+            estimated_tokens: job.facts().map(|f| f.tokens).filter(|&t| t > 0),
             batches,
             request_counts,
             uploaded_at: job.created_at(),

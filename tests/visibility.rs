@@ -147,6 +147,8 @@ async fn status_json_follows_a_file_from_intake_to_its_summary() {
     );
     assert!(st["uploaded_at"].as_i64().unwrap() > 0);
     assert!(st["submitted_at"].as_i64().unwrap() >= st["uploaded_at"].as_i64().unwrap());
+    let estimated = st["estimated_tokens"].as_u64().expect("estimated_tokens");
+    assert!(estimated > 10, "ten requests' tokens: {st:#}");
     assert!(s.read_summary("watch/me").await.is_none());
 
     // A tick that learns nothing new does not rewrite it.
@@ -188,6 +190,10 @@ async fn status_json_follows_a_file_from_intake_to_its_summary() {
     // Once summary.json is there, status.json is gone: one or the other, never both.
     let summary = s.harvest("watch/me", Duration::from_secs(30)).await;
     assert_eq!(summary["status"], "completed");
+    assert_eq!(
+        summary["tokens"]["estimated"], estimated,
+        "the estimate status.json showed is the summary's"
+    );
     assert!(
         s.status_json("watch/me").await.is_none(),
         "status.json deleted"
