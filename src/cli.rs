@@ -165,15 +165,17 @@ async fn collect(
                 .try_collect()
                 .await
                 .map_err(fault)?;
-            // Finished records have no listing order by time: each is read. Parts are
-            // their parent's (their keys are `{parent}/part-NNNN`).
+            // Only the latest few finished records are read, however long the history:
+            // the listing orders them. Parts are their parent's (their keys are
+            // `{parent}/part-NNNN`).
             let keys: Vec<String> = app
                 .jobs
-                .done_keys()
+                .done_keys_newest_first()
                 .await
                 .map_err(fault)?
                 .into_iter()
                 .filter(|k| !is_part_key(k))
+                .take(finished)
                 .collect();
             let done: Vec<Job<Finished>> = futures::stream::iter(keys)
                 .map(|k| async move { app.jobs.load_done(&k).await })

@@ -298,6 +298,27 @@ async fn a_split_file_shows_every_part_with_its_batch_and_counts() {
 }
 
 #[tokio::test]
+async fn handler_status_lists_the_most_recently_finished_files_first() {
+    let s = Stack::start(&["--step-ms", "0"], &[]);
+    for name in ["first", "second", "third"] {
+        s.submit(&format!("{name}.jsonl"), &lines(2, name)).await;
+        s.harvest(name, Duration::from_secs(30)).await;
+        // Storage dates a record to the second: one apart, the order is unambiguous.
+        tokio::time::sleep(Duration::from_millis(1100)).await;
+    }
+    let out = s.command(&["status", "--finished", "2", "--json"]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let doc: Value = serde_json::from_slice(&out.stdout).expect("JSON");
+    let files: Vec<&str> = doc["finished"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|f| f["file"].as_str().unwrap())
+        .collect();
+    assert_eq!(files, ["third.jsonl", "second.jsonl"], "{doc:#}");
+}
+
+#[tokio::test]
 async fn handler_status_shows_queued_running_and_finished_files() {
     // Room for one 20-line file at a time in the quota (as in tests/timer.rs).
     let s = Stack::start(&["--step-ms", "0", "--enqueued-token-limit", "3000"], &[]);

@@ -307,6 +307,23 @@ impl JobStore {
         self.keys_under(DONE).await
     }
 
+    /// The keys of every finished job, the most recently finished first, from the listing
+    /// alone: a record is written to `done/` when its job finishes, so its Last-Modified
+    /// says when. A caller wanting the latest few reads those few, not the whole history.
+    pub async fn done_keys_newest_first(&self) -> Result<Vec<String>, JobStoreError> {
+        use futures::TryStreamExt;
+        let items: Vec<_> = self.store.list(&self.container, DONE).try_collect().await?;
+        let mut dated: Vec<(Option<i64>, String)> = items
+            .into_iter()
+            .filter_map(|b| {
+                let key = b.name.strip_prefix(DONE)?.strip_suffix(".json")?;
+                Some((b.modified, key.to_string()))
+            })
+            .collect();
+        dated.sort_by(|a, b| b.cmp(a));
+        Ok(dated.into_iter().map(|(_, k)| k).collect())
+    }
+
     async fn keys_under<C: FromIterator<String>>(&self, prefix: &str) -> Result<C, JobStoreError> {
         use futures::TryStreamExt;
         let items: Vec<_> = self
