@@ -348,6 +348,41 @@ pub async fn room_for(app: &App, deployment: &str, tokens: u64) -> Result<bool, 
     Ok(false)
 }
 
+/// The targets' room, read once per deployment for a whole admission pass: whether a queued
+/// job fits somewhere is then answered without a storage call per job. A snapshot: the
+/// moment anyone reserves it may be stale, so a "fits" is only a reason to try (`reserve`
+/// decides, under the ledger's ETag) and a "does not fit" waits for the next pass; after
+/// this pass admits a job, [`Rooms::forget`] drops what it read.
+#[derive(Default)]
+pub struct Rooms {
+    ledgers: std::collections::HashMap<String, Vec<Ledger>>,
+}
+
+impl Rooms {
+    pub async fn fits(
+        &mut self,
+        app: &App,
+        deployment: &str,
+        tokens: u64,
+    ) -> Result<bool, StorageError> {
+        if !self.ledgers.contains_key(deployment) {
+            let mut read_now = Vec::with_capacity(app.pool.len());
+            for client in &app.pool {
+                read_now.push(read(app, client.endpoint().as_str(), deployment).await?.0);
+            }
+            self.ledgers.insert(deployment.to_string(), read_now);
+        }
+        let lost = lost_before(app);
+        Ok(self.ledgers[deployment]
+            .iter()
+            .any(|l| l.fits(tokens, app.config.enqueued_token_limit, lost)))
+    }
+
+    pub fn forget(&mut self) {
+        self.ledgers.clear();
+    }
+}
+
 /// The most of our estimated tokens any one target of deployment `deployment` could hold
 /// (its limit over the service's scale), where some target's limit is known: a file above it
 /// could never be admitted whole, and is split into parts that fit (issue 15, item 5).

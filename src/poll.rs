@@ -493,12 +493,37 @@ async fn admit_in_order(
     let created = |e: &ActiveEntry| e.index.as_ref().map_or(0, |ix| ix.created_at);
     waiting.sort_by(|a, b| (created(a), &a.key).cmp(&(created(b), &b.key)));
     let mut pass = AdmissionPass::default();
+    let mut rooms = capacity::Rooms::default();
+    let t = app.now();
     for entry in waiting {
         let place = pass.waiting as u32 + 1;
+        // What the index settles without reading the record: a backoff still running, or
+        // a job that still fits nowhere and already has this place written. A long line
+        // then costs a ledger read per deployment, not a read per job.
+        if let Some(ix) = &entry.index {
+            if ix.quiet_at(t) && ix.waiting.is_none() {
+                continue;
+            }
+            if let Some(w) = ix.waiting.as_ref().filter(|w| w.place == place) {
+                match rooms.fits(app, &w.model, w.tokens).await {
+                    Ok(false) => {
+                        pass.waiting += 1;
+                        continue;
+                    }
+                    Ok(true) => {}
+                    // The record's own path reads the ledger again, and reports.
+                    Err(_) => rooms.forget(),
+                }
+            }
+        }
         let what = format!("job={}", entry.key);
         match guarded(what, admit_one(app, &entry.key, place, j)).await {
             Ok(Admit::Waiting) => pass.waiting += 1,
-            Ok(Admit::Admitted) => pass.admitted += 1,
+            Ok(Admit::Admitted) => {
+                pass.admitted += 1;
+                // Its reservation took room: what was read no longer holds.
+                rooms.forget();
+            }
             Ok(Admit::Other | Admit::Finished) => {}
             Err(e) => {
                 pass.faults += 1;

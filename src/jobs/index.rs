@@ -32,6 +32,9 @@ mod keys {
     pub const MISSING: &str = "ixmissing";
     pub const CANCEL: &str = "ixcancel";
     pub const ENDPOINT: &str = "ixendpoint";
+    pub const WAIT_MODEL: &str = "ixwaitmodel";
+    pub const WAIT_TOKENS: &str = "ixwaittokens";
+    pub const WAIT_PLACE: &str = "ixwaitplace";
 }
 const VERSION: &str = "1";
 
@@ -53,6 +56,20 @@ pub struct JobIndex {
     /// The endpoint the job was admitted to (`None`: the first of the pool), so a tick's list
     /// walk of each endpoint looks only for that endpoint's batches.
     pub endpoint: Option<String>,
+    /// A queued job waiting for room: what it needs and its place as last written.
+    pub waiting: Option<WaitingForRoom>,
+}
+
+/// What an admission pass needs to pass over a queued job that still does not fit, without
+/// reading its record: a line of thousands then costs no storage call per job and tick.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct WaitingForRoom {
+    /// The deployment (`body.model`) whose quota it waits for.
+    pub model: String,
+    /// Its estimated input tokens.
+    pub tokens: u64,
+    /// Its place in line as its record says (0: not counted yet).
+    pub place: u32,
 }
 
 impl<S: State> Job<S> {
@@ -66,6 +83,14 @@ impl<S: State> Job<S> {
             missing: running.is_some_and(|(_, m)| m),
             cancel_requested: self.common.cancel.is_some(),
             endpoint: self.common.openai_endpoint.clone(),
+            waiting: self.state.place_in_line().and_then(|place| {
+                let facts = self.common.facts.as_ref()?;
+                Some(WaitingForRoom {
+                    model: facts.model.clone(),
+                    tokens: facts.tokens,
+                    place,
+                })
+            }),
         }
     }
 }
@@ -127,6 +152,13 @@ impl JobIndex {
         {
             m.insert(keys::ENDPOINT.into(), e.clone());
         }
+        if let Some(w) = &self.waiting
+            && header_safe(&w.model)
+        {
+            m.insert(keys::WAIT_MODEL.into(), w.model.clone());
+            m.insert(keys::WAIT_TOKENS.into(), w.tokens.to_string());
+            m.insert(keys::WAIT_PLACE.into(), w.place.to_string());
+        }
         m
     }
 
@@ -172,6 +204,15 @@ impl JobIndex {
             missing: get(keys::MISSING) == Some("1"),
             cancel_requested: get(keys::CANCEL) == Some("1"),
             endpoint: get(keys::ENDPOINT).map(str::to_string),
+            // All three or none: a part missing means "read the record".
+            waiting: match get(keys::WAIT_MODEL) {
+                None => None,
+                Some(model) => Some(WaitingForRoom {
+                    model: model.to_string(),
+                    tokens: count(keys::WAIT_TOKENS)?,
+                    place: count(keys::WAIT_PLACE)?.try_into().ok()?,
+                }),
+            },
         })
     }
 }
@@ -211,6 +252,7 @@ mod tests {
             missing: false,
             cancel_requested: false,
             endpoint: None,
+            waiting: None,
         }
     }
 
@@ -238,6 +280,21 @@ mod tests {
                 missing: false,
                 cancel_requested: true,
                 endpoint: None,
+                waiting: None,
+            },
+            JobIndex {
+                state: JobState::Queued,
+                created_at: 7,
+                quiet_until: None,
+                batch: None,
+                missing: false,
+                cancel_requested: false,
+                endpoint: None,
+                waiting: Some(WaitingForRoom {
+                    model: "gpt-4o-batch".into(),
+                    tokens: 123_456,
+                    place: 3,
+                }),
             },
             JobIndex {
                 endpoint: Some("https://west.openai.azure.com/".into()),
@@ -307,6 +364,7 @@ mod tests {
             missing: false,
             cancel_requested: false,
             endpoint: None,
+            waiting: None,
         };
         assert!(ix.quiet_at(10));
         ix.cancel_requested = true;

@@ -32,7 +32,7 @@ mod record;
 mod store;
 mod wire;
 
-pub use index::JobIndex;
+pub use index::{JobIndex, WaitingForRoom};
 pub use record::{
     AnyJob, BatchSeen, CanQueue, Combining, CreateCall, Finished, Harvesting, Holder, Indexed, Job,
     Leased, Missing, MovesResults, Observed, Queued, Running, Split, State, Submitting, Unfinished,

@@ -71,6 +71,10 @@ pub trait Indexed {
     fn running_batch(&self) -> Option<(&BatchSeen, bool)> {
         None
     }
+    /// A queued job waiting for room: its place in line as last counted.
+    fn place_in_line(&self) -> Option<u32> {
+        None
+    }
 }
 
 /// Claimed by an invocation: validating, then creating the batch.
@@ -211,6 +215,9 @@ impl Indexed for Submitting {
 impl Indexed for Queued {
     fn quiet_until(&self) -> Option<i64> {
         Some(self.next_attempt_at)
+    }
+    fn place_in_line(&self) -> Option<u32> {
+        self.room.then_some(self.place)
     }
 }
 impl Indexed for Running {
