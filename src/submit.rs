@@ -851,6 +851,9 @@ async fn split_input(
             split::delete_staging(app, &key).await?;
             return gone_while_read(app, job, &etag, j).await;
         }
+        // Not released as other faults are: the release would record this job's facts
+        // without its parts, and a next holder would take it for a file that fits one
+        // batch. Its lease lapses instead, and the next holder validates it again.
         Err(e) => return Err(e.into()),
     };
     app.fault_point("split:after-stage");
