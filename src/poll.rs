@@ -587,7 +587,12 @@ async fn admit_queued(
     }
     // Looked at without reserving: a job that still does not fit costs no write.
     if let Some(facts) = job.facts()
-        && !capacity::room_for(app, &facts.model, facts.tokens).await?
+        && !capacity::room_for(
+            app,
+            &facts.model,
+            job.round_tokens().unwrap_or(facts.tokens),
+        )
+        .await?
     {
         if job.waits_for_room()
             && let Some(place) = place

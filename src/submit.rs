@@ -341,7 +341,8 @@ pub async fn run_claimed(
     // Admission: the job goes only where its tokens fit; else it waits in line, for room,
     // not for a timer. The reservation is taken before the create, so two invocations cannot
     // both spend the last room.
-    let endpoint = match capacity::reserve(app, &key, &facts.model, facts.tokens).await {
+    let tokens = job.round_tokens().unwrap_or(facts.tokens);
+    let endpoint = match capacity::reserve(app, &key, &facts.model, tokens).await {
         Ok(Admission::Admitted { endpoint }) => endpoint,
         Ok(Admission::NoRoom { reason }) => {
             return wait_for_room(app, job, &etag, &reason, j).await;

@@ -272,7 +272,27 @@ async fn requests_an_expired_batch_left_are_resubmitted_and_folded_in() {
     s.emulator.step(Some(&first), 5).await;
     let expired = s.emulator.expire(&first).await;
     assert_eq!(expired.request_counts.completed, 20, "{expired:?}");
+    // The tick that harvests the expired batch submits the follow-up, which holds the quota
+    // for the 10 requests it resends, not for the whole file.
+    let (status, answer) = s.handler.tick().await;
+    assert_eq!(status, 200, "{:?}", answer.logs);
+    assert_eq!(s.emulator.batches().await.len(), 2, "{:?}", answer.logs);
+    let ledger = aoai_blob_batch::capacity::ledger_name(&s.emulator.endpoint(), DEPLOYMENT);
+    let ledger = read_json(&s.azurite.store(), "batch-jobs", &ledger)
+        .await
+        .expect("the capacity ledger");
+    let reservations = ledger["reservations"].as_object().unwrap();
+    assert_eq!(reservations.len(), 1, "{ledger:#}");
+    let held = reservations.values().next().unwrap()["tokens"]
+        .as_u64()
+        .unwrap();
     let summary = s.harvest("followup", Duration::from_secs(60)).await;
+    let whole = summary["tokens"]["estimated"].as_u64().unwrap();
+    assert_eq!(
+        held,
+        (whole * 10).div_ceil(30),
+        "a third of {whole}: {ledger:#}"
+    );
     let batches = s.emulator.batches().await;
     assert!(
         batches.len() >= 2,

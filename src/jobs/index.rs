@@ -87,7 +87,7 @@ impl<S: State> Job<S> {
                 let facts = self.common.facts.as_ref()?;
                 Some(WaitingForRoom {
                     model: facts.model.clone(),
-                    tokens: facts.tokens,
+                    tokens: self.round_tokens().unwrap_or(facts.tokens),
                     place,
                 })
             }),

@@ -43,6 +43,8 @@ pub(super) struct Common {
     pub(super) rounds: Vec<RoundRecord>,
     /// The staged input of the current follow-up round (a blob in the state container).
     pub(super) followup_url: Option<String>,
+    /// The requests in that staged input; `None` in records written before it was kept.
+    pub(super) followup_lines: Option<u64>,
     /// Where the results go, relative to the output container, once the first harvest has
     /// chosen it; later rounds fold their results into the same folder.
     pub(super) results_folder: Option<String>,
@@ -291,6 +293,20 @@ impl<S: State> Job<S> {
         self.common.openai_endpoint.as_deref()
     }
 
+    /// The estimated input tokens of the current round's batch: the input's, or for a
+    /// follow-up, the input's share for the requests it resubmits (by count: what its
+    /// batch will hold of the quota, which the whole input's figure would overstate).
+    pub fn round_tokens(&self) -> Option<u64> {
+        let facts = self.common.facts.as_ref()?;
+        Some(match self.common.followup_lines {
+            Some(lines) if self.common.round > 0 && facts.lines > 0 => {
+                let share = u128::from(facts.tokens) * u128::from(lines.min(facts.lines));
+                share.div_ceil(u128::from(facts.lines)) as u64
+            }
+            _ => facts.tokens,
+        })
+    }
+
     /// The blob the current round's batch reads: the input, or a follow-up's staged lines.
     pub fn batch_input_url(&self) -> &str {
         self.common
@@ -430,6 +446,7 @@ impl Job<Submitting> {
                 round: 0,
                 rounds: Vec::new(),
                 followup_url: None,
+                followup_lines: None,
                 results_folder: None,
                 cancel: None,
                 openai_endpoint: None,
@@ -888,6 +905,7 @@ impl Job<Harvesting> {
         });
         job.common.round += 1;
         job.common.followup_url = Some(staged_url);
+        job.common.followup_lines = Some(lines);
         job.note(
             at,
             format!(

@@ -69,6 +69,8 @@ pub struct Wire {
     rounds: Vec<RoundRecord>,
     #[serde(default)]
     followup_url: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    followup_lines: Option<u64>,
     #[serde(default)]
     harvest: Option<HarvestProgress>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -127,6 +129,7 @@ impl<S: State> Job<S> {
             round: self.common.round,
             rounds: self.common.rounds.clone(),
             followup_url: self.common.followup_url.clone(),
+            followup_lines: self.common.followup_lines,
             harvest: None,
             results_folder: self.common.results_folder.clone(),
             parts: Vec::new(),
@@ -156,6 +159,7 @@ impl<S: State> Job<S> {
                 round: w.round,
                 rounds: w.rounds,
                 followup_url: w.followup_url,
+                followup_lines: w.followup_lines,
                 results_folder: w.results_folder,
                 cancel: w.cancel,
                 openai_endpoint: w.openai_endpoint,
