@@ -20,8 +20,6 @@
 //! A leaf of the workflows (see `lib.rs`): `poll`, `harvest` and `submit` call it, and the
 //! host face (`server`, the `handler cancel` command); it calls none of them.
 
-use futures::TryStreamExt;
-
 use crate::{
     app::{App, Journal, StepError},
     jobs::{AnyJob, CancelledBy, Claim, Job, Outcome, PartRef, Split, Unfinished, Version},
@@ -134,27 +132,26 @@ fn deleted_version<'a>(versions: &'a [Version], current: Option<&str>) -> Option
 
 /// The timer's convergence path for deletions: every active job whose input blob is no
 /// longer in the input container is handled as if its BlobDeleted event had come. Jobs are
-/// found by their keys (`{name}@{etag}`), with one listing of the input container; parts
-/// (`…/part-NNNN`) and hashed keys of very long names are not inputs' keys and are skipped.
-pub async fn sweep_deleted(app: &App, active: &[String], j: &Journal) -> Result<(), StepError> {
+/// found by their keys (`{name}@{etag}`); parts (`…/part-NNNN`) and hashed keys of very long
+/// names are not inputs' keys and are skipped. `present`: the names in the input container,
+/// from the listing the tick's sweep made (one listing serves both), which must have been
+/// taken after `active` was: a job created after the listing would otherwise look deleted.
+pub async fn sweep_deleted(
+    app: &App,
+    active: &[String],
+    present: &std::collections::HashSet<&str>,
+    j: &Journal,
+) -> Result<(), StepError> {
     let mut names: Vec<&str> = active
         .iter()
         .filter_map(|k| k.rsplit_once('@'))
         .filter(|(name, etag)| !etag.contains('/') && !name.ends_with('…'))
         .map(|(name, _)| name)
+        .filter(|name| !present.contains(name))
         .collect();
-    if names.is_empty() {
-        return Ok(());
-    }
     names.sort_unstable();
     names.dedup();
-    let present: std::collections::HashSet<String> = app
-        .store
-        .list(&app.config.input_container, "")
-        .map_ok(|b| b.name)
-        .try_collect()
-        .await?;
-    for name in names.into_iter().filter(|n| !present.contains(*n)) {
+    for name in names {
         input_deleted(app, name, None, j).await?;
     }
     Ok(())

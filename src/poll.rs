@@ -30,6 +30,7 @@ use crate::{
     },
     openai::{Batch, BatchStatus, OpenAiError},
     outputs, split,
+    storage::BlobInfo,
     submit::{self, fail_job, queue_for_quota},
 };
 
@@ -131,7 +132,18 @@ pub async fn tick(app: &App, j: &Journal) -> Result<TickStats, StepError> {
     let mut listed_at = app.now();
     let mut entries = app.jobs.active_entries().await?;
     let active: HashSet<String> = entries.iter().map(|e| e.key.clone()).collect();
-    stats.swept = sweep(app, &active, &mut no_route, &mut stats, j).await?;
+    // One listing of the input container, after the active jobs', serves both the sweep and
+    // the look for deleted inputs below (it was made twice a tick, the larger part of a
+    // tick's storage time with thousands of inputs: BENCHMARKS.md, tick scale).
+    let inputs: Vec<BlobInfo> = app
+        .store
+        .list(&app.config.input_container, "")
+        .try_collect()
+        .await?;
+    stats.swept = sweep(app, &inputs, &active, &mut no_route, &mut stats, j).await?;
+    // Jobs listed before the inputs were: only their inputs' absence from that listing says
+    // they were deleted (a job the trigger creates after it would look deleted).
+    let listed_before: Vec<String> = entries.iter().map(|e| e.key.clone()).collect();
     if stats.swept > 0 {
         // Listed again: the sweep added jobs, and those are polled at once.
         listed_at = app.now();
@@ -142,8 +154,8 @@ pub async fn tick(app: &App, j: &Journal) -> Result<TickStats, StepError> {
 
     // Inputs deleted while their job ran, whose BlobDeleted event never came (or Event Grid
     // is not set up): their jobs are cancelled as the event would have.
-    let keys: Vec<String> = entries.iter().map(|e| e.key.clone()).collect();
-    if let Err(e) = cancel::sweep_deleted(app, &keys, j).await {
+    let present: HashSet<&str> = inputs.iter().map(|b| b.name.as_str()).collect();
+    if let Err(e) = cancel::sweep_deleted(app, &listed_before, &present, j).await {
         j.error(format!(
             "sweep: deleted inputs will be looked for again next tick: {e}"
         ));
@@ -294,19 +306,15 @@ async fn list_running(
 /// listed; only the very first sweep (no mark yet) lists it, once.
 async fn sweep(
     app: &App,
+    inputs: &[BlobInfo],
     active: &HashSet<String>,
     no_route: &mut NoSuchRoute,
     stats: &mut TickStats,
     j: &Journal,
 ) -> Result<usize, StepError> {
     let mark = app.jobs.sweep_mark().await?;
-    let (inputs, others): (Vec<_>, Vec<_>) = app
-        .store
-        .list(&app.config.input_container, "")
-        .try_collect::<Vec<_>>()
-        .await?
-        .into_iter()
-        .partition(|b| b.name.ends_with(".jsonl"));
+    let (inputs, others): (Vec<&BlobInfo>, Vec<&BlobInfo>) =
+        inputs.iter().partition(|b| b.name.ends_with(".jsonl"));
     // Nothing dropped in is ignored silently: a `data.JSONL` or `data.json` is not an
     // input (the Event Grid filter and the Contract say `.jsonl`), so say so every tick
     // while it is there.
@@ -336,6 +344,7 @@ async fn sweep(
             _ => true,
         })
         .filter(|b| !active.contains(&job_key(&b.name, &b.etag)))
+        .cloned()
         .collect();
     stats.sweep_looked_at = candidates.len();
     let missing = match mark {

@@ -267,3 +267,135 @@ async fn the_sweep_looks_only_at_inputs_modified_since_its_last_pass() {
     }
     assert_eq!(record_etags(&s).await.len(), 2);
 }
+
+/// A proxy in front of Azurite that counts, per container, the blob listings it passes on.
+async fn listing_counter(
+    upstream: u16,
+) -> (
+    u16,
+    std::sync::Arc<std::sync::Mutex<HashMap<String, usize>>>,
+) {
+    use axum::{body::Bytes, extract::Request, http::HeaderMap, response::Response};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let counts = std::sync::Arc::new(std::sync::Mutex::new(HashMap::new()));
+    let client = reqwest::Client::new();
+    let seen = counts.clone();
+    let forward = move |req: Request| {
+        let client = client.clone();
+        let seen = seen.clone();
+        async move {
+            let (parts, body) = req.into_parts();
+            let query = parts.uri.query().unwrap_or_default();
+            if query.contains("comp=list") && query.contains("restype=container") {
+                // `/devstoreaccount1/{container}`
+                let container = parts.uri.path().rsplit('/').next().unwrap_or_default();
+                *seen
+                    .lock()
+                    .unwrap()
+                    .entry(container.to_string())
+                    .or_default() += 1;
+            }
+            let body: Bytes = axum::body::to_bytes(body, usize::MAX).await.unwrap();
+            let url = format!("http://127.0.0.1:{upstream}{}", parts.uri);
+            let mut headers = HeaderMap::new();
+            for (k, v) in &parts.headers {
+                if k != "content-length" {
+                    headers.append(k, v.clone());
+                }
+            }
+            let resp = client
+                .request(parts.method, url)
+                .headers(headers)
+                .body(body)
+                .send()
+                .await
+                .unwrap();
+            let mut out = Response::builder().status(resp.status());
+            for (k, v) in resp.headers() {
+                if k != "content-length" && k != "transfer-encoding" {
+                    out = out.header(k, v);
+                }
+            }
+            out.body(axum::body::Body::from(resp.bytes().await.unwrap()))
+                .unwrap()
+        }
+    };
+    let app = axum::Router::new().fallback(forward);
+    tokio::spawn(async move { axum::serve(listener, app).await });
+    (port, counts)
+}
+
+/// A tick lists the input container once, whatever it finds: the sweep and the look for
+/// inputs deleted without their event share the listing (with thousands of inputs it is the
+/// larger part of a tick's storage time). The deleted input is still found from it.
+#[tokio::test]
+async fn a_tick_lists_the_input_container_once() {
+    let azurite = Azurite::start();
+    let store = azurite.store();
+    for i in 0..3 {
+        let body = format!("{}\n", chat_line(&format!("q{i}"), "hello"));
+        upload_input(&store, &format!("once/f{i}.jsonl"), body.as_bytes()).await;
+    }
+    // Made here, not left to the handler's start (which runs it in the background).
+    store.ensure_container("batch-jobs").await.unwrap();
+    let (proxy, counts) = listing_counter(azurite.port).await;
+    let through_proxy = azurite
+        .connection_string()
+        .replace(&format!(":{}/", azurite.port), &format!(":{proxy}/"));
+    // The emulator too: it takes only output folders in the storage account it writes to,
+    // and the handler names them by the proxy's address.
+    let emulator = Emulator::launch(
+        &Bins::local().emulator,
+        &through_proxy,
+        &Options::default(),
+        |cmd| {
+            cmd.args(["--deployment", DEPLOYMENT, "--step-ms", "0"]);
+        },
+    )
+    .unwrap();
+    let mut env = handler_env(&azurite, &emulator);
+    for (k, v) in env.iter_mut() {
+        if k == "BATCH_STORAGE_CONNECTION_STRING" {
+            v.clone_from(&through_proxy);
+        }
+    }
+    let handler = Handler::start(env);
+    let listings_in_a_tick = async || {
+        counts.lock().unwrap().clear();
+        let (status, answer) = handler.tick().await;
+        assert_eq!(status, 200, "{:?}", answer.logs);
+        let n = counts
+            .lock()
+            .unwrap()
+            .get("batch-input")
+            .copied()
+            .unwrap_or(0);
+        (n, answer.logs)
+    };
+
+    // The sweep takes the three in; then a tick that only polls them.
+    let (n, logs) = listings_in_a_tick().await;
+    assert!(
+        logs.iter().any(|l| l.contains("3 new input(s), 3 active")),
+        "{logs:#?}"
+    );
+    assert_eq!(n, 1, "the sweep's tick: {logs:#?}");
+    let (n, logs) = listings_in_a_tick().await;
+    assert_eq!(n, 1, "a polling tick: {logs:#?}");
+
+    // An input deleted without its event: found from that same listing.
+    assert!(
+        store
+            .delete("batch-input", "once/f0.jsonl", None)
+            .await
+            .unwrap()
+    );
+    let (n, logs) = listings_in_a_tick().await;
+    assert_eq!(n, 1, "{logs:#?}");
+    assert!(
+        logs.iter()
+            .any(|l| l.contains("event=input_deleted") && l.contains("once/f0.jsonl")),
+        "{logs:#?}"
+    );
+}

@@ -100,6 +100,10 @@ struct RunArgs {
     /// Active jobs in the tick-scale measurement.
     #[arg(long, default_value_t = 1000)]
     tick_jobs: u64,
+    /// The tick-scale jobs are taken in by the handler's sweep this many at a time, one tick
+    /// per slice (0: all in one tick).
+    #[arg(long, default_value_t = 1000)]
+    tick_sweep: u64,
     /// Added latency per Azure OpenAI call in the tick measurement with latency.
     #[arg(long, default_value_t = 50)]
     openai_latency_ms: u64,
@@ -135,6 +139,7 @@ pub struct Config {
     pub slow_runs: usize,
     pub startup_runs: usize,
     pub tick_jobs: u64,
+    pub tick_sweep: u64,
     pub openai_latency_ms: u64,
     pub storage_latency_ms: u64,
 }
@@ -211,6 +216,7 @@ async fn run(args: RunArgs) -> Result<()> {
         slow_runs: args.slow_runs.max(1),
         startup_runs: args.startup_runs.max(1),
         tick_jobs: args.tick_jobs,
+        tick_sweep: args.tick_sweep,
         openai_latency_ms: args.openai_latency_ms,
         storage_latency_ms: args.storage_latency_ms,
     };

@@ -28,6 +28,8 @@ pub struct Record {
     pub method: String,
     /// Percent-decoded (the SDK encodes the `/` in blob names).
     pub path: String,
+    /// The query string as sent (a listing's `comp=list` and `prefix`, a page's `after`).
+    pub query: String,
     pub status: u16,
     pub request_bytes: u64,
     pub response_bytes: u64,
@@ -105,6 +107,7 @@ async fn forward(State(s): State<Arc<Inner>>, req: Request) -> Response {
     let mut record = Record {
         method: parts.method.to_string(),
         path: percent_encoding_decode(parts.uri.path()),
+        query: parts.uri.query().unwrap_or_default().to_string(),
         status: 0,
         request_bytes: 0,
         response_bytes: 0,

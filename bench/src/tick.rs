@@ -67,13 +67,9 @@ async fn sequential_loop_over(endpoint: &str, ids: &[String]) -> Result<f64> {
     Ok(t0.elapsed().as_secs_f64())
 }
 
-pub async fn run(cfg: &Config, stack: &Stack, rep: &mut Report) -> Result<()> {
-    let jobs = cfg.tick_jobs;
-    eprintln!("\n== 4. tick scale: {jobs} active jobs");
-    let c = Containers::named("tick");
-    c.create(&stack.store).await?;
-    let t0 = Instant::now();
-    let uploads: Vec<Result<()>> = futures::stream::iter(0..jobs)
+/// Uploads the inputs `range` (three small requests each) into the input container.
+async fn upload_inputs(stack: &Stack, c: &Containers, range: std::ops::Range<u64>) -> Result<()> {
+    let uploads: Vec<Result<()>> = futures::stream::iter(range)
         .map(|i| {
             let store = &stack.store;
             let input = &c.input;
@@ -81,7 +77,7 @@ pub async fn run(cfg: &Config, stack: &Stack, rep: &mut Report) -> Result<()> {
                 stack::put_small(
                     store,
                     input,
-                    &format!("job-{i:04}.jsonl"),
+                    &format!("job-{i:05}.jsonl"),
                     small_input(&format!("j{i}"), 3),
                 )
                 .await
@@ -91,10 +87,19 @@ pub async fn run(cfg: &Config, stack: &Stack, rep: &mut Report) -> Result<()> {
         .collect()
         .await;
     uploads.into_iter().collect::<Result<Vec<()>>>()?;
-    eprintln!(
-        "  uploaded {jobs} inputs in {:.1} s",
-        t0.elapsed().as_secs_f64()
-    );
+    Ok(())
+}
+
+pub async fn run(cfg: &Config, stack: &Stack, rep: &mut Report) -> Result<()> {
+    let jobs = cfg.tick_jobs;
+    let slice = match cfg.tick_sweep {
+        0 => jobs,
+        n => n.min(jobs),
+    }
+    .max(1);
+    eprintln!("\n== 4. tick scale: {jobs} active jobs");
+    let c = Containers::named("tick");
+    c.create(&stack.store).await?;
 
     // The slow emulator (a step a day): every batch stays `validating`, i.e. active.
     let h = Handler::start(
@@ -104,19 +109,49 @@ pub async fn run(cfg: &Config, stack: &Stack, rep: &mut Report) -> Result<()> {
         &c,
         cfg.work.join("handler-tick.log"),
     )?;
-    let (status, logs, sweep) = h.tick().await?;
-    match tick_counts(&logs) {
-        Some((swept, active, 0)) if status == 200 && swept == jobs && active == jobs => {}
-        _ => bail!(
-            "the sweep tick did not take in {jobs} inputs: HTTP {status}: {:?}",
-            logs.last()
-        ),
+    // The jobs are made by the handler itself, as a backlog dropped in without events would
+    // be: each slice of inputs is uploaded, then taken in by one tick's sweep (validate,
+    // claim, create each). Slices, not one sweep of all: what is measured is the ticks
+    // after, and a slice a tick is how a backlog arrives over the day.
+    let mut sweeps = vec![];
+    let mut made = 0;
+    let t0 = Instant::now();
+    while made < jobs {
+        let n = slice.min(jobs - made);
+        let t = Instant::now();
+        upload_inputs(stack, &c, made..made + n).await?;
+        let uploaded = t.elapsed().as_secs_f64();
+        let (status, logs, sweep) = h.tick().await?;
+        match tick_counts(&logs) {
+            Some((swept, active, 0)) if status == 200 && swept == n && active == made + n => {}
+            _ => bail!(
+                "the sweep tick did not take in {n} inputs ({made} before): HTTP {status}: {:?}",
+                logs.last()
+            ),
+        }
+        made += n;
+        sweeps.push(sweep);
+        eprintln!(
+            "  {made}/{jobs}: uploaded {n} in {uploaded:.1} s, swept in {sweep:.1} s; Azurite: {:.0} s CPU, RSS {:.0} MB",
+            stack.azurite.proc.cpu_secs()?,
+            stack.azurite.proc.rss()? as f64 / 1e6
+        );
     }
+    let total: f64 = sweeps.iter().sum();
     rep.info(
         G,
-        &format!("the tick whose sweep takes in {jobs} new inputs (validate, claim, create each)"),
-        secs(sweep),
-        String::new(),
+        &format!(
+            "the ticks whose sweeps take in {jobs} new inputs, {slice} a tick (validate, claim, create each)"
+        ),
+        secs(total),
+        format!(
+            "{} ticks: first {}, last {}; {:.1} ms per intake; {:.0} s with the uploads",
+            sweeps.len(),
+            secs(sweeps[0]),
+            secs(*sweeps.last().unwrap_or(&0.0)),
+            total * 1e3 / jobs as f64,
+            t0.elapsed().as_secs_f64()
+        ),
     );
     let cpu = |h: &Handler| -> Result<[f64; 3]> {
         Ok([
@@ -185,6 +220,14 @@ pub async fn run(cfg: &Config, stack: &Stack, rep: &mut Report) -> Result<()> {
         ),
     );
 
+    let parts = breakdown(cfg, stack, &c, jobs).await?;
+    rep.info(
+        G,
+        &format!("where a loopback tick of {jobs} active jobs goes: each kind of call, its count and summed time (through proxies adding nothing)"),
+        secs(parts.0),
+        parts.1,
+    );
+
     // With latency: every call to the service and to storage waits a fixed time first.
     let (lo, ls) = (cfg.openai_latency_ms, cfg.storage_latency_ms);
     let oproxy = Proxy::start(&stack.slow.endpoint(), Duration::from_millis(lo)).await?;
@@ -250,6 +293,86 @@ pub async fn run(cfg: &Config, stack: &Stack, rep: &mut Report) -> Result<()> {
         String::new(),
     );
     pipeline_clear(stack, &c).await
+}
+
+/// One loopback tick through proxies that add no latency (after one to warm up), its calls
+/// grouped by kind: (the tick's seconds, "kind: count, summed seconds; ...").
+async fn breakdown(
+    cfg: &Config,
+    stack: &Stack,
+    c: &Containers,
+    jobs: u64,
+) -> Result<(f64, String)> {
+    let oproxy = Proxy::start(&stack.slow.endpoint(), Duration::ZERO).await?;
+    let sproxy = Proxy::start(
+        &format!("http://127.0.0.1:{}", stack.azurite.port),
+        Duration::ZERO,
+    )
+    .await?;
+    let h = Handler::start(
+        &cfg.bins.handler,
+        &oproxy.url(),
+        sproxy.port,
+        c,
+        cfg.work.join("handler-tick-breakdown.log"),
+    )?;
+    timed_ticks(&h, 1, jobs).await?;
+    oproxy.take();
+    sproxy.take();
+    let azurite = stack.azurite.proc.cpu_secs()?;
+    let handler = h.proc.cpu_secs()?;
+    let tick = timed_ticks(&h, 1, jobs).await?[0];
+    let azurite = stack.azurite.proc.cpu_secs()? - azurite;
+    let handler = h.proc.cpu_secs()? - handler;
+    drop(h);
+    let mut kinds: std::collections::BTreeMap<String, (usize, f64)> = Default::default();
+    for r in oproxy.take() {
+        let kind = if r.path.trim_end_matches('/').ends_with("/batches") {
+            "service: list page".to_string()
+        } else {
+            format!("service: {} {}", r.method, r.path)
+        };
+        let e = kinds.entry(kind).or_default();
+        e.0 += 1;
+        e.1 += r.secs;
+    }
+    for r in sproxy.take() {
+        // `/devstoreaccount1/{container}/{blob}`: a listing names no blob.
+        let mut segs = r.path.trim_start_matches('/').splitn(3, '/').skip(1);
+        let container = segs.next().unwrap_or_default();
+        let kind = match segs.next() {
+            None | Some("") => {
+                let prefix = r
+                    .query
+                    .split('&')
+                    .find_map(|kv| kv.strip_prefix("prefix="))
+                    .map(|p| {
+                        percent_encoding::percent_decode_str(p)
+                            .decode_utf8_lossy()
+                            .into_owned()
+                    })
+                    .unwrap_or_default();
+                format!("storage: list {container}/{prefix}")
+            }
+            Some(blob) => {
+                let dir = blob.split_once('/').map_or(blob, |(d, _)| d);
+                format!("storage: {} {container}/{dir}", r.method)
+            }
+        };
+        let e = kinds.entry(kind).or_default();
+        e.0 += 1;
+        e.1 += r.secs;
+    }
+    let parts: Vec<String> = kinds
+        .iter()
+        .map(|(k, (n, t))| format!("{k}: {n}, {}", secs(*t)))
+        .collect();
+    let text = format!(
+        "{}; CPU in that tick: Azurite {azurite:.2} s, handler {handler:.2} s",
+        parts.join("; ")
+    );
+    eprintln!("  breakdown of one loopback tick ({}): {text}", secs(tick));
+    Ok((tick, text))
 }
 
 async fn pipeline_clear(stack: &Stack, c: &Containers) -> Result<()> {
