@@ -51,6 +51,27 @@ pub struct App {
     /// This process, as the owner of the claims it takes.
     pub instance: String,
     pub clock: Clock,
+    /// One writer at a time, in this process, per deployment's capacity ledgers.
+    pub ledger_locks: KeyedLocks,
+}
+
+/// Async locks by name, made on first use. The capacity ledgers are shared truth guarded by
+/// ETags across instances; within one process, the 32 intakes of a sweep would otherwise race
+/// each other for the same blob and lose most writes (412), each loss a read, a pause and a
+/// retry. Taking turns here leaves the ETag to settle only what other instances write.
+#[derive(Debug, Default)]
+pub struct KeyedLocks {
+    locks: std::sync::Mutex<std::collections::HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
+}
+
+impl KeyedLocks {
+    pub async fn lock(&self, key: &str) -> tokio::sync::OwnedMutexGuard<()> {
+        let lock = {
+            let mut locks = self.locks.lock().unwrap_or_else(|p| p.into_inner());
+            locks.entry(key.to_string()).or_default().clone()
+        };
+        lock.lock_owned().await
+    }
 }
 
 /// The handler's time in unix seconds: the system clock, plus an offset that only the test
@@ -211,6 +232,7 @@ impl App {
             pool,
             instance: format!("{instance}-{}", uuid::Uuid::new_v4()),
             clock: Clock::default(),
+            ledger_locks: KeyedLocks::default(),
             config,
         })
     }

@@ -242,6 +242,7 @@ async fn update<T>(
     deployment: &str,
     mut change: impl FnMut(&mut Ledger) -> (bool, T),
 ) -> Result<T, StorageError> {
+    let _turn = app.ledger_locks.lock(deployment).await;
     for _ in 0..MAX_RACES {
         let (mut ledger, etag) = read(app, endpoint, deployment).await?;
         let (changed, out) = change(&mut ledger);
@@ -288,6 +289,8 @@ pub async fn reserve(
 ) -> Result<Admission, StorageError> {
     let setting = app.config.enqueued_token_limit;
     let endpoints: Vec<String> = app.pool.iter().map(|c| c.endpoint().to_string()).collect();
+    // Every target of the deployment is read and one written: one reservation at a time.
+    let _turn = app.ledger_locks.lock(deployment).await;
     for _ in 0..MAX_RACES {
         let mut ledgers = Vec::with_capacity(endpoints.len());
         for endpoint in &endpoints {
