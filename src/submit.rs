@@ -425,7 +425,19 @@ pub async fn run_claimed(
             })
         }
         Err(OpenAiError::TokenLimitExceeded { message }) => {
-            queue_for_quota(app, job, &etag, &message, j).await
+            if note_refusal(app, &job, j).await {
+                // An edge try the room was short of, as the model allowed: back in line,
+                // no backoff, no try counted.
+                return wait_for_room(
+                    app,
+                    job,
+                    &etag,
+                    &format!("room in the enqueued-token quota (a try at its edge was refused: {message})"),
+                    j,
+                )
+                .await;
+            }
+            back_off_for_quota(app, job, &etag, &message, j).await
         }
         Err(OpenAiError::Rejected {
             status,
@@ -509,20 +521,40 @@ pub async fn queue_for_quota<S: CanQueue>(
     message: &str,
     j: &Journal,
 ) -> Result<Intake, StepError> {
-    let key = job.key().to_string();
-    // A refusal the model did not predict: the ledger learns from it, and the room this
-    // job held is free again.
-    if let Some(facts) = job.facts() {
-        let endpoint = job
-            .openai_endpoint()
-            .unwrap_or(app.config.openai_endpoint.as_str())
-            .to_string();
-        if let Err(e) = capacity::refused(app, &endpoint, &facts.model, &key).await {
+    note_refusal(app, &job, j).await;
+    back_off_for_quota(app, job, etag, message, j).await
+}
+
+/// A refusal for quota: the ledger learns from it, and the room this job held is free
+/// again. Whether the job was an edge try (see `capacity`).
+async fn note_refusal<S: CanQueue>(app: &App, job: &Job<S>, j: &Journal) -> bool {
+    let Some(facts) = job.facts() else {
+        return false;
+    };
+    let endpoint = job
+        .openai_endpoint()
+        .unwrap_or(app.config.openai_endpoint.as_str());
+    match capacity::refused(app, endpoint, &facts.model, job.key()).await {
+        Ok(edge) => edge,
+        Err(e) => {
             j.warn(format!(
-                "job={key}: could not note the refusal in the capacity ledger: {e}"
+                "job={}: could not note the refusal in the capacity ledger: {e}",
+                job.key()
             ));
+            false
         }
     }
+}
+
+/// The backoff of a refusal the model did not predict, or the end after too many.
+async fn back_off_for_quota<S: CanQueue>(
+    app: &App,
+    job: Job<S>,
+    etag: &str,
+    message: &str,
+    j: &Journal,
+) -> Result<Intake, StepError> {
+    let key = job.key().to_string();
     let attempt = job.quota_attempts() + 1;
     if attempt >= app.config.queue_max_attempts {
         j.error(format!(
