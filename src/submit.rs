@@ -424,20 +424,10 @@ pub async fn run_claimed(
                 adopted: false,
             })
         }
+        // Boxed: inline, this rare branch's state would grow every create's future, and
+        // debug builds overflow the stack on a follow-up round.
         Err(OpenAiError::TokenLimitExceeded { message }) => {
-            if note_refusal(app, &job, j).await {
-                // An edge try the room was short of, as the model allowed: back in line,
-                // no backoff, no try counted.
-                return wait_for_room(
-                    app,
-                    job,
-                    &etag,
-                    &format!("room in the enqueued-token quota (a try at its edge was refused: {message})"),
-                    j,
-                )
-                .await;
-            }
-            back_off_for_quota(app, job, &etag, &message, j).await
+            Box::pin(refused_for_quota(app, job, &etag, &message, j)).await
         }
         Err(OpenAiError::Rejected {
             status,
@@ -522,6 +512,23 @@ pub async fn queue_for_quota<S: CanQueue>(
     j: &Journal,
 ) -> Result<Intake, StepError> {
     note_refusal(app, &job, j).await;
+    back_off_for_quota(app, job, etag, message, j).await
+}
+
+/// The create was refused for quota. An edge try the room was short of, as the model
+/// allowed, goes back in line with no backoff and no try counted; any other refusal backs off.
+async fn refused_for_quota(
+    app: &App,
+    job: Job<Submitting>,
+    etag: &str,
+    message: &str,
+    j: &Journal,
+) -> Result<Intake, StepError> {
+    if note_refusal(app, &job, j).await {
+        let reason =
+            format!("room in the enqueued-token quota (a try at its edge was refused: {message})");
+        return wait_for_room(app, job, etag, &reason, j).await;
+    }
     back_off_for_quota(app, job, etag, message, j).await
 }
 
