@@ -15,6 +15,17 @@
 //! create at a time goes to the target, so a burst of arrivals is not a burst of refusals;
 //! the first answer tells the limit.
 //!
+//! Our estimate of one file and the service's differ by more than the scale says: the scale
+//! is the service's count over ours summed over the batches it answered, and one file's own
+//! ratio is off from it by a percent or two (its words, the tokenizer's luck). A job that
+//! misses the room by less than [`EDGE_MARGIN`] of its own tokens may well fit, and only the
+//! service can tell: it is tried (an edge try, one at a time per target, once every create
+//! there is answered), and a refusal of it says only that this job did not fit now, not that
+//! the limit is lower; it goes back to its place in line, with no backoff, and no edge try goes
+//! to that target again until some of what we hold there is released. Without it, a backlog
+//! of files that fill the quota exactly by the service's count left a file's worth of the
+//! quota idle whenever the estimate ran a little high.
+//!
 //! A holder that dies leaves its reservation behind: the tick drops reservations whose job
 //! is no longer active (`drop_stale`), so none leaks for longer than a tick.
 //!
@@ -42,6 +53,10 @@ const MAX_RACES: u32 = 40;
 /// A reservation younger than this is never taken for stale: the job that holds it may have
 /// been claimed after the tick listed the active jobs.
 const STALE_AFTER_SECS: i64 = 120;
+
+/// How far, as a share of a job's own tokens, the room may seem short of it and the job still
+/// be tried at the edge (see the module's notes).
+const EDGE_MARGIN: f64 = 0.05;
 
 /// Where a target's limit came from.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -76,6 +91,9 @@ pub struct Ledger {
     pub service_enqueued: Option<u64>,
     #[serde(default)]
     pub reservations: BTreeMap<String, Reservation>,
+    /// What we held (scaled) when an edge try was refused: no other goes until we hold less.
+    #[serde(default)]
+    pub edge_refused_at: Option<u64>,
     #[serde(default)]
     pub updated_at: i64,
 }
@@ -87,6 +105,9 @@ pub struct Reservation {
     /// The create call got its answer (while not, the limit may still be unknown).
     #[serde(default)]
     pub answered: bool,
+    /// Taken at the edge: the room seemed a little short of it (see the module's notes).
+    #[serde(default)]
+    pub edge: bool,
 }
 
 impl Ledger {
@@ -131,6 +152,25 @@ impl Ledger {
                 .all(|r| r.answered || r.at < lost_before),
             Some((limit, _)) => self.scaled(self.held() + tokens) <= limit,
         }
+    }
+
+    /// Whether `tokens` more miss the room by so little that only the service can tell:
+    /// worth an edge try, if none is under way and every create here is answered (so what
+    /// is held is what the service counts) and the last edge try was not refused at this
+    /// level or a lower one.
+    fn at_edge(&self, tokens: u64, setting: Option<u64>) -> bool {
+        let Some((limit, _)) = self.limit_or(setting) else {
+            return false;
+        };
+        if self.scale.is_none() || self.reservations.values().any(|r| !r.answered) {
+            return false;
+        }
+        let held = self.scaled(self.held());
+        if self.edge_refused_at.is_some_and(|at| held >= at) {
+            return false;
+        }
+        let want = self.scaled(tokens);
+        held + want > limit && held + (want as f64 * (1.0 - EDGE_MARGIN)) as u64 <= limit
     }
 
     /// How full it is: what is held (ours and others') over the limit. Unknown: empty if
@@ -306,6 +346,12 @@ pub async fn reserve(
         let mut open: Vec<usize> = (0..ledgers.len())
             .filter(|&i| ledgers[i].0.fits(tokens, setting, lost_before))
             .collect();
+        let edge = open.is_empty();
+        if edge {
+            open = (0..ledgers.len())
+                .filter(|&i| ledgers[i].0.at_edge(tokens, setting))
+                .collect();
+        }
         if open.is_empty() {
             return Ok(Admission::NoRoom {
                 reason: no_room(&ledgers, tokens, setting),
@@ -326,6 +372,7 @@ pub async fn reserve(
                 tokens,
                 at: app.now(),
                 answered: false,
+                edge,
             },
         );
         if write(app, ledger, etag.as_deref()).await? {
@@ -344,7 +391,8 @@ pub async fn reserve(
 pub async fn room_for(app: &App, deployment: &str, tokens: u64) -> Result<bool, StorageError> {
     for client in &app.pool {
         let (ledger, _) = read(app, client.endpoint().as_str(), deployment).await?;
-        if ledger.fits(tokens, app.config.enqueued_token_limit, lost_before(app)) {
+        let setting = app.config.enqueued_token_limit;
+        if ledger.fits(tokens, setting, lost_before(app)) || ledger.at_edge(tokens, setting) {
             return Ok(true);
         }
     }
@@ -447,6 +495,8 @@ pub async fn answered(
         if let Some(r) = l.reservations.get_mut(key) {
             r.answered = true;
         }
+        // A create went through: what the last refused edge try met is old news.
+        l.edge_refused_at = None;
         if let Some(max) = quota.maximum {
             l.limit = Some(max);
             l.limit_source = Some(LimitSource::Header);
@@ -472,21 +522,25 @@ pub async fn answered(
 /// The create at `endpoint` was refused for quota, which the model did not predict: the
 /// reservation goes, and what was held then (ours and others') becomes the limit, unless a
 /// lower one is known. A refusal with nothing else held says only that this job alone is
-/// too big (or others fill the deployment): then the limit stays.
+/// too big (or others fill the deployment): then the limit stays. So does it when the job
+/// was an edge try: then the room was short of it, as the model thought it might be, and
+/// no other edge try goes there until we hold less. Returns whether it was an edge try.
 pub async fn refused(
     app: &App,
     endpoint: &str,
     deployment: &str,
     key: &str,
-) -> Result<(), StorageError> {
+) -> Result<bool, StorageError> {
     update(app, endpoint, deployment, |l| {
-        l.reservations.remove(key);
+        let edge = l.reservations.remove(key).is_some_and(|r| r.edge);
         let held = l.scaled(l.held());
-        if held > 0 && l.limit.is_none_or(|limit| held < limit) {
+        if edge {
+            l.edge_refused_at = Some(held);
+        } else if held > 0 && l.limit.is_none_or(|limit| held < limit) {
             l.limit = Some(held);
             l.limit_source = Some(LimitSource::Refusal);
         }
-        (true, ())
+        (true, edge)
     })
     .await
 }
@@ -578,6 +632,7 @@ mod tests {
                             tokens,
                             at: 0,
                             answered,
+                            edge: false,
                         },
                     )
                 })
@@ -614,6 +669,30 @@ mod tests {
         l.scale = Some(2.0);
         assert!(!l.fits(300, None, 0));
         assert!(l.fits(200, None, 0));
+    }
+
+    #[test]
+    fn a_job_a_little_over_the_room_is_tried_at_the_edge_once() {
+        // 3 × 1000 held of 4000; the service counts 1.0 × ours.
+        let mut l = ledger(Some(4000), &[(1000, true), (1000, true), (1000, true)]);
+        l.scale = Some(1.0);
+        assert!(!l.fits(1030, None, 0));
+        assert!(l.at_edge(1030, None), "3% short: worth a try");
+        assert!(!l.at_edge(1100, None), "10% short: not");
+        assert!(!l.at_edge(1000, None), "it fits: no edge about it");
+        l.edge_refused_at = Some(3000);
+        assert!(!l.at_edge(1030, None), "refused at this level");
+        l.reservations.remove("k0");
+        assert!(l.at_edge(2030, None), "tried again once we hold less");
+        l.reservations.get_mut("k1").unwrap().answered = false;
+        assert!(!l.at_edge(2030, None), "not while a create is under way");
+        let mut unscaled = ledger(Some(4000), &[(3000, true)]);
+        assert!(
+            !unscaled.at_edge(1030, None),
+            "no answer has told the scale yet"
+        );
+        unscaled.scale = Some(1.0);
+        assert!(unscaled.at_edge(1030, None));
     }
 
     #[test]

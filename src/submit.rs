@@ -426,8 +426,10 @@ pub async fn run_claimed(
                 adopted: false,
             })
         }
+        // Boxed: inline, this rare branch's state would grow every create's future, and
+        // debug builds overflow the stack on a follow-up round.
         Err(OpenAiError::TokenLimitExceeded { message }) => {
-            queue_for_quota(app, job, &etag, &message, j).await
+            Box::pin(refused_for_quota(app, job, &etag, &message, j)).await
         }
         Err(OpenAiError::Rejected {
             status,
@@ -464,20 +466,57 @@ pub async fn queue_for_quota<S: CanQueue>(
     message: &str,
     j: &Journal,
 ) -> Result<Intake, StepError> {
-    let key = job.key().to_string();
-    // A refusal the model did not predict: the ledger learns from it, and the room this
-    // job held is free again.
-    if let Some(facts) = job.facts() {
-        let endpoint = job
-            .openai_endpoint()
-            .unwrap_or(app.config.openai_endpoint.as_str())
-            .to_string();
-        if let Err(e) = capacity::refused(app, &endpoint, &facts.model, &key).await {
+    note_refusal(app, &job, j).await;
+    back_off_for_quota(app, job, etag, message, j).await
+}
+
+/// The create was refused for quota. An edge try the room was short of, as the model
+/// allowed, goes back in line with no backoff and no try counted; any other refusal backs off.
+async fn refused_for_quota(
+    app: &App,
+    job: Job<Submitting>,
+    etag: &str,
+    message: &str,
+    j: &Journal,
+) -> Result<Intake, StepError> {
+    if note_refusal(app, &job, j).await {
+        let reason =
+            format!("room in the enqueued-token quota (a try at its edge was refused: {message})");
+        return wait_for_room(app, job, etag, &reason, j).await;
+    }
+    back_off_for_quota(app, job, etag, message, j).await
+}
+
+/// A refusal for quota: the ledger learns from it, and the room this job held is free
+/// again. Whether the job was an edge try (see `capacity`).
+async fn note_refusal<S: CanQueue>(app: &App, job: &Job<S>, j: &Journal) -> bool {
+    let Some(facts) = job.facts() else {
+        return false;
+    };
+    let endpoint = job
+        .openai_endpoint()
+        .unwrap_or(app.config.openai_endpoint.as_str());
+    match capacity::refused(app, endpoint, &facts.model, job.key()).await {
+        Ok(edge) => edge,
+        Err(e) => {
             j.warn(format!(
-                "job={key}: could not note the refusal in the capacity ledger: {e}"
+                "job={}: could not note the refusal in the capacity ledger: {e}",
+                job.key()
             ));
+            false
         }
     }
+}
+
+/// The backoff of a refusal the model did not predict, or the end after too many.
+async fn back_off_for_quota<S: CanQueue>(
+    app: &App,
+    job: Job<S>,
+    etag: &str,
+    message: &str,
+    j: &Journal,
+) -> Result<Intake, StepError> {
+    let key = job.key().to_string();
     let attempt = job.quota_attempts() + 1;
     if attempt >= app.config.queue_max_attempts {
         j.error(format!(

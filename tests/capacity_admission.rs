@@ -546,3 +546,99 @@ async fn a_backlog_of_five_quotas_keeps_the_quota_busy() {
     );
     assert!(makespans[1] < makespans[0], "{makespans:?}");
 }
+
+/// `file(tag, REQUESTS)` whose first request starts with 120 characters that the tokenizer
+/// cuts finer: the same characters (so the same emulator tokens), ~3% more of our tokens.
+fn denser_file(tag: &str) -> Vec<u8> {
+    let text = String::from_utf8(file(tag, REQUESTS)).unwrap();
+    let mut lines: Vec<String> = text.lines().map(str::to_string).collect();
+    let mut first: Value = serde_json::from_str(&lines[0]).unwrap();
+    let content = first["body"]["messages"][0]["content"].as_str().unwrap();
+    let dense = format!("{}{}", &"y-1 ".repeat(30), &content[..content.len() - 120]);
+    first["body"]["messages"][0]["content"] = Value::String(dense);
+    lines[0] = first.to_string();
+    (lines.join("\n") + "\n").into_bytes()
+}
+
+/// Two files that fill a quota exactly by the service's count, the second a little over the
+/// room by our estimate: it is tried at the edge, and the service takes it.
+#[tokio::test]
+async fn a_file_a_little_over_the_room_by_our_estimate_is_tried_and_fits() {
+    let azurite = Azurite::start();
+    let quota = Capacity {
+        enqueued_token_limit: Some(2 * REQUESTS as u64 * REQUEST_TOKENS),
+        ..Capacity::default()
+    };
+    let emulator = Emulator::start_with_capacity(&azurite, quota, &["--step-ms", "0"]);
+    let handler = Handler::start(handler_env(&azurite, &emulator));
+    let store = azurite.store();
+    store.ensure_container("batch-output").await.unwrap();
+    upload_input(&store, "a.jsonl", &file("a", REQUESTS)).await;
+    deliver(&handler, &store, "a.jsonl").await;
+    upload_input(&store, "b.jsonl", &denser_file("b")).await;
+    deliver(&handler, &store, "b.jsonl").await;
+    assert_eq!(
+        inputs_of(&emulator).await,
+        ["a.jsonl", "b.jsonl"],
+        "b: {}",
+        status_json(&store, "b").await
+    );
+    assert_eq!(refusals(&emulator).await, 0);
+}
+
+/// The same, one token short: the service refuses b's edge try. That says only that b did not
+/// fit now: b waits in line (no backoff), the known limit stays, and b goes in the tick that
+/// harvests a.
+#[tokio::test]
+async fn a_refused_edge_try_waits_in_line_and_keeps_the_limit() {
+    let azurite = Azurite::start();
+    let limit = 2 * REQUESTS as u64 * REQUEST_TOKENS - 1;
+    let quota = Capacity {
+        enqueued_token_limit: Some(limit),
+        ..Capacity::default()
+    };
+    let emulator = Emulator::start_with_capacity(&azurite, quota, &["--step-ms", "0"]);
+    let handler = Handler::start(handler_env(&azurite, &emulator));
+    let store = azurite.store();
+    store.ensure_container("batch-output").await.unwrap();
+    upload_input(&store, "a.jsonl", &file("a", REQUESTS)).await;
+    deliver(&handler, &store, "a.jsonl").await;
+    upload_input(&store, "b.jsonl", &denser_file("b")).await;
+    deliver(&handler, &store, "b.jsonl").await;
+    assert_eq!(refusals(&emulator).await, 1, "b was tried");
+    let b = status_json(&store, "b").await;
+    assert_eq!(b["status"], "queued", "{b}");
+    assert!(b["next_attempt_at"].is_null(), "no backoff: {b}");
+    let ledgers = list_ledgers(&store).await;
+    assert_eq!(ledgers.len(), 1);
+    assert_eq!(ledgers[0]["limit"], limit, "{}", ledgers[0]);
+    // Ticks while a runs try b no more.
+    handler.tick().await;
+    assert_eq!(refusals(&emulator).await, 1);
+
+    let a_id = emulator.batches().await[0].id.clone();
+    for _ in 0..20 {
+        if emulator.step(Some(&a_id), 1).await[0].status.is_terminal() {
+            break;
+        }
+    }
+    let (status, answer) = handler.tick().await;
+    assert_eq!(status, 200, "{:?}", answer.logs);
+    assert_eq!(inputs_of(&emulator).await, ["a.jsonl", "b.jsonl"]);
+    assert_eq!(refusals(&emulator).await, 1);
+}
+
+async fn list_ledgers(store: &aoai_blob_batch::storage::BlobStore) -> Vec<Value> {
+    use futures::TryStreamExt;
+    let names: Vec<String> = store
+        .list("batch-jobs", "capacity/")
+        .map_ok(|b| b.name)
+        .try_collect()
+        .await
+        .unwrap();
+    let mut out = Vec::new();
+    for n in names {
+        out.push(read_json(store, "batch-jobs", &n).await.unwrap());
+    }
+    out
+}

@@ -7,6 +7,7 @@
 //!
 //! `bench inproc MODE FILE` is one in-process measurement; `bench run` starts it as a child.
 
+mod fleet;
 mod generate;
 mod inproc;
 mod pipeline;
@@ -113,11 +114,20 @@ struct RunArgs {
     /// Scales the generated inputs' line counts (1.0: 100,000 lines / 200 MB and 500,000 / 1 GB).
     #[arg(long, default_value_t = 1.0)]
     scale: f64,
-    /// Sections to run (comma-separated): validation, memory, pipeline, tick, startup, webhook;
+    /// The handler built from the commit before admission (d2137b0), for the fleet section's
+    /// blind-backoff comparison.
+    #[arg(long)]
+    blind_backoff_handler: Option<PathBuf>,
+    /// Fleet: seconds (bench time, 1 s = a minute of the service) for one deployment to
+    /// process one quota's worth of tokens; the backlog is five of them.
+    #[arg(long, default_value_t = 60)]
+    fleet_wave_secs: u64,
+    /// Sections to run (comma-separated): validation, memory, pipeline, tick, startup, webhook,
+    /// fleet;
     /// and harvest, the harvest runs of pipeline alone (without the submit runs before them).
     #[arg(
         long,
-        default_value = "validation,memory,pipeline,tick,startup,webhook"
+        default_value = "validation,memory,pipeline,tick,startup,webhook,fleet"
     )]
     only: String,
     /// Markdown report.
@@ -133,6 +143,7 @@ pub struct Config {
     pub bins: Bins,
     pub musl_handler: Option<PathBuf>,
     pub local_host: Option<PathBuf>,
+    pub blind_backoff_handler: Option<PathBuf>,
     pub python: PathBuf,
     pub py_ref: PathBuf,
     pub runs: usize,
@@ -210,6 +221,7 @@ async fn run(args: RunArgs) -> Result<()> {
         },
         musl_handler: args.musl_handler.as_deref().map(abs).transpose()?,
         local_host: args.local_host.as_deref().map(abs).transpose()?,
+        blind_backoff_handler: args.blind_backoff_handler.as_deref().map(abs).transpose()?,
         python: args.python.clone(),
         py_ref: abs(&args.py_ref)?,
         runs: args.runs.max(1),
@@ -231,6 +243,7 @@ async fn run(args: RunArgs) -> Result<()> {
             "startup",
             "harvest",
             "webhook",
+            "fleet",
         ]
         .contains(s)
         {
@@ -284,7 +297,13 @@ async fn run(args: RunArgs) -> Result<()> {
     if want("memory") {
         validation::memory(&cfg, &inputs, &mut rep)?;
     }
-    if want("pipeline") || want("harvest") || want("tick") || want("startup") || want("webhook") {
+    if want("pipeline")
+        || want("harvest")
+        || want("tick")
+        || want("startup")
+        || want("webhook")
+        || want("fleet")
+    {
         eprintln!("\n== starting Azurite (in memory) and two batch emulators");
         let azurite = stack::start_azurite(&cfg.bins.azurite, &cfg.work)?;
         let store = stack::store(azurite.port)?;
@@ -324,6 +343,9 @@ async fn run(args: RunArgs) -> Result<()> {
         }
         if want("webhook") {
             webhook::run(&cfg, &stack, &mut rep).await?;
+        }
+        if want("fleet") {
+            fleet::run(&cfg, &stack, args.fleet_wave_secs, &mut rep).await?;
         }
     }
     for f in [&inputs.valid, &inputs.big] {
