@@ -423,10 +423,11 @@ impl Rooms {
             }
             self.ledgers.insert(deployment.to_string(), read_now);
         }
-        let lost = lost_before(app);
+        let (lost, setting) = (lost_before(app), app.config.enqueued_token_limit);
+        // As `room_for` answers: room, or close enough for an edge try.
         Ok(self.ledgers[deployment]
             .iter()
-            .any(|l| l.fits(tokens, app.config.enqueued_token_limit, lost)))
+            .any(|l| l.fits(tokens, setting, lost) || l.at_edge(tokens, setting)))
     }
 
     pub fn forget(&mut self) {
