@@ -66,19 +66,15 @@ impl Counter {
 
     /// The tokens of one of `words`' words.
     fn word(&mut self, bpe: &CoreBPE, pattern: Pattern, word: &[u8]) -> u64 {
-        let mut total = 0u64;
-        {
-            if word.is_ascii() {
-                for piece in split_ascii(pattern, word) {
-                    total += self.remembered(bpe, piece);
-                }
-            } else {
-                // A word with a non-ASCII character: tiktoken's regex cuts it, but only it,
-                // and a word seen before is remembered whole.
-                total += self.remembered(bpe, word);
-            }
+        if word.is_ascii() {
+            split_ascii(pattern, word)
+                .map(|piece| self.remembered(bpe, piece))
+                .sum()
+        } else {
+            // A word with a non-ASCII character: tiktoken's regex cuts it, but only it, and a
+            // word seen before is remembered whole.
+            self.remembered(bpe, word)
         }
-        total
     }
 
     /// The count of `piece` (a whole number of tiktoken's pieces), remembered.
