@@ -27,6 +27,9 @@ pub struct Outcome {
     pub bytes: u64,
     pub lines: u64,
     pub ok: bool,
+    /// The estimated input tokens (0 for the floor): the same whatever the mode.
+    #[serde(default)]
+    pub tokens: u64,
 }
 
 fn read_chunk(f: &mut File, buf: &mut [u8]) -> std::io::Result<usize> {
@@ -49,6 +52,7 @@ pub fn run(mode: Mode, path: &Path) -> Result<Outcome> {
                 bytes: report.bytes,
                 lines: report.lines,
                 ok: report.is_ok(),
+                tokens: report.tokens,
             }
         }
         Mode::Feed => {
@@ -66,6 +70,7 @@ pub fn run(mode: Mode, path: &Path) -> Result<Outcome> {
                 bytes: report.bytes,
                 lines: report.lines,
                 ok: report.is_ok(),
+                tokens: report.tokens,
             }
         }
         Mode::Floor => {
@@ -85,6 +90,7 @@ pub fn run(mode: Mode, path: &Path) -> Result<Outcome> {
                 bytes,
                 lines,
                 ok: true,
+                tokens: 0,
             }
         }
     };

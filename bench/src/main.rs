@@ -89,6 +89,11 @@ struct RunArgs {
     /// bench/python/validate_ref.py.
     #[arg(long)]
     py_ref: PathBuf,
+    /// The directory of tiktoken-rs's `o200k_base.tiktoken` and `cl100k_base.tiktoken`: the
+    /// Python reference then estimates tokens as the handler does (with Python `tiktoken`
+    /// from bench/requirements.txt). Without it, only the no-tokens reference runs.
+    #[arg(long)]
+    tiktoken_assets: Option<PathBuf>,
     /// Runs of each fast measurement.
     #[arg(long, default_value_t = 5)]
     runs: usize,
@@ -146,6 +151,7 @@ pub struct Config {
     pub blind_backoff_handler: Option<PathBuf>,
     pub python: PathBuf,
     pub py_ref: PathBuf,
+    pub tiktoken_assets: Option<PathBuf>,
     pub runs: usize,
     pub slow_runs: usize,
     pub startup_runs: usize,
@@ -224,6 +230,7 @@ async fn run(args: RunArgs) -> Result<()> {
         blind_backoff_handler: args.blind_backoff_handler.as_deref().map(abs).transpose()?,
         python: args.python.clone(),
         py_ref: abs(&args.py_ref)?,
+        tiktoken_assets: args.tiktoken_assets.as_deref().map(abs).transpose()?,
         runs: args.runs.max(1),
         slow_runs: args.slow_runs.max(1),
         startup_runs: args.startup_runs.max(1),

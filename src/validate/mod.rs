@@ -203,14 +203,16 @@ where
 /// Validates everything `r` yields, e.g. a file.
 ///
 /// Reading (for a file, the kernel's copy into our buffer: a fifth of the time of checking)
-/// runs on this thread and checking on another, so the two overlap on two cores.
+/// runs on this thread and checking on another, so the two overlap on two cores; counting
+/// the prompts' tokens, which costs more than checking, runs on one thread per core.
 pub fn validate_reader<R: Read>(mut r: R, limits: Limits) -> std::io::Result<Report> {
     use std::sync::mpsc;
     let (full_tx, full_rx) = mpsc::sync_channel::<(Vec<u8>, usize)>(2);
     let (empty_tx, empty_rx) = mpsc::channel::<Vec<u8>>();
     std::thread::scope(|s| {
         let checker = std::thread::Builder::new().spawn_scoped(s, move || {
-            let mut v = Validator::new(limits);
+            let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+            let mut v = Validator::new(limits).counting_on_threads(cores);
             for (buf, n) in full_rx {
                 v.feed(&buf[..n]);
                 let _ = empty_tx.send(buf);

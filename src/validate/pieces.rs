@@ -14,10 +14,30 @@ use tiktoken_rs::CoreBPE;
 /// (a file of ever-new words must not grow it without bound).
 const MAX_REMEMBERED: usize = 50_000;
 
-/// A tokenizer's counts of the pieces seen so far.
+/// A tokenizer's counts of the pieces seen so far. Most pieces are a word or less, so those of
+/// up to [`SHORT`] bytes are kept as one integer: a lookup is then an integer hash and compare,
+/// with no key on the heap to follow and no `memcmp` call (the two were half the validator's
+/// time with a map of boxed keys, BENCHMARKS.md). Longer ones keep their bytes.
 #[derive(Default)]
 pub(super) struct Counter {
-    known: FxHashMap<Box<[u8]>, u32>,
+    short: FxHashMap<u128, u32>,
+    long: FxHashMap<Box<[u8]>, u32>,
+    /// Short words (`words`), each a whole number of pieces, with their counts.
+    words: FxHashMap<u128, u32>,
+}
+
+/// The longest piece kept as an integer: 15 bytes and the length in the 16th, so that pieces
+/// that differ only by trailing NUL bytes (`\u0000` in JSON) stay apart.
+const SHORT: usize = 15;
+
+fn short_key(piece: &[u8]) -> Option<u128> {
+    if piece.len() > SHORT {
+        return None;
+    }
+    let mut bytes = [0u8; 16];
+    bytes[..piece.len()].copy_from_slice(piece);
+    bytes[15] = piece.len() as u8;
+    Some(u128::from_le_bytes(bytes))
 }
 
 impl Counter {
@@ -25,39 +45,68 @@ impl Counter {
     pub(super) fn count(&mut self, bpe: &CoreBPE, pattern: Pattern, text: &str) -> u64 {
         let mut total = 0u64;
         for word in words(text.as_bytes()) {
-            if word.is_ascii() {
-                for piece in split_ascii(pattern, word) {
-                    total += self.remembered(bpe, piece);
-                }
-            } else {
-                // A word with a non-ASCII character: tiktoken's regex cuts it, but only it,
-                // and a word seen before is remembered whole.
-                total += self.remembered(bpe, word);
+            // A short word seen before is one lookup, without cutting it into pieces.
+            let Some(key) = short_key(word) else {
+                total += self.word(bpe, pattern, word);
+                continue;
+            };
+            if let Some(n) = self.words.get(&key) {
+                total += u64::from(*n);
+                continue;
             }
+            let n = self.word(bpe, pattern, word);
+            if self.words.len() >= MAX_REMEMBERED {
+                self.words.clear();
+            }
+            self.words.insert(key, n as u32);
+            total += n;
         }
         total
     }
 
+    /// The tokens of one of `words`' words.
+    fn word(&mut self, bpe: &CoreBPE, pattern: Pattern, word: &[u8]) -> u64 {
+        if word.is_ascii() {
+            split_ascii(pattern, word)
+                .map(|piece| self.remembered(bpe, piece))
+                .sum()
+        } else {
+            // A word with a non-ASCII character: tiktoken's regex cuts it, but only it, and a
+            // word seen before is remembered whole.
+            self.remembered(bpe, word)
+        }
+    }
+
     /// The count of `piece` (a whole number of tiktoken's pieces), remembered.
     fn remembered(&mut self, bpe: &CoreBPE, piece: &[u8]) -> u64 {
-        if let Some(n) = self.known.get(piece) {
+        let key = short_key(piece);
+        let known = match key {
+            Some(k) => self.short.get(&k),
+            None => self.long.get(piece),
+        };
+        if let Some(n) = known {
             return u64::from(*n);
         }
         // `words` cuts only between ASCII bytes, so a word is always whole UTF-8.
         let text = std::str::from_utf8(piece).expect("cut on ASCII boundaries");
         let n = bpe.encode_ordinary(text).len() as u32;
-        if self.known.len() >= MAX_REMEMBERED {
-            self.known.clear();
+        if self.short.len() + self.long.len() >= MAX_REMEMBERED {
+            self.short.clear();
+            self.long.clear();
         }
-        self.known.insert(piece.into(), n);
+        match key {
+            Some(k) => self.short.insert(k, n),
+            None => self.long.insert(piece.into(), n),
+        };
         u64::from(n)
     }
 }
 
-/// `text` cut before every space that follows a non-space and precedes one: tiktoken's
-/// pieces never span such a place in either encoding (only whitespace-only pieces hold a space
-/// after their first character), so each word is a whole number of pieces and can be
-/// counted alone.
+/// `text` cut before every space that follows a non-space and precedes one, and after every
+/// CR or LF that precedes a non-space other than '/': tiktoken's pieces never span such a
+/// place in either encoding (only whitespace-only pieces hold a space after their first
+/// character; a CR or LF ends its piece unless more of them or o200k's '/' follow), so each
+/// word is a whole number of pieces and can be counted alone.
 fn words(text: &[u8]) -> impl Iterator<Item = &[u8]> {
     let mut at = 0;
     std::iter::from_fn(move || {
@@ -71,6 +120,13 @@ fn words(text: &[u8]) -> impl Iterator<Item = &[u8]> {
                 && !is_space(text[i - 1])
                 && text.get(i + 1).is_some_and(|b| !is_space(*b))
             {
+                break;
+            }
+            // After CR or LF, before anything but whitespace or '/': only o200k's
+            // punctuation piece takes characters after a newline (`[\r\n/]*`), and only
+            // more newlines and slashes. So "word.\nNext" is two words, and prompts with
+            // many lines do not make a word of every pair of words around a newline.
+            if is_newline(text[i - 1]) && !is_space(text[i]) && text[i] != b'/' {
                 break;
             }
             i += 1;
@@ -227,6 +283,7 @@ mod tests {
             "'ll", "'d", "'m", "'ve", "'t", "'x", "'", "/", "//", "-", "(", ")", "\"", "{", "}",
             ":", ";", "#", "@", "_", "$", "%", "&", "*", "+", "=", "<", ">", "[", "]", "\\", "^",
             "`", "|", "~", "\x0B", "\x0C", " .", " /", ".\n", "\t\n", "don't", "I'M", "it'S",
+            "\u{a0}", "\u{3000}", "é", "Déjà", "日本", "\n/", "\r", ".\r/",
         ];
         let mut state = seed
             .wrapping_mul(6364136223846793005)
@@ -263,6 +320,45 @@ mod tests {
                     tiktoken_pieces(bpe, &text),
                     "{name}: {text:?}"
                 );
+            }
+        }
+    }
+
+    #[test]
+    fn short_and_long_pieces_are_remembered_apart() {
+        // Pieces that differ only by trailing NUL bytes, and pieces either side of the
+        // length kept as an integer, each counted first and then from memory.
+        let samples = [
+            "a",
+            "a\0",
+            "a\0\0",
+            "\0",
+            "\0\0",
+            " é",
+            " é\0",
+            "abcdefghijklmn",
+            "abcdefghijklmno",
+            "abcdefghijklmnop",
+            "abcdefghijklmnopq",
+            "supercalifragilisticexpialidocious",
+            "supercalifragilisticexpialidociousness",
+            " 日本語の",
+            " 日本語のテキスト",
+            " 日本語のテキストです",
+        ];
+        for (bpe, pattern) in [
+            (tiktoken_rs::o200k_base_singleton(), Pattern::O200k),
+            (tiktoken_rs::cl100k_base_singleton(), Pattern::Cl100k),
+        ] {
+            let mut counter = Counter::default();
+            for _ in 0..2 {
+                for s in samples {
+                    assert_eq!(
+                        counter.count(bpe, pattern, s),
+                        tiktoken_pieces(bpe, s),
+                        "{s:?}"
+                    );
+                }
             }
         }
     }

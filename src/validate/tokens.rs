@@ -28,7 +28,15 @@
 //! known. Each tokenizer is loaded once per process, and counting goes through `pieces`,
 //! which gives tiktoken's figure without its slow pre-tokenizer for ASCII text.
 
-use std::{borrow::Cow, fmt};
+use std::{
+    borrow::Cow,
+    fmt,
+    sync::{
+        Arc, Mutex,
+        mpsc::{SyncSender, sync_channel},
+    },
+    thread::JoinHandle,
+};
 
 use serde::de::{self, DeserializeSeed, IgnoredAny, MapAccess, SeqAccess, Visitor};
 use tiktoken_rs::{
@@ -126,6 +134,109 @@ impl Counters {
     }
 }
 
+/// Counting on other threads while the validator parses the next lines: the tokenizer costs
+/// several times the parsing (BENCHMARKS.md, validation), so `handler validate` gives it the
+/// machine's other cores. The texts are copied into batches of about [`BATCH_BYTES`]; each
+/// thread keeps its own [`Counters`], so the sum is the same as counting in line.
+pub(super) struct Background {
+    batch: Batch,
+    tx: Option<SyncSender<Batch>>,
+    workers: Vec<JoinHandle<u64>>,
+}
+
+/// Texts handed to a counting thread at once: big enough that the channel costs nothing per
+/// text, small enough that a few in flight keep memory bounded (2 per thread queued).
+const BATCH_BYTES: usize = 256 << 10;
+
+#[derive(Default)]
+struct Batch {
+    text: String,
+    /// Where each text ends in `text`, and its tokenizer.
+    ends: Vec<(usize, Encoding)>,
+}
+
+impl Batch {
+    fn count(&self, counters: &mut Counters) -> u64 {
+        let mut start = 0;
+        let mut total = 0;
+        for &(end, encoding) in &self.ends {
+            total += counters.count(encoding, &self.text[start..end]);
+            start = end;
+        }
+        total
+    }
+}
+
+impl Background {
+    /// Up to `threads` counting threads; `None` when none could be started (the caller then
+    /// counts in line).
+    pub(super) fn start(threads: usize) -> Option<Background> {
+        let (tx, rx) = sync_channel::<Batch>(2 * threads.max(1));
+        let rx = Arc::new(Mutex::new(rx));
+        let mut workers = Vec::new();
+        for i in 0..threads {
+            let rx = Arc::clone(&rx);
+            let spawned = std::thread::Builder::new()
+                .name(format!("tokens-{i}"))
+                .spawn(move || {
+                    let mut counters = Counters::default();
+                    let mut total = 0;
+                    // The lock is held while waiting, so one idle thread waits in `recv` and
+                    // the others on the lock: each batch goes to exactly one.
+                    while let Ok(batch) =
+                        rx.lock().map_err(drop).and_then(|r| r.recv().map_err(drop))
+                    {
+                        total += batch.count(&mut counters);
+                    }
+                    total
+                });
+            match spawned {
+                Ok(handle) => workers.push(handle),
+                Err(_) => break,
+            }
+        }
+        (!workers.is_empty()).then(|| Background {
+            batch: Batch::default(),
+            tx: Some(tx),
+            workers,
+        })
+    }
+
+    /// Queues `prompt`'s texts to be counted with `encoding`; returns the tokens known
+    /// without counting (framing, images, token arrays).
+    pub(super) fn add(&mut self, encoding: Encoding, prompt: &Prompt<'_>) -> u64 {
+        for text in &prompt.texts {
+            self.batch.text.push_str(text);
+            self.batch.ends.push((self.batch.text.len(), encoding));
+        }
+        if self.batch.text.len() >= BATCH_BYTES {
+            self.send();
+        }
+        prompt.known()
+    }
+
+    fn send(&mut self) {
+        let batch = std::mem::take(&mut self.batch);
+        if let Some(tx) = &self.tx {
+            // A failed send means every thread is gone, i.e. one panicked: `finish` says so.
+            let _ = tx.send(batch);
+        }
+    }
+
+    /// The tokens of every text queued.
+    pub(super) fn finish(mut self) -> u64 {
+        self.send();
+        drop(self.tx.take());
+        self.workers
+            .drain(..)
+            .map(|w| {
+                w.join()
+                    .unwrap_or_else(|panic| std::panic::resume_unwind(panic))
+            })
+            .sum()
+    }
+}
+
 /// What one request's prompt is made of, collected while its line is parsed: the texts to
 /// tokenize and the tokens already known (framing, images, token arrays, character-rule
 /// parts).
@@ -139,9 +250,14 @@ pub(super) struct Prompt<'a> {
 impl<'a> Prompt<'a> {
     /// The request's estimated input tokens with `encoding`.
     pub(super) fn tokens(&self, encoding: Encoding, counters: &mut Counters) -> u64 {
-        let priming = if self.messages > 0 { REPLY_PRIMING } else { 0 };
         let texts: u64 = self.texts.iter().map(|t| counters.count(encoding, t)).sum();
-        self.fixed + priming + texts
+        self.known() + texts
+    }
+
+    /// The tokens known without the tokenizer: framing, the reply's priming, fixed figures.
+    fn known(&self) -> u64 {
+        let priming = if self.messages > 0 { REPLY_PRIMING } else { 0 };
+        self.fixed + priming
     }
 
     /// The seed that reads `body.{key}` (one of [`PROMPT_KEYS`]) into this prompt.
@@ -699,6 +815,72 @@ mod tests {
         ] {
             estimate(body);
         }
+    }
+
+    #[test]
+    fn counting_on_threads_gives_the_same_report_as_counting_in_line() {
+        // Enough text for many batches, in both encodings (the model changes mid-file: a
+        // finding, but the lines are still counted), with escapes, non-ASCII text and parts.
+        let words = [
+            "hello",
+            "World",
+            "café",
+            "日本語",
+            "don't",
+            "12345",
+            "\\n",
+            "\\\"q\\\"",
+            "😀",
+        ];
+        let mut f = String::new();
+        for i in 0..3000usize {
+            let model = if i < 2000 {
+                "gpt-4o-batch"
+            } else {
+                "gpt-4-batch"
+            };
+            let text: Vec<&str> = (0..(50 + i % 200))
+                .map(|j| words[(i * 7 + j * 13) % words.len()])
+                .collect();
+            let text = text.join(if i % 3 == 0 { " " } else { "  " });
+            let line = format!(
+                r#"{{"custom_id": "r{i}", "method": "POST", "url": "/chat/completions", "body": {{"model": "{model}", "messages": [{{"role": "system", "content": "Be brief."}}, {{"role": "user", "name": "u{i}", "content": [{{"type": "text", "text": "{text}"}}, {{"type": "image_url", "image_url": {{"url": "x", "detail": "low"}}}}]}}]}}}}"#
+            );
+            f.push_str(&line);
+            f.push('\n');
+        }
+        assert!(f.len() > 4 * BATCH_BYTES);
+        let in_line = check(&f);
+        assert!(in_line.tokens > 0);
+        for threads in [1, 3] {
+            let mut v = Validator::new(Limits::default()).counting_on_threads(threads);
+            for chunk in f.as_bytes().chunks(70_000) {
+                v.feed(chunk);
+            }
+            assert_eq!(v.finish(), in_line, "{threads} threads");
+        }
+        // And the total is tiktoken's own count of every text, plus the framing.
+        let mut expected = 0;
+        for (i, line) in f.lines().enumerate() {
+            let v: Json = serde_json::from_str(line).unwrap();
+            let e = if i < 2000 {
+                Encoding::O200kBase
+            } else {
+                Encoding::Cl100kBase
+            };
+            let m = &v["body"]["messages"];
+            expected += 2 * TOKENS_PER_MESSAGE + REPLY_PRIMING + TOKENS_PER_NAME + IMAGE_LOW_DETAIL;
+            for t in [
+                &m[0]["role"],
+                &m[0]["content"],
+                &m[1]["role"],
+                &m[1]["name"],
+                &m[1]["content"][0]["text"],
+            ] {
+                expected += e.count(t.as_str().unwrap());
+            }
+        }
+        assert_eq!(in_line.tokens, expected);
     }
 
     #[test]

@@ -14,7 +14,7 @@ use super::{
     },
     parts::Splitter,
     request::{Body, Request, Value},
-    tokens::{Counters, Encoding},
+    tokens::{Background, Counters, Encoding},
 };
 
 pub(super) const BOM: &[u8] = b"\xEF\xBB\xBF";
@@ -58,6 +58,8 @@ pub struct Validator {
     /// deployment, so the lookup is made once, not per line.
     encoding: Option<(String, Encoding)>,
     counters: Counters,
+    /// Counting threads (`counting_on_threads`): the texts are counted there, not in line.
+    background: Option<Background>,
 }
 
 impl Validator {
@@ -84,6 +86,7 @@ impl Validator {
             tokens: 0,
             encoding: None,
             counters: Counters::default(),
+            background: None,
         }
     }
 
@@ -105,6 +108,17 @@ impl Validator {
             splitter: Some(Splitter::by_tokens(max_tokens)),
             ..Validator::new(limits)
         }
+    }
+
+    /// Counts the prompts' tokens on up to `threads` threads of their own while this one
+    /// parses (when they can be started; in line otherwise). Only for a validator that does
+    /// not split: a splitting one needs each request's tokens before the next line, to place
+    /// it in a part. The report is the same either way.
+    pub fn counting_on_threads(mut self, threads: usize) -> Self {
+        if self.splitter.is_none() && threads > 0 {
+            self.background = Background::start(threads);
+        }
+        self
     }
 
     /// Takes the next bytes of the file.
@@ -140,6 +154,9 @@ impl Validator {
         }
         // Trailing blank lines (and the trailing newline) are tolerated: `blank_run` is
         // dropped here unreported.
+        if let Some(background) = self.background.take() {
+            self.tokens += background.finish();
+        }
         if self.requests == 0 {
             let message = if self.bytes == 0 {
                 "the file is empty; a batch needs at least one request".to_string()
@@ -469,6 +486,12 @@ impl Validator {
             (_, Some((_, e))) => *e,
             (_, None) => Encoding::for_deployment(""),
         };
+        if let Some(background) = &mut self.background {
+            // No splitter (see `counting_on_threads`): the total is all that is needed, at
+            // `finish`.
+            self.tokens += background.add(encoding, prompt);
+            return false;
+        }
         let tokens = prompt.tokens(encoding, &mut self.counters);
         self.tokens += tokens;
         match &mut self.splitter {
