@@ -12,29 +12,6 @@ use aoai_blob_batch::openai::{Batch, BatchStatus};
 use aoai_stack::{Capacity, CreateAnswer};
 use support::*;
 
-/// Emulator tokens of one request of [`file`]: the documented rule, a quarter of the
-/// prompt's characters ("user" and 396 characters of content: 100) plus `max_tokens` (100).
-const REQUEST_TOKENS: u64 = 200;
-
-/// `n` requests of [`REQUEST_TOKENS`] each; `tag` makes the content (and so the file) unique.
-fn file(tag: &str, n: usize) -> Vec<u8> {
-    let mut out = String::new();
-    for i in 0..n {
-        let content = format!("{tag}-{i:03} ").repeat(400);
-        let content = &content[..396];
-        out.push_str(
-            &serde_json::json!({
-                "custom_id": format!("{tag}-{i}"), "method": "POST", "url": "/chat/completions",
-                "body": {"model": DEPLOYMENT, "max_tokens": 100,
-                         "messages": [{"role": "user", "content": content}]}
-            })
-            .to_string(),
-        );
-        out.push('\n');
-    }
-    out.into_bytes()
-}
-
 struct Stack {
     _azurite: Azurite,
     emulator: Emulator,
@@ -54,9 +31,10 @@ async fn stack(capacity: Capacity, extra: &[&str]) -> Stack {
 }
 
 impl Stack {
-    /// Uploads `file(tag, n)` and asks the emulator to create its batch.
+    /// Uploads `quota_file(tag, n)` and asks the emulator to create its batch.
     async fn create(&self, tag: &str, n: usize) -> CreateAnswer {
-        let (url, _) = upload_input(&self.store, &format!("{tag}.jsonl"), &file(tag, n)).await;
+        let (url, _) =
+            upload_input(&self.store, &format!("{tag}.jsonl"), &quota_file(tag, n)).await;
         self.emulator
             .create_raw(&url, &self.store.container_url("batch-output"))
             .await
@@ -262,12 +240,12 @@ async fn with_steps_by_time_a_batch_takes_at_least_its_tokens_over_the_rate() {
     assert!(took >= Duration::from_millis(900), "{took:?}");
 }
 
-/// The handler's own estimate of `file(tag, n)`: each request is 3 framing tokens, "user",
+/// The handler's own estimate of `quota_file(tag, n)`: each request is 3 framing tokens, "user",
 /// the content and 3 for the reply's priming, by o200k_base (the deployment name
 /// [`DEPLOYMENT`] names no family, so the current families' encoding).
 fn handler_estimate(tag: &str, n: usize) -> u64 {
     let report = aoai_blob_batch::validate::validate_reader(
-        &file(tag, n)[..],
+        &quota_file(tag, n)[..],
         aoai_blob_batch::validate::Limits::default(),
     )
     .unwrap();
@@ -278,7 +256,7 @@ fn handler_estimate(tag: &str, n: usize) -> u64 {
 #[tokio::test]
 async fn summary_json_reports_the_estimated_tokens_of_the_input() {
     let s = support::Stack::start(&["--step-ms", "0"], &[]);
-    s.submit("estimate.jsonl", &file("e", 4)).await;
+    s.submit("estimate.jsonl", &quota_file("e", 4)).await;
     let summary = s.harvest("estimate", Duration::from_secs(60)).await;
     assert_eq!(summary["status"], "completed", "{summary:#}");
     let estimated = summary["tokens"]["estimated"]
@@ -304,7 +282,7 @@ async fn summary_json_reports_the_estimated_tokens_of_the_input() {
 fn handler_validate_prints_the_estimate() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("input.jsonl");
-    std::fs::write(&path, file("v", 3)).unwrap();
+    std::fs::write(&path, quota_file("v", 3)).unwrap();
     let out = std::process::Command::new(&Bins::local().handler)
         .arg("validate")
         .arg(&path)

@@ -14,32 +14,10 @@ use aoai_stack::Capacity;
 use serde_json::Value;
 use support::*;
 
-/// Emulator tokens of one request of [`file`]: a quarter of the prompt's characters
-/// ("user" and 396 characters of content: 100) plus `max_tokens` (100).
-const REQUEST_TOKENS: u64 = 200;
 /// Requests per file: each file is 1,000 emulator tokens.
 const REQUESTS: usize = 5;
 /// Room for two files, not three.
 const LIMIT: u64 = 2 * REQUESTS as u64 * REQUEST_TOKENS + 500;
-
-/// `n` requests of [`REQUEST_TOKENS`] each; `tag` makes the content (and so the file) unique.
-fn file(tag: &str, n: usize) -> Vec<u8> {
-    let mut out = String::new();
-    for i in 0..n {
-        let content = format!("{tag}-{i:03} ").repeat(400);
-        let content = &content[..396];
-        out.push_str(
-            &serde_json::json!({
-                "custom_id": format!("{tag}-{i}"), "method": "POST", "url": "/chat/completions",
-                "body": {"model": DEPLOYMENT, "max_tokens": 100,
-                         "messages": [{"role": "user", "content": content}]}
-            })
-            .to_string(),
-        );
-        out.push('\n');
-    }
-    out.into_bytes()
-}
 
 fn small_quota() -> Capacity {
     Capacity {
@@ -110,7 +88,7 @@ async fn concurrent_intakes_over_a_small_quota_never_over_admit() {
 
     let tags: Vec<String> = (0..8).map(|i| format!("f{i}")).collect();
     for tag in &tags {
-        upload_input(&store, &format!("{tag}.jsonl"), &file(tag, REQUESTS)).await;
+        upload_input(&store, &format!("{tag}.jsonl"), &quota_file(tag, REQUESTS)).await;
     }
     // Every event at once: eight intakes race for room for two.
     let names: Vec<String> = tags.iter().map(|t| format!("{t}.jsonl")).collect();
@@ -179,7 +157,7 @@ async fn a_queued_job_is_admitted_in_the_tick_whose_harvest_frees_room() {
     store.ensure_container("batch-output").await.unwrap();
 
     for tag in ["a", "b", "c"] {
-        upload_input(&store, &format!("{tag}.jsonl"), &file(tag, REQUESTS)).await;
+        upload_input(&store, &format!("{tag}.jsonl"), &quota_file(tag, REQUESTS)).await;
         deliver(&handler, &store, &format!("{tag}.jsonl")).await;
     }
     assert_eq!(inputs_of(&emulator).await, ["a.jsonl", "b.jsonl"]);
@@ -251,7 +229,7 @@ async fn two_targets_are_both_used_when_one_is_full() {
 
     let tags = ["p", "q", "r", "s", "t"];
     for tag in tags {
-        upload_input(&store, &format!("{tag}.jsonl"), &file(tag, REQUESTS)).await;
+        upload_input(&store, &format!("{tag}.jsonl"), &quota_file(tag, REQUESTS)).await;
         deliver(&handler, &store, &format!("{tag}.jsonl")).await;
     }
     // Room for two files in each region: four go at once, the fifth waits.
@@ -307,12 +285,12 @@ async fn two_instances_racing_for_the_last_room_one_wins() {
     store.ensure_container("batch-output").await.unwrap();
 
     // The first file tells the limit; room for one more is left.
-    upload_input(&store, "a.jsonl", &file("a", REQUESTS)).await;
+    upload_input(&store, "a.jsonl", &quota_file("a", REQUESTS)).await;
     deliver(&one, &store, "a.jsonl").await;
     assert_eq!(emulator.batches().await.len(), 1);
 
-    upload_input(&store, "b.jsonl", &file("b", REQUESTS)).await;
-    upload_input(&store, "c.jsonl", &file("c", REQUESTS)).await;
+    upload_input(&store, "b.jsonl", &quota_file("b", REQUESTS)).await;
+    upload_input(&store, "c.jsonl", &quota_file("c", REQUESTS)).await;
     tokio::join!(
         deliver(&one, &store, "b.jsonl"),
         deliver(&two, &store, "c.jsonl")
@@ -342,11 +320,11 @@ async fn a_file_bigger_than_any_quota_is_split_by_tokens_and_completes() {
     store.ensure_container("batch-output").await.unwrap();
 
     // A small file first: its create answer tells the limit, and how the service counts.
-    upload_input(&store, "small.jsonl", &file("small", REQUESTS)).await;
+    upload_input(&store, "small.jsonl", &quota_file("small", REQUESTS)).await;
     deliver(&handler, &store, "small.jsonl").await;
     // 20 requests: 4,000 of the service's tokens, past the 2,500 of the whole quota.
     let big = 20;
-    upload_input(&store, "big.jsonl", &file("big", big)).await;
+    upload_input(&store, "big.jsonl", &quota_file("big", big)).await;
     deliver(&handler, &store, "big.jsonl").await;
     let st = status_json(&store, "big").await;
     assert_eq!(st["status"], "split", "{st}");
@@ -396,7 +374,7 @@ async fn a_webhook_that_harvests_a_batch_admits_the_next_in_line_without_a_tick(
     let store = azurite.store();
     store.ensure_container("batch-output").await.unwrap();
     for tag in ["a", "b", "c"] {
-        upload_input(&store, &format!("{tag}.jsonl"), &file(tag, REQUESTS)).await;
+        upload_input(&store, &format!("{tag}.jsonl"), &quota_file(tag, REQUESTS)).await;
         deliver(&handler, &store, &format!("{tag}.jsonl")).await;
     }
     assert_eq!(inputs_of(&emulator).await, ["a.jsonl", "b.jsonl"]);
@@ -520,7 +498,7 @@ async fn a_backlog_of_five_quotas_keeps_the_quota_busy() {
         store.ensure_container("batch-output").await.unwrap();
         let tags: Vec<String> = (0..FILES).map(|i| format!("b{i:02}")).collect();
         for tag in &tags {
-            upload_input(&store, &format!("{tag}.jsonl"), &file(tag, REQUESTS)).await;
+            upload_input(&store, &format!("{tag}.jsonl"), &quota_file(tag, REQUESTS)).await;
             deliver(&handler, &store, &format!("{tag}.jsonl")).await;
         }
         let refs: Vec<&Emulator> = emulators.iter().collect();
@@ -547,10 +525,10 @@ async fn a_backlog_of_five_quotas_keeps_the_quota_busy() {
     assert!(makespans[1] < makespans[0], "{makespans:?}");
 }
 
-/// `file(tag, REQUESTS)` whose first request starts with 120 characters that the tokenizer
+/// `quota_file(tag, REQUESTS)` whose first request starts with 120 characters that the tokenizer
 /// cuts finer: the same characters (so the same emulator tokens), ~3% more of our tokens.
 fn denser_file(tag: &str) -> Vec<u8> {
-    let text = String::from_utf8(file(tag, REQUESTS)).unwrap();
+    let text = String::from_utf8(quota_file(tag, REQUESTS)).unwrap();
     let mut lines: Vec<String> = text.lines().map(str::to_string).collect();
     let mut first: Value = serde_json::from_str(&lines[0]).unwrap();
     let content = first["body"]["messages"][0]["content"].as_str().unwrap();
@@ -573,7 +551,7 @@ async fn a_file_a_little_over_the_room_by_our_estimate_is_tried_and_fits() {
     let handler = Handler::start(handler_env(&azurite, &emulator));
     let store = azurite.store();
     store.ensure_container("batch-output").await.unwrap();
-    upload_input(&store, "a.jsonl", &file("a", REQUESTS)).await;
+    upload_input(&store, "a.jsonl", &quota_file("a", REQUESTS)).await;
     deliver(&handler, &store, "a.jsonl").await;
     upload_input(&store, "b.jsonl", &denser_file("b")).await;
     deliver(&handler, &store, "b.jsonl").await;
@@ -601,7 +579,7 @@ async fn a_refused_edge_try_waits_in_line_and_keeps_the_limit() {
     let handler = Handler::start(handler_env(&azurite, &emulator));
     let store = azurite.store();
     store.ensure_container("batch-output").await.unwrap();
-    upload_input(&store, "a.jsonl", &file("a", REQUESTS)).await;
+    upload_input(&store, "a.jsonl", &quota_file("a", REQUESTS)).await;
     deliver(&handler, &store, "a.jsonl").await;
     upload_input(&store, "b.jsonl", &denser_file("b")).await;
     deliver(&handler, &store, "b.jsonl").await;

@@ -281,3 +281,27 @@ pub fn chat_line(id: &str, question: &str) -> String {
     })
     .to_string()
 }
+
+/// Emulator tokens of one request of [`quota_file`]: the documented rule, a quarter of the
+/// prompt's characters ("user" and 396 characters of content: 100) plus `max_tokens` (100).
+pub const REQUEST_TOKENS: u64 = 200;
+
+/// `n` requests of [`REQUEST_TOKENS`] each, for the capacity tests; `tag` makes the content
+/// (and so the file) unique.
+pub fn quota_file(tag: &str, n: usize) -> Vec<u8> {
+    let mut out = String::new();
+    for i in 0..n {
+        let content = format!("{tag}-{i:03} ").repeat(400);
+        let content = &content[..396];
+        out.push_str(
+            &serde_json::json!({
+                "custom_id": format!("{tag}-{i}"), "method": "POST", "url": "/chat/completions",
+                "body": {"model": DEPLOYMENT, "max_tokens": 100,
+                         "messages": [{"role": "user", "content": content}]}
+            })
+            .to_string(),
+        );
+        out.push('\n');
+    }
+    out.into_bytes()
+}
