@@ -177,18 +177,7 @@ async fn a_queued_job_is_admitted_in_the_tick_whose_harvest_frees_room() {
     }
     // a's batch ends at the service; the next tick harvests it and, in the same tick,
     // creates c's batch.
-    let a_id = emulator
-        .batches()
-        .await
-        .into_iter()
-        .find(|b| b.input_blob.as_deref().unwrap().ends_with("/a.jsonl"))
-        .unwrap()
-        .id;
-    for _ in 0..20 {
-        if emulator.step(Some(&a_id), 1).await[0].status.is_terminal() {
-            break;
-        }
-    }
+    end_batch_of(&emulator, "a.jsonl").await;
     let (status, answer) = handler.tick().await;
     assert_eq!(status, 200, "{:?}", answer.logs);
     assert!(
@@ -378,18 +367,7 @@ async fn a_webhook_that_harvests_a_batch_admits_the_next_in_line_without_a_tick(
         deliver(&handler, &store, &format!("{tag}.jsonl")).await;
     }
     assert_eq!(inputs_of(&emulator).await, ["a.jsonl", "b.jsonl"]);
-    let a_id = emulator
-        .batches()
-        .await
-        .into_iter()
-        .find(|b| b.input_blob.as_deref().unwrap().ends_with("/a.jsonl"))
-        .unwrap()
-        .id;
-    for _ in 0..20 {
-        if emulator.step(Some(&a_id), 1).await[0].status.is_terminal() {
-            break;
-        }
-    }
+    let a_id = end_batch_of(&emulator, "a.jsonl").await;
 
     // The service's signed batch.completed event, as the host forwards it.
     let now = std::time::SystemTime::now()
@@ -619,4 +597,25 @@ async fn list_ledgers(store: &aoai_blob_batch::storage::BlobStore) -> Vec<Value>
         out.push(read_json(store, "batch-jobs", &n).await.unwrap());
     }
     out
+}
+
+/// Steps the batch of input `name` until it has ended at the service; returns its id.
+async fn end_batch_of(emulator: &Emulator, name: &str) -> String {
+    let id = emulator
+        .batches()
+        .await
+        .into_iter()
+        .find(|b| {
+            b.input_blob
+                .as_deref()
+                .is_some_and(|u| u.ends_with(&format!("/{name}")))
+        })
+        .unwrap_or_else(|| panic!("a batch for {name}"))
+        .id;
+    for _ in 0..20 {
+        if emulator.step(Some(&id), 1).await[0].status.is_terminal() {
+            break;
+        }
+    }
+    id
 }

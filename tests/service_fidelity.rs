@@ -219,10 +219,7 @@ async fn a_batch_the_service_denies_fails_the_job_only_when_it_keeps_saying_so()
 
 /// `n` chat lines of the seed's format.
 fn lines(n: usize, prefix: &str) -> Vec<u8> {
-    (0..n)
-        .map(|i| chat_line(&format!("{prefix}-{i}"), &format!("question number {i}")) + "\n")
-        .collect::<String>()
-        .into_bytes()
+    chat_lines(n, prefix, "question number")
 }
 
 /// Outside the fail-fast regions the service takes a create over the enqueued-token quota

@@ -20,15 +20,7 @@ fn stack_env(emulator_args: &[&str], handler_env: &[(&str, &str)]) -> Stack {
 }
 
 fn lines(n: usize, prefix: &str) -> Vec<u8> {
-    let mut out = String::new();
-    for i in 0..n {
-        out.push_str(&chat_line(
-            &format!("{prefix}-{i}"),
-            &format!("question number {i}"),
-        ));
-        out.push('\n');
-    }
-    out.into_bytes()
+    chat_lines(n, prefix, "question number")
 }
 
 impl Stack {

@@ -17,15 +17,7 @@ use serde_json::{Value, json};
 use support::*;
 
 fn lines(n: usize, prefix: &str) -> Vec<u8> {
-    let mut out = String::new();
-    for i in 0..n {
-        out.push_str(&chat_line(
-            &format!("{prefix}-{i}"),
-            &format!("question {i}"),
-        ));
-        out.push('\n');
-    }
-    out.into_bytes()
+    chat_lines(n, prefix, "question")
 }
 
 /// The documented BlobDeleted event (Event Grid schema): it names the blob, with no ETag.

@@ -146,15 +146,7 @@ impl Copy {
 }
 
 fn lines(n: usize, prefix: &str) -> Vec<u8> {
-    let mut out = String::new();
-    for i in 0..n {
-        out.push_str(&chat_line(
-            &format!("{prefix}-{i}"),
-            &format!("question {i}"),
-        ));
-        out.push('\n');
-    }
-    out.into_bytes()
+    chat_lines(n, prefix, "question")
 }
 
 /// The run, with each invocation's `Logs` kept.

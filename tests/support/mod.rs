@@ -305,3 +305,11 @@ pub fn quota_file(tag: &str, n: usize) -> Vec<u8> {
     }
     out.into_bytes()
 }
+
+/// `n` chat lines of the seed's format, ids `{prefix}-{i}`, questions `{question} {i}`.
+pub fn chat_lines(n: usize, prefix: &str, question: &str) -> Vec<u8> {
+    (0..n)
+        .map(|i| chat_line(&format!("{prefix}-{i}"), &format!("{question} {i}")) + "\n")
+        .collect::<String>()
+        .into_bytes()
+}
