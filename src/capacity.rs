@@ -2,12 +2,23 @@
 //! room for a job's enqueued tokens, and the reservation that holds that room.
 //!
 //! Each target has a ledger blob in the state container, `capacity/{target}.json`: its limit
-//! and where the limit came from, the tokens the service counted that are not ours, and our
-//! reservations, one per job key. A reservation is taken, with an `If-Match` write, before
-//! the create call, and released when the batch ends (harvest) or the create is refused. Two
-//! instances that both see the last room both try to write the ledger they read; storage
-//! lets only one of the two writes through (412 for the other), and the loser reads again
-//! and finds no room. So the ledger, not a timer, says when a job may go.
+//! and where the limit came from, the service's scale of our estimate, and what we hold. A
+//! reservation is taken, with an `If-Match` write, before the create call, and released when
+//! the batch ends (harvest) or the create is refused. Two instances that both see the last
+//! room both try to write the ledger they read; storage lets only one of the two writes
+//! through (412 for the other), and the loser reads again and finds no room. So the ledger,
+//! not a timer, says when a job may go.
+//!
+//! What we hold is not one entry per job: every intake rewrites the ledger, and with
+//! thousands of batches running a list of them all made each write a megabyte (BENCHMARKS.md,
+//! run L). A reservation is listed (`reservations`, by job key, with an id) only from its
+//! admission until a tick has seen its job hold it: the job's record keeps the room it holds
+//! (`jobs::HeldRoom`) and the job index shows it, so the tick that lists `active/` counts
+//! every target's held tokens from that listing into one sum (`settled`, by [`settle`]) and
+//! drops those entries. A release or refusal of a room is noted by id (`released`) until a
+//! listing no longer shows a job holding it, so a room is never subtracted twice nor counted
+//! again by a listing taken just before it was released:
+//! held = settled − released rooms that `settled` counts + listed reservations.
 //!
 //! What is known of a target's room, best first: the service's own figure
 //! (`deployment-maximum-enqueued-tokens` on a create answer), the operator's
@@ -26,12 +37,13 @@
 //! of files that fill the quota exactly by the service's count left a file's worth of the
 //! quota idle whenever the estimate ran a little high.
 //!
-//! A holder that dies leaves its reservation behind: the tick drops reservations whose job
-//! is no longer active (`drop_stale`), so none leaks for longer than a tick.
+//! A holder that dies leaves its reservation behind: the tick drops listed reservations whose
+//! job is no longer active, and recounts `settled` from the jobs that are ([`settle`]), so
+//! none leaks for longer than a tick.
 //!
 //! Below the workflows (`submit`, `poll`, `harvest` call it); it calls none of them.
 
-use std::collections::{BTreeMap, HashSet};
+use std::collections::{BTreeMap, HashMap, HashSet};
 
 use bytes::Bytes;
 use futures::TryStreamExt;
@@ -39,6 +51,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::{
     app::App,
+    jobs::{HeldRoom, RoomHeld},
     openai::Quota,
     storage::{StorageError, WriteCondition},
 };
@@ -89,8 +102,17 @@ pub struct Ledger {
     /// The service's `deployment-enqueued-tokens` at its last answer.
     #[serde(default)]
     pub service_enqueued: Option<u64>,
+    /// Reservations not yet counted into `settled`, by job key.
     #[serde(default)]
     pub reservations: BTreeMap<String, Reservation>,
+    /// The tokens of the rooms the active jobs' index showed them holding at the last
+    /// [`settle`] (every one answered).
+    #[serde(default)]
+    pub settled: u64,
+    /// Rooms given back (released or refused) since, by `{job key}#{room id}`, until no
+    /// listing shows a job holding them.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub released: BTreeMap<String, Released>,
     /// What we held (scaled) when an edge try was refused: no other goes until we hold less.
     #[serde(default)]
     pub edge_refused_at: Option<u64>,
@@ -108,11 +130,85 @@ pub struct Reservation {
     /// Taken at the edge: the room seemed a little short of it (see the module's notes).
     #[serde(default)]
     pub edge: bool,
+    /// The room's id, which the job's record and index carry; empty in ledgers written
+    /// before ids existed (such a reservation stays listed until released).
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub id: String,
+}
+
+/// A room given back since the last [`settle`].
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Released {
+    pub tokens: u64,
+    /// `settled` counts it (the room was settled when given back, or a listing taken before
+    /// it was given back showed it held): it is subtracted from what is held.
+    pub counted: bool,
+    /// When it was given back.
+    #[serde(default)]
+    pub at: i64,
+}
+
+fn released_key(key: &str, id: &str) -> String {
+    format!("{key}#{id}")
 }
 
 impl Ledger {
+    /// Our tokens held at this target: settled, less what was given back of it, and what is
+    /// reserved since.
     pub fn held(&self) -> u64 {
-        self.reservations.values().map(|r| r.tokens).sum()
+        self.settled_held() + self.reservations.values().map(|r| r.tokens).sum::<u64>()
+    }
+
+    /// The settled rooms still held: all answered creates.
+    fn settled_held(&self) -> u64 {
+        let given_back: u64 = self
+            .released
+            .values()
+            .filter(|r| r.counted)
+            .map(|r| r.tokens)
+            .sum();
+        self.settled.saturating_sub(given_back)
+    }
+
+    /// Nothing of ours is held here.
+    fn holds_nothing(&self) -> bool {
+        self.reservations.is_empty() && self.settled_held() == 0
+    }
+
+    /// Gives back job `key`'s room: its listed reservation, or (`settled_id`) the settled
+    /// room of that id. Noted by id either way, so that a listing taken before this does not
+    /// count it again, and a second release of it changes nothing. Returns whether anything
+    /// was given back.
+    fn give_back(&mut self, key: &str, settled_id: Option<&HeldRoom>, at: i64) -> bool {
+        if let Some(r) = self.reservations.remove(key) {
+            if !r.id.is_empty() {
+                self.released.insert(
+                    released_key(key, &r.id),
+                    Released {
+                        tokens: r.tokens,
+                        counted: false,
+                        at,
+                    },
+                );
+            }
+            return true;
+        }
+        let Some(room) = settled_id.filter(|r| !r.id.is_empty()) else {
+            return false;
+        };
+        let k = released_key(key, &room.id);
+        if self.released.contains_key(&k) {
+            return false;
+        }
+        self.released.insert(
+            k,
+            Released {
+                tokens: room.tokens,
+                counted: true,
+                at,
+            },
+        );
+        true
     }
 
     fn scale(&self) -> f64 {
@@ -141,7 +237,7 @@ impl Ledger {
     /// `lost_before`: a create not answered by then never will be (its holder died; whoever
     /// takes its job over adopts or creates its batch): it no longer holds up the others.
     fn fits(&self, tokens: u64, setting: Option<u64>, lost_before: i64) -> bool {
-        if self.reservations.is_empty() {
+        if self.holds_nothing() {
             return true;
         }
         match self.limit_or(setting) {
@@ -178,7 +274,7 @@ impl Ledger {
     fn load(&self, setting: Option<u64>) -> f64 {
         match self.limit_or(setting) {
             Some((limit, _)) if limit > 0 => self.scaled(self.held()) as f64 / limit as f64,
-            _ if self.reservations.is_empty() => 0.0,
+            _ if self.holds_nothing() => 0.0,
             _ => 1.0,
         }
     }
@@ -187,8 +283,8 @@ impl Ledger {
 /// What admission decided.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Admission {
-    /// Room was reserved (or already held) at this endpoint.
-    Admitted { endpoint: String },
+    /// Room was reserved (or already held) at this endpoint: the job's record keeps `room`.
+    Admitted { endpoint: String, room: HeldRoom },
     /// No target has room now; the sentence says what it waits for.
     NoRoom { reason: String },
 }
@@ -311,6 +407,13 @@ fn lost_before(app: &App) -> i64 {
     app.now() - app.config.create_timeout.as_secs() as i64
 }
 
+/// A new room's id: random, so that a job's rooms of different rounds or admissions never
+/// share one (64 bits: unique among a job's few rooms by a wide margin).
+fn room_id() -> String {
+    use rand::Rng;
+    format!("{:016x}", rand::rng().random::<u64>())
+}
+
 /// A short random pause after a lost race, so racing writers spread out.
 async fn race_pause() {
     use rand::Rng;
@@ -335,9 +438,13 @@ pub async fn reserve(
         let mut ledgers = Vec::with_capacity(endpoints.len());
         for endpoint in &endpoints {
             let (ledger, etag) = read(app, endpoint, deployment).await?;
-            if ledger.reservations.contains_key(key) {
+            if let Some(r) = ledger.reservations.get(key) {
                 return Ok(Admission::Admitted {
                     endpoint: endpoint.clone(),
+                    room: HeldRoom {
+                        id: r.id.clone(),
+                        tokens: r.tokens,
+                    },
                 });
             }
             ledgers.push((ledger, etag));
@@ -366,6 +473,10 @@ pub async fn reserve(
         });
         let best = open[0];
         let (ledger, etag) = &mut ledgers[best];
+        let room = HeldRoom {
+            id: room_id(),
+            tokens,
+        };
         ledger.reservations.insert(
             key.to_string(),
             Reservation {
@@ -373,11 +484,13 @@ pub async fn reserve(
                 at: app.now(),
                 answered: false,
                 edge,
+                id: room.id.clone(),
             },
         );
         if write(app, ledger, etag.as_deref()).await? {
             return Ok(Admission::Admitted {
                 endpoint: endpoints[best].clone(),
+                room,
             });
         }
         // Another writer came first: everything read may be stale now.
@@ -504,13 +617,14 @@ pub async fn answered(
         }
         if let Some(enqueued) = quota.enqueued {
             l.service_enqueued = Some(enqueued);
-            // Only answered creates: the service may not count one still under way.
-            let ours: u64 = l
-                .reservations
-                .values()
-                .filter(|r| r.answered)
-                .map(|r| r.tokens)
-                .sum();
+            // Only answered creates: the service may not count one still under way. Settled
+            // rooms all were.
+            let ours: u64 = l.settled_held()
+                + l.reservations
+                    .values()
+                    .filter(|r| r.answered)
+                    .map(|r| r.tokens)
+                    .sum::<u64>();
             if ours > 0 {
                 l.scale = Some(enqueued as f64 / ours as f64);
             }
@@ -533,7 +647,8 @@ pub async fn refused(
     key: &str,
 ) -> Result<bool, StorageError> {
     update(app, endpoint, deployment, |l| {
-        let edge = l.reservations.remove(key).is_some_and(|r| r.edge);
+        let edge = l.reservations.get(key).is_some_and(|r| r.edge);
+        l.give_back(key, None, app.now());
         let held = l.scaled(l.held());
         if edge {
             l.edge_refused_at = Some(held);
@@ -546,14 +661,23 @@ pub async fn refused(
     .await
 }
 
-/// Job `key`'s batch ended (or it will not be created): its room is free again. Released
-/// from every target of the pool it may be held at (a job holds at most one).
-pub async fn release(app: &App, deployment: &str, key: &str) -> Result<bool, StorageError> {
+/// Job `key`'s batch ended (or it will not be created): its room is free again. Its
+/// reservation is looked for at every target of the pool it may be held at (a job holds at
+/// most one); `held` (the room its record keeps, at the endpoint it was admitted to) is given
+/// back there once settled.
+pub async fn release(
+    app: &App,
+    deployment: &str,
+    key: &str,
+    held: Option<(&str, &HeldRoom)>,
+) -> Result<bool, StorageError> {
     let mut released = false;
     for client in &app.pool {
         let endpoint = client.endpoint().to_string();
+        let settled = held.and_then(|(at, room)| (at == endpoint).then_some(room));
+        let now = app.now();
         released |= update(app, &endpoint, deployment, |l| {
-            let had = l.reservations.remove(key).is_some();
+            let had = l.give_back(key, settled, now);
             (had, had)
         })
         .await?;
@@ -561,39 +685,156 @@ pub async fn release(app: &App, deployment: &str, key: &str) -> Result<bool, Sto
     Ok(released)
 }
 
-/// Drops the reservations of jobs that are no longer active (a holder died between its
-/// reservation and the release): `active` are the active job keys as listed at `listed_at`.
-/// Returns how many were dropped.
-pub async fn drop_stale(
-    app: &App,
-    active: &HashSet<String>,
-    listed_at: i64,
-) -> Result<usize, StorageError> {
+/// What a tick's listing of `active/` showed: the active jobs, and the rooms their index
+/// says they hold, by target.
+pub struct ActiveRooms {
+    /// When the listing began: a reservation taken after it may not be in it.
+    pub listed_at: i64,
+    pub active: HashSet<String>,
+    /// Per target (endpoint, deployment): job key → its room. `None` when some active job's
+    /// index could not be read (its room is unknown, so no target is recounted).
+    pub held: Option<HashMap<(String, String), HashMap<String, RoomHeld>>>,
+}
+
+impl ActiveRooms {
+    /// `jobs`: each active job's key, the endpoint it was admitted to (`None`: the first of
+    /// the pool) and its index (`None`: unreadable).
+    pub fn new<'a>(
+        listed_at: i64,
+        first_endpoint: &str,
+        jobs: impl IntoIterator<Item = (&'a str, Option<&'a crate::jobs::JobIndex>)>,
+    ) -> Self {
+        let mut active = HashSet::new();
+        let mut held: Option<HashMap<_, HashMap<_, _>>> = Some(HashMap::new());
+        for (key, index) in jobs {
+            active.insert(key.to_string());
+            match index {
+                None => held = None,
+                Some(ix) => {
+                    if let (Some(map), Some(room)) = (held.as_mut(), &ix.room) {
+                        let endpoint = ix.endpoint.as_deref().unwrap_or(first_endpoint);
+                        map.entry((endpoint.to_string(), room.model.clone()))
+                            .or_default()
+                            .insert(key.to_string(), room.clone());
+                    }
+                }
+            }
+        }
+        ActiveRooms {
+            listed_at,
+            active,
+            held,
+        }
+    }
+}
+
+/// What [`settle`] changed, for the tick's log.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct Settled {
+    /// Reservations of jobs no longer active (a holder died between reserving and using it).
+    pub dropped: usize,
+    /// Reservations now counted in `settled`.
+    pub counted: usize,
+}
+
+/// Brings every ledger up to a tick's listing of the active jobs: reservations whose job is no
+/// longer active are dropped (a holder that died leaves one behind), and, when every active
+/// job's index could be read, `settled` is recounted as the rooms the listing shows held, and
+/// the listed reservations it now counts leave the list. So a ledger's size follows the
+/// admissions since the last tick, not the batches running.
+///
+/// Why a listing taken before the ledger is read counts right: a reservation taken after it
+/// is not in it and stays listed (only answered reservations whose room the listing shows
+/// are moved); a room given back after it is in `released`, and counted there as given back
+/// from the `settled` this recount makes; a job that finished before it is not in it.
+pub async fn settle(app: &App, listing: &ActiveRooms) -> Result<Settled, StorageError> {
+    let mut targets: BTreeMap<String, (String, String)> = BTreeMap::new();
     let names: Vec<String> = app
         .store
         .list(&app.config.state_container, LEDGER_PREFIX)
         .map_ok(|b| b.name)
         .try_collect()
         .await?;
-    let mut dropped = 0;
     for name in names {
-        let Some((bytes, etag)) = app.store.read(&app.config.state_container, &name).await? else {
-            continue;
-        };
-        let Ok(mut ledger) = serde_json::from_slice::<Ledger>(&bytes) else {
-            continue;
-        };
-        let before = ledger.reservations.len();
-        ledger
-            .reservations
-            .retain(|key, r| active.contains(key) || r.at > listed_at - STALE_AFTER_SECS);
-        let gone = before - ledger.reservations.len();
-        // Lost to a writer: it is looked at again next tick.
-        if gone > 0 && write(app, &mut ledger, Some(&etag)).await? {
-            dropped += gone;
+        if let Some((bytes, _)) = app.store.read(&app.config.state_container, &name).await?
+            && let Ok(l) = serde_json::from_slice::<Ledger>(&bytes)
+        {
+            targets.insert(name, (l.endpoint, l.deployment));
         }
     }
-    Ok(dropped)
+    // A ledger deleted by hand is made again from the jobs that hold room there.
+    for target in listing.held.iter().flat_map(|h| h.keys()) {
+        targets
+            .entry(ledger_name(&target.0, &target.1))
+            .or_insert_with(|| target.clone());
+    }
+    let mut done = Settled::default();
+    let none = HashMap::new();
+    for (endpoint, deployment) in targets.into_values() {
+        let held = listing.held.as_ref().map(|h| {
+            h.get(&(endpoint.clone(), deployment.clone()))
+                .unwrap_or(&none)
+        });
+        let change = update(app, &endpoint, &deployment, |l| {
+            let before = (l.reservations.len(), l.settled, l.released.clone());
+            let dropped = drop_inactive(l, listing);
+            let counted = held.map_or(0, |held| recount(l, held, listing));
+            let changed =
+                (l.reservations.len(), l.settled, &l.released) != (before.0, before.1, &before.2);
+            (changed, Settled { dropped, counted })
+        })
+        .await?;
+        done.dropped += change.dropped;
+        done.counted += change.counted;
+    }
+    Ok(done)
+}
+
+/// Drops the listed reservations of jobs the listing does not show active, unless taken too
+/// recently to be in it. Returns how many.
+fn drop_inactive(l: &mut Ledger, listing: &ActiveRooms) -> usize {
+    let before = l.reservations.len();
+    l.reservations.retain(|key, r| {
+        listing.active.contains(key) || r.at > listing.listed_at - STALE_AFTER_SECS
+    });
+    before - l.reservations.len()
+}
+
+/// `settled` becomes the rooms `held` shows (job key → room); the answered reservations among
+/// them leave the list. A given-back room is counted as given back exactly when `held` shows
+/// it (so `settled` counts it), and stays noted while its job is active, or may have become
+/// active after the listing began: a listing taken later may still show it, as long as the
+/// record does. Returns how many reservations left the list.
+fn recount(l: &mut Ledger, held: &HashMap<String, RoomHeld>, listing: &ActiveRooms) -> usize {
+    let mut settled = 0;
+    let mut moved = 0;
+    for (key, room) in held {
+        // The listing shows the room this reservation is: counted from now on, once its
+        // create was answered (until then it must stay listed: see `fits`). A reservation
+        // under another id is a newer room than the index showed: it stays listed, and the
+        // room shown is counted until the index shows the new one.
+        if let Some(r) = l.reservations.get(key)
+            && r.id == room.id
+        {
+            if !r.answered {
+                continue;
+            }
+            l.reservations.remove(key);
+            moved += 1;
+        }
+        settled += room.tokens;
+    }
+    l.released.retain(|k, r| {
+        let Some((key, id)) = k.rsplit_once('#') else {
+            return false;
+        };
+        r.counted = held.get(key).is_some_and(|room| room.id == id);
+        // Not only while shown: a listing may show an older room of the job before it shows
+        // this one (its record lags), and then this one must still be known as given back.
+        r.counted || listing.active.contains(key) || r.at > listing.listed_at - STALE_AFTER_SECS
+    });
+    l.settled = settled;
+    moved
 }
 
 /// Every ledger, for status and tests.
@@ -634,6 +875,7 @@ mod tests {
                             at: 0,
                             answered,
                             edge: false,
+                            id: String::new(),
                         },
                     )
                 })
@@ -699,6 +941,173 @@ mod tests {
     #[test]
     fn an_empty_target_lets_a_job_try_whatever_its_size() {
         assert!(ledger(Some(100), &[]).fits(1000, None, 0));
+    }
+
+    /// A job as the simulation below sees it: the room it truly holds, and the room its
+    /// record (so its index) shows.
+    #[derive(Clone, Default)]
+    struct SimJob {
+        active: bool,
+        /// Filed under done/: its key never comes back.
+        done: bool,
+        holds: Option<HeldRoom>,
+        answered: bool,
+        recorded: Option<HeldRoom>,
+    }
+
+    /// A listing of the jobs at time `at`, and the rooms their index shows.
+    fn snapshot(jobs: &[SimJob], at: i64) -> (ActiveRooms, HashMap<String, RoomHeld>) {
+        let mut active = HashSet::new();
+        let mut held = HashMap::new();
+        for (i, job) in jobs.iter().enumerate().filter(|(_, j)| j.active) {
+            active.insert(format!("k{i}"));
+            if let Some(room) = &job.recorded {
+                held.insert(
+                    format!("k{i}"),
+                    RoomHeld {
+                        id: room.id.clone(),
+                        model: "m".into(),
+                        tokens: room.tokens,
+                    },
+                );
+            }
+        }
+        let listing = ActiveRooms {
+            listed_at: at,
+            active,
+            held: None,
+        };
+        (listing, held)
+    }
+
+    /// Reservations, record writes, answers, releases, refusals, finishes and ticks in random
+    /// orders, each tick recounting from a listing taken at some moment after the last tick's
+    /// (as the timer does: the listing, then job steps by anyone, then `settle`). What the
+    /// ledger holds is at every step what the jobs truly hold (less: over-admission; more:
+    /// idle quota), and once a tick has seen every record, only the reservations whose create
+    /// is not answered yet stay listed.
+    #[test]
+    fn the_ledger_counts_what_jobs_hold_whatever_the_order() {
+        use rand::{Rng, SeedableRng, rngs::StdRng};
+        for seed in 0..300 {
+            let mut rng = StdRng::seed_from_u64(seed);
+            let mut jobs = vec![SimJob::default(); 12];
+            let mut l = Ledger::default();
+            let mut listing = snapshot(&jobs, 0);
+            for step in 0..400 {
+                let i = rng.random_range(0..jobs.len());
+                let key = format!("k{i}");
+                let job = &mut jobs[i];
+                let op = rng.random_range(0..9);
+                match op {
+                    // Admission (a new job, a follow-up round, a retry after a refusal).
+                    0 if job.holds.is_none() && !job.done => {
+                        let tokens = rng.random_range(1..100);
+                        let id = format!("{seed}-{step}");
+                        l.reservations.insert(
+                            key,
+                            Reservation {
+                                tokens,
+                                at: step,
+                                answered: false,
+                                edge: false,
+                                id: id.clone(),
+                            },
+                        );
+                        job.active = true;
+                        job.holds = Some(HeldRoom { id, tokens });
+                        job.answered = false;
+                    }
+                    1 if job.holds.is_some() => job.recorded = job.holds.clone(),
+                    2 if job.holds.is_some() && !job.answered => {
+                        job.answered = true;
+                        if let Some(r) = l.reservations.get_mut(&key) {
+                            r.answered = true;
+                        }
+                    }
+                    // The batch ended: released with the room the record shows.
+                    3 if job.holds.is_some() && job.answered => {
+                        l.give_back(&key, job.recorded.as_ref(), step);
+                        job.holds = None;
+                    }
+                    // A refusal: given back, then the record forgets the room.
+                    4 if job.holds.is_some() && !job.answered => {
+                        l.give_back(&key, None, step);
+                        job.holds = None;
+                    }
+                    5 if job.holds.is_none() && job.recorded.is_some() => job.recorded = None,
+                    // Finished: filed under done/.
+                    6 if job.holds.is_none() && job.active => {
+                        job.active = false;
+                        job.done = true;
+                        job.recorded = None;
+                    }
+                    // A tick's listing: taken now, used at its `settle`.
+                    7 => listing = snapshot(&jobs, step),
+                    8 => {
+                        drop_inactive(&mut l, &listing.0);
+                        recount(&mut l, &listing.1, &listing.0);
+                        listing = snapshot(&jobs, step);
+                    }
+                    _ => continue,
+                }
+                let truth: u64 = jobs
+                    .iter()
+                    .filter_map(|j| j.holds.as_ref())
+                    .map(|r| r.tokens)
+                    .sum();
+                assert_eq!(
+                    l.held(),
+                    truth,
+                    "seed {seed} step {step}: what the ledger holds against what the jobs hold"
+                );
+            }
+            // Every record written, then a tick: exact.
+            for job in &mut jobs {
+                job.recorded = job.holds.clone();
+                if job.holds.is_none() {
+                    job.active = false;
+                }
+            }
+            // Long after: what was given back before it is forgotten with its job.
+            let listing = snapshot(&jobs, 400 + STALE_AFTER_SECS);
+            drop_inactive(&mut l, &listing.0);
+            recount(&mut l, &listing.1, &listing.0);
+            let truth: u64 = jobs
+                .iter()
+                .filter_map(|j| j.holds.as_ref())
+                .map(|r| r.tokens)
+                .sum();
+            assert_eq!(l.held(), truth, "seed {seed}");
+            assert!(
+                l.released
+                    .keys()
+                    .all(|k| listing.0.active.contains(k.split('#').next().unwrap())),
+                "seed {seed}: given-back rooms are forgotten with their jobs: {:?}",
+                l.released
+            );
+            let unanswered = jobs.iter().filter(|j| j.holds.is_some() && !j.answered);
+            assert_eq!(
+                l.reservations.len(),
+                unanswered.count(),
+                "seed {seed}: only creates not yet answered stay listed"
+            );
+        }
+    }
+
+    #[test]
+    fn a_settled_room_is_given_back_once() {
+        let mut l = Ledger::default();
+        let room = HeldRoom {
+            id: "a".into(),
+            tokens: 40,
+        };
+        l.settled = 100;
+        assert!(l.give_back("k", Some(&room), 0));
+        assert_eq!(l.held(), 60);
+        assert!(!l.give_back("k", Some(&room), 0), "a second release");
+        assert_eq!(l.held(), 60);
+        assert!(!l.give_back("other", None, 0), "nothing held");
     }
 
     #[test]

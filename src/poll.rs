@@ -150,7 +150,11 @@ pub async fn tick(app: &App, j: &Journal) -> Result<TickStats, StepError> {
         entries = app.jobs.active_entries().await?;
     }
     stats.active = entries.len();
-    let active: HashSet<String> = entries.iter().map(|e| e.key.clone()).collect();
+    let rooms = capacity::ActiveRooms::new(
+        listed_at,
+        app.openai.endpoint().as_str(),
+        entries.iter().map(|e| (e.key.as_str(), e.index.as_ref())),
+    );
 
     // Inputs deleted while their job ran, whose BlobDeleted event never came (or Event Grid
     // is not set up): their jobs are cancelled as the event would have.
@@ -213,15 +217,17 @@ pub async fn tick(app: &App, j: &Journal) -> Result<TickStats, StepError> {
             }
         }
     }
-    // A holder that died between reserving room and using it leaves a reservation no job
-    // will release: dropped once its job is no longer active.
-    match capacity::drop_stale(app, &active, listed_at).await {
-        Ok(0) => {}
-        Ok(n) => j.warn(format!(
-            "capacity: dropped {n} reservation(s) of jobs no longer active (a holder died?)"
+    // The ledgers learn from this listing what the active jobs hold; a holder that died
+    // between reserving room and using it leaves a reservation no job will release: dropped
+    // once its job is no longer active.
+    match capacity::settle(app, &rooms).await {
+        Ok(s) if s.dropped > 0 => j.warn(format!(
+            "capacity: dropped {} reservation(s) of jobs no longer active (a holder died?)",
+            s.dropped
         )),
+        Ok(_) => {}
         Err(e) => j.warn(format!(
-            "capacity: stale reservations will be looked for again next tick: {e}"
+            "capacity: the ledgers will be brought up to the active jobs next tick: {e}"
         )),
     }
     let admitted = admit_in_order(app, waiting, &mut no_route, j).await;

@@ -342,14 +342,14 @@ pub async fn run_claimed(
     // not for a timer. The reservation is taken before the create, so two invocations cannot
     // both spend the last room.
     let tokens = job.round_tokens().unwrap_or(facts.tokens);
-    let endpoint = match capacity::reserve(app, &key, &facts.model, tokens).await {
-        Ok(Admission::Admitted { endpoint }) => endpoint,
+    let (endpoint, room) = match capacity::reserve(app, &key, &facts.model, tokens).await {
+        Ok(Admission::Admitted { endpoint, room }) => (endpoint, room),
         Ok(Admission::NoRoom { reason }) => {
             return wait_for_room(app, job, &etag, &reason, j).await;
         }
         Err(e) => return Err(release(app, job, &etag, e.into(), j).await),
     };
-    job.admit_to(&endpoint);
+    job.admit_to(&endpoint, room);
     // While the create may be in flight (bounded by `create_timeout`, retries for
     // throttling included), nobody takes the job over: they could not find the batch yet
     // and would make a second one.
@@ -591,8 +591,12 @@ async fn wait_for_room(
 /// The job's batch will not run (refused for good, failed by us): its reservation goes.
 /// Best effort: should this fail, the tick drops it once the job is no longer active.
 pub async fn free_room<S: crate::jobs::State>(app: &App, job: &Job<S>, j: &Journal) {
+    let first = app.openai.endpoint().to_string();
+    let held = job
+        .room()
+        .map(|room| (job.openai_endpoint().unwrap_or(&first), room));
     if let Some(facts) = job.facts()
-        && let Err(e) = capacity::release(app, &facts.model, job.key()).await
+        && let Err(e) = capacity::release(app, &facts.model, job.key(), held).await
     {
         j.warn(format!(
             "job={}: could not release its room in the capacity ledger (the tick will): {e}",

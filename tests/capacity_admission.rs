@@ -584,6 +584,95 @@ async fn a_refused_edge_try_waits_in_line_and_keeps_the_limit() {
     assert_eq!(refusals(&emulator).await, 1);
 }
 
+/// Our tokens a ledger holds: the settled rooms, less those given back since, and the rooms
+/// still listed one by one.
+fn held_by(ledger: &Value) -> u64 {
+    let given_back: u64 = ledger["released"]
+        .as_object()
+        .map(|m| {
+            m.values()
+                .filter(|r| r["counted"] == true)
+                .map(|r| r["tokens"].as_u64().unwrap())
+                .sum()
+        })
+        .unwrap_or(0);
+    let listed: u64 = ledger["reservations"]
+        .as_object()
+        .unwrap()
+        .values()
+        .map(|r| r["tokens"].as_u64().unwrap())
+        .sum();
+    ledger["settled"].as_u64().unwrap() - given_back + listed
+}
+
+#[tokio::test]
+async fn the_ledger_counts_running_jobs_without_listing_them() {
+    // The ledger is rewritten by every admission: with thousands of batches running it must
+    // not list each of them. A tick counts what the running jobs hold from its listing of
+    // active/, and admission stays as exact as before.
+    let azurite = Azurite::start();
+    let emulator = Emulator::start_with_capacity(&azurite, small_quota(), &["--step-ms", "0"]);
+    let handler = Handler::start(handler_env(&azurite, &emulator));
+    let store = azurite.store();
+    store.ensure_container("batch-output").await.unwrap();
+    for tag in ["a", "b", "c"] {
+        upload_input(&store, &format!("{tag}.jsonl"), &quota_file(tag, REQUESTS)).await;
+        deliver(&handler, &store, &format!("{tag}.jsonl")).await;
+    }
+    assert_eq!(inputs_of(&emulator).await, ["a.jsonl", "b.jsonl"]);
+    let ledger = list_ledgers(&store).await.remove(0);
+    // Just admitted: listed one by one (a and b, files of the same size).
+    assert_eq!(
+        ledger["reservations"].as_object().unwrap().len(),
+        2,
+        "{ledger:#}"
+    );
+    let file_tokens = held_by(&ledger) / 2;
+
+    let (status, answer) = handler.tick().await;
+    assert_eq!(status, 200, "{:?}", answer.logs);
+    let ledger = list_ledgers(&store).await.remove(0);
+    assert_eq!(
+        ledger["reservations"].as_object().unwrap().len(),
+        0,
+        "the running jobs are counted, not listed: {ledger:#}"
+    );
+    assert_eq!(
+        ledger["settled"].as_u64().unwrap(),
+        2 * file_tokens,
+        "{ledger:#}"
+    );
+    assert_eq!(inputs_of(&emulator).await.len(), 2, "c still waits");
+
+    // a ends; the tick that harvests it gives its settled room back and admits c in it.
+    end_batch_of(&emulator, "a.jsonl").await;
+    let (status, answer) = handler.tick().await;
+    assert_eq!(status, 200, "{:?}", answer.logs);
+    assert_eq!(
+        inputs_of(&emulator).await,
+        ["a.jsonl", "b.jsonl", "c.jsonl"],
+        "{:?}",
+        answer.logs
+    );
+    let ledger = list_ledgers(&store).await.remove(0);
+    assert_eq!(held_by(&ledger), 2 * file_tokens, "b and c: {ledger:#}");
+    // d finds no room: nothing was counted twice or lost on the way.
+    upload_input(&store, "d.jsonl", &quota_file("d", REQUESTS)).await;
+    deliver(&handler, &store, "d.jsonl").await;
+    assert_eq!(status_json(&store, "d").await["status"], "queued");
+    let (status, answer) = handler.tick().await;
+    assert_eq!(status, 200, "{:?}", answer.logs);
+    let ledger = list_ledgers(&store).await.remove(0);
+    assert_eq!(held_by(&ledger), 2 * file_tokens, "{ledger:#}");
+    assert_eq!(
+        ledger["reservations"].as_object().unwrap().len(),
+        0,
+        "{ledger:#}"
+    );
+    assert_eq!(inputs_of(&emulator).await.len(), 3, "d waits");
+    assert_eq!(refusals(&emulator).await, 0);
+}
+
 async fn list_ledgers(store: &aoai_blob_batch::storage::BlobStore) -> Vec<Value> {
     use futures::TryStreamExt;
     let names: Vec<String> = store

@@ -35,6 +35,9 @@ mod keys {
     pub const WAIT_MODEL: &str = "ixwaitmodel";
     pub const WAIT_TOKENS: &str = "ixwaittokens";
     pub const WAIT_PLACE: &str = "ixwaitplace";
+    pub const ROOM: &str = "ixroom";
+    pub const ROOM_TOKENS: &str = "ixroomtokens";
+    pub const ROOM_MODEL: &str = "ixroommodel";
 }
 const VERSION: &str = "1";
 
@@ -58,6 +61,19 @@ pub struct JobIndex {
     pub endpoint: Option<String>,
     /// A queued job waiting for room: what it needs and its place as last written.
     pub waiting: Option<WaitingForRoom>,
+    /// The room an admitted job holds at `endpoint`: what lets a tick count every target's
+    /// held tokens from its listing (`capacity::settle`).
+    pub room: Option<RoomHeld>,
+}
+
+/// The room an admitted job holds, as its index tells it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RoomHeld {
+    /// The reservation's id in the capacity ledger.
+    pub id: String,
+    /// The deployment (`body.model`) whose quota holds it.
+    pub model: String,
+    pub tokens: u64,
 }
 
 /// What an admission pass needs to pass over a queued job that still does not fit, without
@@ -89,6 +105,15 @@ impl<S: State> Job<S> {
                     model: facts.model.clone(),
                     tokens: self.round_tokens().unwrap_or(facts.tokens),
                     place,
+                })
+            }),
+            room: self.common.room.as_ref().and_then(|room| {
+                let facts = self.common.facts.as_ref()?;
+                // A reservation from before ids existed stays in the ledger's own list.
+                (!room.id.is_empty()).then(|| RoomHeld {
+                    id: room.id.clone(),
+                    model: facts.model.clone(),
+                    tokens: room.tokens,
                 })
             }),
         }
@@ -159,6 +184,17 @@ impl JobIndex {
             m.insert(keys::WAIT_TOKENS.into(), w.tokens.to_string());
             m.insert(keys::WAIT_PLACE.into(), w.place.to_string());
         }
+        if let Some(r) = &self.room {
+            if header_safe(&r.id) && header_safe(&r.model) {
+                m.insert(keys::ROOM.into(), r.id.clone());
+                m.insert(keys::ROOM_TOKENS.into(), r.tokens.to_string());
+                m.insert(keys::ROOM_MODEL.into(), r.model.clone());
+            } else {
+                // Room a tick could not count from the listing: no index at all, so the
+                // record is read, and no tick recounts the ledger while this job is active.
+                m.remove(keys::VERSION);
+            }
+        }
         m
     }
 
@@ -213,6 +249,14 @@ impl JobIndex {
                     place: count(keys::WAIT_PLACE)?.try_into().ok()?,
                 }),
             },
+            room: match get(keys::ROOM) {
+                None => None,
+                Some(id) => Some(RoomHeld {
+                    id: id.to_string(),
+                    model: get(keys::ROOM_MODEL)?.to_string(),
+                    tokens: count(keys::ROOM_TOKENS)?,
+                }),
+            },
         })
     }
 }
@@ -253,6 +297,7 @@ mod tests {
             cancel_requested: false,
             endpoint: None,
             waiting: None,
+            room: None,
         }
     }
 
@@ -281,6 +326,7 @@ mod tests {
                 cancel_requested: true,
                 endpoint: None,
                 waiting: None,
+                room: None,
             },
             JobIndex {
                 state: JobState::Queued,
@@ -295,9 +341,15 @@ mod tests {
                     tokens: 123_456,
                     place: 3,
                 }),
+                room: None,
             },
             JobIndex {
                 endpoint: Some("https://west.openai.azure.com/".into()),
+                room: Some(RoomHeld {
+                    id: "3f9a0c1e".into(),
+                    model: "gpt-4o-batch".into(),
+                    tokens: 52_000,
+                }),
                 ..running("in_progress", 1)
             },
         ] {
@@ -365,10 +417,22 @@ mod tests {
             cancel_requested: false,
             endpoint: None,
             waiting: None,
+            room: None,
         };
         assert!(ix.quiet_at(10));
         ix.cancel_requested = true;
         assert!(!ix.quiet_at(10));
+    }
+
+    #[test]
+    fn a_room_that_cannot_be_a_header_means_no_index() {
+        let mut ix = running("in_progress", 3);
+        ix.room = Some(RoomHeld {
+            id: "3f9a0c1e".into(),
+            model: "gpt 4o/batch".into(),
+            tokens: 10,
+        });
+        assert_eq!(JobIndex::from_metadata(&ix.to_metadata()), None);
     }
 
     #[test]

@@ -32,7 +32,7 @@ mod record;
 mod store;
 mod wire;
 
-pub use index::{JobIndex, WaitingForRoom};
+pub use index::{JobIndex, RoomHeld, WaitingForRoom};
 pub use record::{
     AnyJob, BatchSeen, CanQueue, Combining, CreateCall, Finished, Harvesting, Holder, Indexed, Job,
     Leased, Missing, MovesResults, Observed, Queued, Running, Split, State, Submitting, Unfinished,
@@ -144,6 +144,16 @@ pub struct InputFacts {
     /// The requests' estimated input tokens (`validate::Report::tokens`); absent in records
     /// written before the estimate existed.
     #[serde(default, skip_serializing_if = "is_zero")]
+    pub tokens: u64,
+}
+
+/// The room a job holds in a target's enqueued-token quota: the reservation `capacity` took
+/// for it, by the id the capacity ledger knows it by, so that the ledger can count what the
+/// active jobs hold from their index instead of keeping one entry per job (`capacity::settle`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct HeldRoom {
+    /// The reservation's id in the ledger; empty for one taken before ids existed.
+    pub id: String,
     pub tokens: u64,
 }
 

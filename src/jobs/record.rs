@@ -16,8 +16,8 @@ use crate::{
 };
 
 use super::{
-    CancelRequest, CancelledBy, HarvestProgress, HistoryEntry, InputFacts, InputRef, JobState,
-    Outcome, PartOf, PartRef, RoundRecord, WireState, job_key,
+    CancelRequest, CancelledBy, HarvestProgress, HeldRoom, HistoryEntry, InputFacts, InputRef,
+    JobState, Outcome, PartOf, PartRef, RoundRecord, WireState, job_key,
 };
 
 /// A job in state `S`. Fields are read through methods and changed only by transitions.
@@ -54,6 +54,9 @@ pub(super) struct Common {
     /// every later call for its batch goes there. `None` in records written before the pool
     /// existed, and before admission: the first endpoint.
     pub(super) openai_endpoint: Option<String>,
+    /// The room it holds there from its admission until it is released (its batch ended) or
+    /// given back (a refusal: it waits again).
+    pub(super) room: Option<HeldRoom>,
     pub(super) created_at: i64,
     pub(super) updated_at: i64,
     pub(super) history: Vec<HistoryEntry>,
@@ -292,6 +295,10 @@ impl<S: State> Job<S> {
     pub fn openai_endpoint(&self) -> Option<&str> {
         self.common.openai_endpoint.as_deref()
     }
+    /// The room its admission reserved, until it waits again.
+    pub fn room(&self) -> Option<&HeldRoom> {
+        self.common.room.as_ref()
+    }
 
     /// The estimated input tokens of the current round's batch: the input's, or for a
     /// follow-up, the input's share for the requests it resubmits (by count: what its
@@ -450,6 +457,7 @@ impl Job<Submitting> {
                 results_folder: None,
                 cancel: None,
                 openai_endpoint: None,
+                room: None,
                 created_at: at,
                 updated_at: at,
                 history: Vec::new(),
@@ -607,6 +615,7 @@ impl<S: CanQueue> Job<S> {
             place: 0,
         });
         job.common.quota_attempts += 1;
+        job.common.room = None;
         job.common.last_error = Some(reason.to_string());
         job.note(
             at,
@@ -628,14 +637,17 @@ impl Job<Submitting> {
             room: true,
             place,
         });
+        job.common.room = None;
         job.common.last_error = Some(reason.to_string());
         job.note(at, format!("waiting for room: {reason}"));
         job
     }
 
-    /// Admitted to `endpoint`: its batch is created there, and looked for there.
-    pub fn admit_to(&mut self, endpoint: &str) {
+    /// Admitted to `endpoint`, holding `room` there: its batch is created there, and looked
+    /// for there.
+    pub fn admit_to(&mut self, endpoint: &str, room: HeldRoom) {
         self.common.openai_endpoint = Some(endpoint.to_string());
+        self.common.room = Some(room);
     }
 }
 

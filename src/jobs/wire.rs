@@ -12,8 +12,8 @@ use serde::{Deserialize, Deserializer, Serialize, Serializer};
 use crate::openai::{BatchStatus, RequestCounts};
 
 use super::{
-    CancelRequest, HarvestProgress, HistoryEntry, InputFacts, InputRef, JobState, Outcome, PartOf,
-    PartRef, RoundRecord,
+    CancelRequest, HarvestProgress, HeldRoom, HistoryEntry, InputFacts, InputRef, JobState,
+    Outcome, PartOf, PartRef, RoundRecord,
     record::{
         AnyJob, BatchSeen, Combining, Common, CreateCall, Finished, Harvesting, Holder, Job,
         Missing, Queued, Running, Split, State, Submitting,
@@ -61,6 +61,9 @@ pub struct Wire {
     /// The endpoint the job was admitted to; absent before the pool (the first endpoint).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     openai_endpoint: Option<String>,
+    /// The room the job holds in the capacity ledger; absent before reservations had ids.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    room: Option<HeldRoom>,
     #[serde(default)]
     last_error: Option<String>,
     #[serde(default)]
@@ -125,6 +128,7 @@ impl<S: State> Job<S> {
             waiting_for_room: false,
             queue_place: 0,
             openai_endpoint: self.common.openai_endpoint.clone(),
+            room: self.common.room.clone(),
             last_error: self.common.last_error.clone(),
             round: self.common.round,
             rounds: self.common.rounds.clone(),
@@ -163,6 +167,7 @@ impl<S: State> Job<S> {
                 results_folder: w.results_folder,
                 cancel: w.cancel,
                 openai_endpoint: w.openai_endpoint,
+                room: w.room,
                 created_at: w.created_at,
                 updated_at: w.updated_at,
                 history: w.history,
