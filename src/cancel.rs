@@ -136,10 +136,12 @@ fn deleted_version<'a>(versions: &'a [Version], current: Option<&str>) -> Option
 /// names are not inputs' keys and are skipped. `present`: the names in the input container,
 /// from the listing the tick's sweep made (one listing serves both), which must have been
 /// taken after `active` was: a job created after the listing would otherwise look deleted.
+/// That listing may be a window of the container: only names it `covers` are judged.
 pub async fn sweep_deleted(
     app: &App,
     active: &[String],
     present: &std::collections::HashSet<&str>,
+    covers: impl Fn(&str) -> bool,
     j: &Journal,
 ) -> Result<(), StepError> {
     let mut names: Vec<&str> = active
@@ -147,7 +149,7 @@ pub async fn sweep_deleted(
         .filter_map(|k| k.rsplit_once('@'))
         .filter(|(name, etag)| !etag.contains('/') && !name.ends_with('…'))
         .map(|(name, _)| name)
-        .filter(|name| !present.contains(name))
+        .filter(|name| covers(name) && !present.contains(name))
         .collect();
     names.sort_unstable();
     names.dedup();

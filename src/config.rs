@@ -23,6 +23,7 @@ pub mod names {
     pub const RESUBMIT_EXPIRED: &str = "BATCH_RESUBMIT_EXPIRED";
     pub const RESUBMIT_CANCELLED: &str = "BATCH_RESUBMIT_CANCELLED";
     pub const MAX_FOLLOWUPS: &str = "BATCH_MAX_FOLLOWUPS";
+    pub const SWEEP_INPUTS_PER_TICK: &str = "BATCH_SWEEP_INPUTS_PER_TICK";
     pub const SPLIT_MAX_REQUESTS: &str = "BATCH_SPLIT_MAX_REQUESTS";
     pub const SPLIT_MAX_BYTES: &str = "BATCH_SPLIT_MAX_BYTES";
     pub const ENQUEUED_TOKEN_LIMIT: &str = "BATCH_ENQUEUED_TOKEN_LIMIT";
@@ -167,6 +168,9 @@ pub struct Config {
     /// How far before its mark the timer's sweep looks again (`poll`): storage's clock on
     /// a blob's Last-Modified, with room for a commit that lands while the listing runs.
     pub sweep_overlap_secs: i64,
+    /// How many names of the input container the timer's sweep lists per tick: a larger
+    /// container is covered over several ticks, so no tick's cost grows with its history.
+    pub sweep_inputs_per_tick: u32,
 }
 
 /// A webhook signing secret's key bytes: the base64 after `whsec_`. Never printed.
@@ -476,6 +480,12 @@ impl Config {
                     ..service
                 }
             },
+            sweep_inputs_per_tick: ranged(
+                names::SWEEP_INPUTS_PER_TICK,
+                20_000,
+                1..=1_000_000,
+                "names of the input container listed per tick",
+            )? as u32,
             test_fault: get(names::TEST_FAULT).filter(|_| TEST_SWITCHES_COMPILED),
             test_validate_delay: test_delay(names::TEST_VALIDATE_DELAY_MS)?,
             test_harvest_delay: test_delay(names::TEST_HARVEST_DELAY_MS)?,

@@ -10,7 +10,7 @@
 //!                   └────────────────────┴───────────┴──▶ cancel (a leaf: server and cli call it too)
 //!                   │
 //!  admission     capacity (the ledger per target: room, reservations; `submit`, `poll`,
-//!                   │      `harvest` call it)
+//!                   │      `harvest` call it)   sweep (the input container a window a tick; `poll`)
 //!  context       app (App: settings, clients, clock; Journal; StepError; guarded; fault points)
 //!                   │
 //!  job model     summary ──▶ status (status.json) ──▶ jobs (records, typed states, their store)
@@ -44,5 +44,6 @@ pub mod status;
 pub mod storage;
 pub mod submit;
 pub mod summary;
+pub mod sweep;
 pub mod validate;
 pub mod webhook;

@@ -32,6 +32,7 @@ use crate::{
     outputs, split,
     storage::BlobInfo,
     submit::{self, fail_job, queue_for_quota},
+    sweep::InputWindow,
 };
 
 /// Jobs handled at once in a tick: with a 50 ms service round trip and three calls per job,
@@ -132,15 +133,27 @@ pub async fn tick(app: &App, j: &Journal) -> Result<TickStats, StepError> {
     let mut listed_at = app.now();
     let mut entries = app.jobs.active_entries().await?;
     let active: HashSet<String> = entries.iter().map(|e| e.key.clone()).collect();
-    // One listing of the input container, after the active jobs', serves both the sweep and
-    // the look for deleted inputs below (it was made twice a tick, the larger part of a
-    // tick's storage time with thousands of inputs: BENCHMARKS.md, tick scale).
-    let inputs: Vec<BlobInfo> = app
-        .store
-        .list(&app.config.input_container, "")
-        .try_collect()
-        .await?;
-    stats.swept = sweep(app, &inputs, &active, &mut no_route, &mut stats, j).await?;
+    // One listing of a window of the input container, after the active jobs', serves both
+    // the sweep and the look for deleted inputs below (it was made twice a tick, the larger
+    // part of a tick's storage time with thousands of inputs: BENCHMARKS.md, tick scale).
+    let sweep_state = app.jobs.sweep_state().await?;
+    let window_at = app.now();
+    let window = InputWindow::list(app, &sweep_state, app.config.sweep_inputs_per_tick).await?;
+    let swept = sweep(
+        app,
+        &window.inputs,
+        sweep_state.mark,
+        &active,
+        &mut no_route,
+        &mut stats,
+        j,
+    )
+    .await?;
+    stats.swept = swept.taken_in;
+    let next_state = window.advance(&sweep_state, swept.newest, swept.all_taken, window_at);
+    if next_state != sweep_state {
+        app.jobs.set_sweep_state(&next_state).await?;
+    }
     // Jobs listed before the inputs were: only their inputs' absence from that listing says
     // they were deleted (a job the trigger creates after it would look deleted).
     let listed_before: Vec<String> = entries.iter().map(|e| e.key.clone()).collect();
@@ -157,9 +170,11 @@ pub async fn tick(app: &App, j: &Journal) -> Result<TickStats, StepError> {
     );
 
     // Inputs deleted while their job ran, whose BlobDeleted event never came (or Event Grid
-    // is not set up): their jobs are cancelled as the event would have.
-    let present: HashSet<&str> = inputs.iter().map(|b| b.name.as_str()).collect();
-    if let Err(e) = cancel::sweep_deleted(app, &listed_before, &present, j).await {
+    // is not set up): their jobs are cancelled as the event would have, as far as this
+    // tick's window of the inputs can tell.
+    let present: HashSet<&str> = window.inputs.iter().map(|b| b.name.as_str()).collect();
+    let covered = |name: &str| window.covers(name);
+    if let Err(e) = cancel::sweep_deleted(app, &listed_before, &present, covered, j).await {
         j.error(format!(
             "sweep: deleted inputs will be looked for again next tick: {e}"
         ));
@@ -302,23 +317,33 @@ async fn list_running(
     Ok(all)
 }
 
-/// Submits inputs that have no job record for their current version.
+/// What a tick's sweep of its window of inputs did.
+struct Swept {
+    taken_in: usize,
+    /// The newest Last-Modified among the window's inputs.
+    newest: Option<i64>,
+    /// Every input it took in went through (else the sweep's mark stays, see `sweep`).
+    all_taken: bool,
+}
+
+/// Submits the inputs of this tick's window (`sweep::InputWindow`) that have no job record
+/// for their current version.
 ///
-/// Its cost does not grow with the history: a sweep that finishes records a mark (the newest
-/// Last-Modified among the inputs it saw, storage's clock), and the next looks only at inputs
-/// modified since then, less an overlap for a commit that lands while the listing runs. An
-/// input older than that was looked at by an earlier sweep, and a re-upload is modified anew.
+/// Its cost does not grow with the history: besides the window's size, a cycle of windows
+/// that finishes records a mark (see `sweep`), and the next looks only at inputs modified
+/// since then, less an overlap for a commit that lands while the listing runs. An input
+/// older than that was looked at by an earlier cycle, and a re-upload is modified anew.
 /// Whether such a recent input's job has finished is asked of it alone, so `done/` is never
-/// listed; only the very first sweep (no mark yet) lists it, once.
+/// listed; only the very first cycle (no mark yet) lists it.
 async fn sweep(
     app: &App,
     inputs: &[BlobInfo],
+    mark: Option<i64>,
     active: &HashSet<String>,
     no_route: &mut NoSuchRoute,
     stats: &mut TickStats,
     j: &Journal,
-) -> Result<usize, StepError> {
-    let mark = app.jobs.sweep_mark().await?;
+) -> Result<Swept, StepError> {
     let (inputs, others): (Vec<&BlobInfo>, Vec<&BlobInfo>) =
         inputs.iter().partition(|b| b.name.ends_with(".jsonl"));
     // Nothing dropped in is ignored silently: a `data.JSONL` or `data.json` is not an
@@ -400,15 +425,13 @@ async fn sweep(
             }
         }
     }
-    // The mark moves only past a sweep that took in everything it found: an input whose
-    // intake failed is looked at again next tick.
-    if all_taken
-        && let Some(newest) = newest
-        && mark.is_none_or(|m| newest > m)
-    {
-        app.jobs.set_sweep_mark(newest).await?;
-    }
-    Ok(count)
+    // The mark moves only past a cycle that took in everything it found: an input whose
+    // intake failed is looked at again.
+    Ok(Swept {
+        taken_in: count,
+        newest,
+        all_taken,
+    })
 }
 
 /// Moves one active job a step. `listed`: its batch as this tick's list walk showed it.

@@ -775,6 +775,50 @@ impl BlobStore {
         self.list_entries(container, prefix, true)
     }
 
+    /// One page of [`Self::list`]: at most `max` blobs (5,000 at most, storage's own cap),
+    /// from `marker` (the continuation a previous page gave; `None`: the first), and the
+    /// continuation for the next page (`None`: this was the last). Storage's markers stay
+    /// valid across requests, so a listing can be spread over several invocations.
+    pub async fn list_page(
+        &self,
+        container: &str,
+        marker: Option<String>,
+        max: u32,
+    ) -> Result<(Vec<BlobInfo>, Option<String>)> {
+        let client = self.service.blob_container_client(container);
+        let options = BlobContainerClientListBlobsOptions {
+            maxresults: Some(max.clamp(1, 5000) as i32),
+            marker,
+            ..Default::default()
+        };
+        let fail = |e| StorageError::from_sdk("list", container, "", e);
+        let mut pages = client.list_blobs(Some(options)).map_err(fail)?.into_pages();
+        let Some(page) = pages.try_next().await.map_err(fail)? else {
+            return Ok((Vec::new(), None));
+        };
+        let page = page.into_model().map_err(fail)?;
+        let blobs = page
+            .blob_items
+            .into_iter()
+            .map(|item| {
+                let props = item.properties.unwrap_or_default();
+                let name = item.name.unwrap_or_default();
+                Ok(BlobInfo {
+                    etag: required_etag(
+                        props.etag.map(|e| e.to_string()),
+                        "list",
+                        container,
+                        &name,
+                    )?,
+                    name,
+                    size: props.content_length.unwrap_or(0),
+                    modified: props.last_modified.map(|t| t.unix_timestamp()),
+                })
+            })
+            .collect::<Result<Vec<_>>>()?;
+        Ok((blobs, page.next_marker.filter(|m| !m.is_empty())))
+    }
+
     fn list_entries(
         &self,
         container: &str,

@@ -399,3 +399,84 @@ async fn a_tick_lists_the_input_container_once() {
         "{logs:#?}"
     );
 }
+
+/// The inputs the emulator has a batch for, by name.
+async fn batched_inputs(s: &Stack) -> Vec<String> {
+    let mut names: Vec<String> = s
+        .emulator
+        .batches()
+        .await
+        .into_iter()
+        .filter_map(|b| b.input_blob)
+        .map(|u| u.rsplit('/').next().unwrap().to_string())
+        .collect();
+    names.sort();
+    names
+}
+
+#[tokio::test]
+async fn a_large_input_container_is_swept_a_window_a_tick() {
+    // Inputs stay in batch-input after their results are in, so the sweep must not list the
+    // whole container every tick: here 3 names a tick (the default is 20,000). Seven inputs
+    // that came without events are taken in over a cycle of three ticks; one uploaded into
+    // a range already listed is found by the next cycle; a deleted input's job is cancelled
+    // by the window that covers its name, and no other job is.
+    let s = Stack::start(&["--step-ms", "0"], &[("BATCH_SWEEP_INPUTS_PER_TICK", "3")]);
+    let store = s.azurite.store();
+    store.ensure_container("batch-input").await.unwrap();
+    let body = |tag: &str| format!("{}\n", chat_line(tag, "hello")).into_bytes();
+    for i in 1..=7 {
+        upload_input(&store, &format!("i{i}.jsonl"), &body(&format!("i{i}"))).await;
+    }
+    let names = |r: std::ops::RangeInclusive<u32>| -> Vec<String> {
+        r.map(|i| format!("i{i}.jsonl")).collect()
+    };
+    tick(&s).await;
+    assert_eq!(batched_inputs(&s).await, names(1..=3), "the first window");
+    // Uploaded into the range the cycle has passed: the next cycle finds it.
+    upload_input(&store, "i0.jsonl", &body("i0")).await;
+    tick(&s).await;
+    assert_eq!(batched_inputs(&s).await, names(1..=6), "the second window");
+    // i2 is deleted without its event: the first window of the next cycle covers its name.
+    assert!(store.delete("batch-input", "i2.jsonl", None).await.unwrap());
+    let figures = tick(&s).await;
+    assert_eq!(
+        batched_inputs(&s).await,
+        names(1..=7),
+        "the cycle's last window"
+    );
+    assert_eq!(
+        figures["running"], 7,
+        "no job cancelled by a window not covering it"
+    );
+    let (status, answer) = s.handler.tick().await;
+    assert_eq!(status, 200);
+    assert_eq!(
+        batched_inputs(&s).await,
+        names(0..=7),
+        "the next cycle's first window: {:?}",
+        answer.logs
+    );
+    let cancelled: Vec<&String> = answer
+        .logs
+        .iter()
+        .filter(|l| l.contains("event=input_deleted"))
+        .collect();
+    assert_eq!(cancelled.len(), 1, "{:#?}", answer.logs);
+    assert!(cancelled[0].contains("i2.jsonl"), "{cancelled:?}");
+    let batches = s.emulator.batches().await;
+    use aoai_blob_batch::openai::BatchStatus::{Cancelled, Cancelling};
+    let live = batches
+        .iter()
+        .filter(|b| !b.status.is_terminal() && !matches!(b.status, Cancelling))
+        .count();
+    assert!(
+        batches.iter().any(|b| b
+            .input_blob
+            .as_deref()
+            .is_some_and(|u| u.ends_with("/i2.jsonl"))
+            && matches!(b.status, Cancelling | Cancelled)),
+        "i2's batch cancelled: {batches:#?}"
+    );
+    assert_eq!(live, 7, "the seven others run on: {batches:#?}");
+}

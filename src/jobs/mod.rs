@@ -37,7 +37,7 @@ pub use record::{
     AnyJob, BatchSeen, CanQueue, Combining, CreateCall, Finished, Harvesting, Holder, Indexed, Job,
     Leased, Missing, MovesResults, Observed, Queued, Running, Split, State, Submitting, Unfinished,
 };
-pub use store::{ActiveEntry, Claim, JobStore, JobStoreError, Version};
+pub use store::{ActiveEntry, Claim, JobStore, JobStoreError, SweepState, Version};
 pub use wire::{InvalidRecord, Wire, WireState};
 
 use serde::{Deserialize, Serialize};

@@ -75,12 +75,32 @@ const DONE: &str = "done/";
 /// Where the timer's sweep keeps its mark (`sweep_mark`).
 const SWEEP_MARK: &str = "sweep.json";
 
-/// The sweep's mark as stored.
-#[derive(serde::Serialize, serde::Deserialize)]
-struct SweepMark {
+/// Where the timer's sweep of the input container stands, as stored. A sweep lists the
+/// container a window of pages per tick (`BATCH_SWEEP_INPUTS_PER_TICK`); a container larger
+/// than one window is covered over several ticks, a cycle.
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct SweepState {
     /// Every input last modified before this (storage's clock, unix seconds) was looked at
-    /// by a sweep that finished.
-    inputs_seen_until: i64,
+    /// by a cycle that finished with every input it found taken in. `None`: no cycle has.
+    #[serde(rename = "inputs_seen_until", default)]
+    pub mark: Option<i64>,
+    /// Where the cycle under way goes on (storage's continuation marker); `None`: the next
+    /// window starts a cycle.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cursor: Option<String>,
+    /// The last name the cycle's previous window listed: the next window covers the names
+    /// after it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub after: Option<String>,
+    /// When the cycle under way began (this handler's clock).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cycle_started_at: Option<i64>,
+    /// The newest Last-Modified the cycle has seen so far.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cycle_newest: Option<i64>,
+    /// An intake the cycle started failed: its mark does not move.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub cycle_faulted: bool,
 }
 
 impl JobStore {
@@ -278,18 +298,19 @@ impl JobStore {
 
     /// The sweep's mark; `None` before the first sweep finished, or when the mark cannot be
     /// read: the sweep then looks at every input, as it always did.
-    pub async fn sweep_mark(&self) -> Result<Option<i64>, JobStoreError> {
+    /// The sweep's state; the default (a first cycle) when none is stored or it cannot be
+    /// read.
+    pub async fn sweep_state(&self) -> Result<SweepState, JobStoreError> {
         Ok(self
             .store
             .read(&self.container, SWEEP_MARK)
             .await?
-            .and_then(|(bytes, _)| serde_json::from_slice::<SweepMark>(&bytes).ok())
-            .map(|m| m.inputs_seen_until))
+            .and_then(|(bytes, _)| serde_json::from_slice::<SweepState>(&bytes).ok())
+            .unwrap_or_default())
     }
 
-    pub async fn set_sweep_mark(&self, inputs_seen_until: i64) -> Result<(), JobStoreError> {
-        let body = serde_json::to_vec(&SweepMark { inputs_seen_until })
-            .expect("a struct of one integer serializes");
+    pub async fn set_sweep_state(&self, state: &SweepState) -> Result<(), JobStoreError> {
+        let body = serde_json::to_vec(state).expect("the sweep's state serializes");
         self.store
             .write(
                 &self.container,
