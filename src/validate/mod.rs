@@ -48,6 +48,7 @@ use std::io::Read;
 use futures::{Stream, StreamExt};
 use serde::{Deserialize, Serialize};
 
+mod bpe;
 mod ids;
 mod messages;
 mod parts;

@@ -8,7 +8,8 @@
 //! lookup. Exactness is tested against tiktoken on generated text (the tests below).
 
 use rustc_hash::FxHashMap;
-use tiktoken_rs::CoreBPE;
+
+use super::bpe::Tokenizer;
 
 /// Pieces remembered per tokenizer at most (a few MB); beyond, the memory is cleared and refilled
 /// (a file of ever-new words must not grow it without bound).
@@ -40,13 +41,33 @@ fn short_key(piece: &[u8]) -> Option<u128> {
     Some(u128::from_le_bytes(bytes))
 }
 
+/// [`short_key`] of `word`, a slice of `text`, read as one 16-byte load from `text` and masked
+/// when 16 bytes are there: the same key without copying the bytes one piece at a time (the
+/// copy was 8% of the validator's time, BENCHMARKS.md).
+fn short_key_in(text: &[u8], word: &[u8]) -> Option<u128> {
+    let len = word.len();
+    if len > SHORT {
+        return None;
+    }
+    let start = word.as_ptr() as usize - text.as_ptr() as usize;
+    match text.get(start..start + 16) {
+        Some(chunk) => {
+            let bytes = u128::from_le_bytes(chunk.try_into().expect("16 bytes"));
+            let mask = (1u128 << (8 * len)) - 1;
+            Some((bytes & mask) | ((len as u128) << 120))
+        }
+        None => short_key(word),
+    }
+}
+
 impl Counter {
     /// The tokens of `text` by `bpe`, tiktoken's encoding whose pre-tokenizer is `pattern`'s.
-    pub(super) fn count(&mut self, bpe: &CoreBPE, pattern: Pattern, text: &str) -> u64 {
+    pub(super) fn count(&mut self, bpe: &Tokenizer, pattern: Pattern, text: &str) -> u64 {
         let mut total = 0u64;
-        for word in words(text.as_bytes()) {
+        let bytes = text.as_bytes();
+        for word in words(bytes) {
             // A short word seen before is one lookup, without cutting it into pieces.
-            let Some(key) = short_key(word) else {
+            let Some(key) = short_key_in(bytes, word) else {
                 total += self.word(bpe, pattern, word);
                 continue;
             };
@@ -65,7 +86,7 @@ impl Counter {
     }
 
     /// The tokens of one of `words`' words.
-    fn word(&mut self, bpe: &CoreBPE, pattern: Pattern, word: &[u8]) -> u64 {
+    fn word(&mut self, bpe: &Tokenizer, pattern: Pattern, word: &[u8]) -> u64 {
         if word.is_ascii() {
             split_ascii(pattern, word)
                 .map(|piece| self.remembered(bpe, piece))
@@ -78,7 +99,7 @@ impl Counter {
     }
 
     /// The count of `piece` (a whole number of tiktoken's pieces), remembered.
-    fn remembered(&mut self, bpe: &CoreBPE, piece: &[u8]) -> u64 {
+    fn remembered(&mut self, bpe: &Tokenizer, piece: &[u8]) -> u64 {
         let key = short_key(piece);
         let known = match key {
             Some(k) => self.short.get(&k),
@@ -89,7 +110,7 @@ impl Counter {
         }
         // `words` cuts only between ASCII bytes, so a word is always whole UTF-8.
         let text = std::str::from_utf8(piece).expect("cut on ASCII boundaries");
-        let n = bpe.encode_ordinary(text).len() as u32;
+        let n = bpe.count(text) as u32;
         if self.short.len() + self.long.len() >= MAX_REMEMBERED {
             self.short.clear();
             self.long.clear();
@@ -270,6 +291,7 @@ fn letters(pattern: Pattern, s: &[u8]) -> Option<usize> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use tiktoken_rs::CoreBPE;
 
     fn tiktoken_pieces(bpe: &CoreBPE, text: &str) -> u64 {
         bpe.encode_ordinary(text).len() as u64
@@ -300,14 +322,16 @@ mod tests {
 
     #[test]
     fn counts_equal_tiktokens_on_generated_text() {
-        for (name, bpe, pattern) in [
+        for (name, ours, bpe, pattern) in [
             (
                 "o200k_base",
+                Tokenizer::o200k(),
                 tiktoken_rs::o200k_base_singleton(),
                 Pattern::O200k,
             ),
             (
                 "cl100k_base",
+                Tokenizer::cl100k(),
                 tiktoken_rs::cl100k_base_singleton(),
                 Pattern::Cl100k,
             ),
@@ -316,10 +340,21 @@ mod tests {
             for seed in 0..3000 {
                 let text = generated(seed, 1 + (seed as usize % 40));
                 assert_eq!(
-                    counter.count(bpe, pattern, &text),
+                    counter.count(ours, pattern, &text),
                     tiktoken_pieces(bpe, &text),
                     "{name}: {text:?}"
                 );
+            }
+        }
+    }
+
+    #[test]
+    fn a_key_read_in_place_is_the_copied_key() {
+        let text = b"a\0b hello\0\0 world, abcdefghijklmno abcdefghijklmnop x";
+        for start in 0..text.len() {
+            for end in start + 1..=text.len() {
+                let word = &text[start..end];
+                assert_eq!(short_key_in(text, word), short_key(word), "{word:?}");
             }
         }
     }
@@ -346,15 +381,23 @@ mod tests {
             " 日本語のテキスト",
             " 日本語のテキストです",
         ];
-        for (bpe, pattern) in [
-            (tiktoken_rs::o200k_base_singleton(), Pattern::O200k),
-            (tiktoken_rs::cl100k_base_singleton(), Pattern::Cl100k),
+        for (ours, bpe, pattern) in [
+            (
+                Tokenizer::o200k(),
+                tiktoken_rs::o200k_base_singleton(),
+                Pattern::O200k,
+            ),
+            (
+                Tokenizer::cl100k(),
+                tiktoken_rs::cl100k_base_singleton(),
+                Pattern::Cl100k,
+            ),
         ] {
             let mut counter = Counter::default();
             for _ in 0..2 {
                 for s in samples {
                     assert_eq!(
-                        counter.count(bpe, pattern, s),
+                        counter.count(ours, pattern, s),
                         tiktoken_pieces(bpe, s),
                         "{s:?}"
                     );
@@ -378,16 +421,24 @@ mod tests {
             "Summarise ticket #7: \"the app crashes\" when saving — café, naïve, 日本語. Lorem ipsum.",
             "Ünïcödé wörds ánd ASCII mixed; 😀 emoji, Ñandú's nest.",
         ];
-        for (bpe, pattern) in [
-            (tiktoken_rs::o200k_base_singleton(), Pattern::O200k),
-            (tiktoken_rs::cl100k_base_singleton(), Pattern::Cl100k),
+        for (ours, bpe, pattern) in [
+            (
+                Tokenizer::o200k(),
+                tiktoken_rs::o200k_base_singleton(),
+                Pattern::O200k,
+            ),
+            (
+                Tokenizer::cl100k(),
+                tiktoken_rs::cl100k_base_singleton(),
+                Pattern::Cl100k,
+            ),
         ] {
             let mut counter = Counter::default();
             for s in samples {
                 let expected = tiktoken_pieces(bpe, s);
-                assert_eq!(counter.count(bpe, pattern, s), expected, "{s:?}");
+                assert_eq!(counter.count(ours, pattern, s), expected, "{s:?}");
                 // A second time from memory: the same.
-                assert_eq!(counter.count(bpe, pattern, s), expected, "{s:?}");
+                assert_eq!(counter.count(ours, pattern, s), expected, "{s:?}");
             }
         }
     }
