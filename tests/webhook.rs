@@ -380,16 +380,21 @@ async fn wait_for_state(s: &Stack, state: &str) {
 async fn a_harvester_arriving_mid_harvest_leaves_the_job_to_its_holder() {
     // The first handler takes a while between recording the batch's end and moving its
     // results (as a large result file would make it); a second handler, another instance
-    // of the app, gets the webhook and its own tick meanwhile.
+    // of the app, gets the webhook and its own tick meanwhile. The holder does not renew its
+    // hold during that pause, and storage dates a lease to the second, so the tests' 2 s lease
+    // can lapse after 1 s, before the pause ends: a 10 s lease keeps the holder live while
+    // the second one arrives, however slowly it does.
     let s = Stack::start(
         &["--step-ms", "0"],
         &[
             ("AZURE_OPENAI_WEBHOOK_SECRET", SECRET),
             ("BATCH_TEST_HARVEST_DELAY_MS", "1500"),
+            ("BATCH_SUBMIT_LEASE_SECONDS", "10"),
         ],
     );
     let mut env = handler_env(&s.azurite, &s.emulator);
     env.push(("AZURE_OPENAI_WEBHOOK_SECRET".into(), SECRET.into()));
+    env.push(("BATCH_SUBMIT_LEASE_SECONDS".into(), "10".into()));
     let other = Handler::start(env);
     let batch_id = submit_sample(&s).await;
     finish_batch(&s, &batch_id).await;
