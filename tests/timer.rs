@@ -23,6 +23,24 @@ fn lines(n: usize, prefix: &str) -> Vec<u8> {
     chat_lines(n, prefix, "question number")
 }
 
+/// The first line of the handler's output that `pred` accepts. The handler writes it before
+/// the invocation answers, but this process reads the child's pipes on threads of its own,
+/// which a busy machine can run after the answer has been read: the line is waited for.
+async fn logged(handler: &Handler, what: &str, pred: impl Fn(&str) -> bool) -> String {
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let logs = handler.proc.logs();
+        if let Some(line) = logs.lines().find(|l| pred(l)) {
+            return line.to_string();
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no {what} in the handler's output:\n{logs}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
 impl Stack {
     async fn merged(&self, path: &str) -> Vec<Value> {
         read_text(
@@ -181,11 +199,10 @@ async fn a_failed_batch_reports_the_service_errors() {
         notes.contains("model_not_found: body.model must be the name of a batch deployment"),
         "{summary}"
     );
-    let logs = s.handler.proc.logs();
-    let warned = logs
-        .lines()
-        .find(|l| l.contains("WARN") && l.contains("service errors: model_not_found"))
-        .unwrap_or_else(|| panic!("no service-error line in the logs:\n{logs}"));
+    let warned = logged(&s.handler, "service-error line", |l| {
+        l.contains("WARN") && l.contains("service errors: model_not_found")
+    })
+    .await;
     assert!(warned.contains("job=failing.jsonl@"), "{warned}");
     assert!(warned.contains("body.model must be"), "{warned}");
 }
@@ -357,13 +374,12 @@ async fn a_file_nobody_announced_is_found_by_the_sweep() {
     assert_eq!(summary["status"], "completed");
     assert_eq!(s.emulator.batches().await.len(), 1);
     // The file that is not an input is not taken in, and the log says so.
-    let logs = s.handler.proc.logs();
-    assert!(
-        logs.lines().any(|l| l.contains("WARN")
+    logged(&s.handler, "line about quiet/notes.txt", |l| {
+        l.contains("WARN")
             && l.contains("1 blob(s) in batch-input are not submitted")
-            && l.contains("quiet/notes.txt")),
-        "{logs}"
-    );
+            && l.contains("quiet/notes.txt")
+    })
+    .await;
 }
 
 #[tokio::test]

@@ -153,9 +153,11 @@ async fn a_crash_between_create_and_record_still_makes_one_batch() {
     let (url, etag) = upload_input(&store, "test.jsonl", &seed()).await;
     let payload = trigger_payload(blob_created_event(&url, &etag, 10));
 
-    // A create may be in flight for BATCH_CREATE_TIMEOUT_SECONDS; 2 s here, like the lease.
+    // A create may be in flight for BATCH_CREATE_TIMEOUT_SECONDS: 30 s here, so that the
+    // first redelivery below meets the dead claim still live however long the second handler
+    // takes to start (with 2 s, a slow start let the window lapse and that redelivery adopt).
     let mut env = handler_env(&azurite, &emulator);
-    env.push(("BATCH_CREATE_TIMEOUT_SECONDS".into(), "2".into()));
+    env.push(("BATCH_CREATE_TIMEOUT_SECONDS".into(), "30".into()));
     let mut faulty = env.clone();
     faulty.push(("BATCH_TEST_FAULT".into(), "submit:after-create".into()));
     let mut crashing = Handler::start(faulty);
@@ -176,13 +178,18 @@ async fn a_crash_between_create_and_record_still_makes_one_batch() {
     );
 
     let handler = Handler::start(env);
-    // Redelivered while the dead claim's lease (2 s in tests) still runs: deferred, no batch.
-    let (status, _) = handler.invoke("function-trigger", &payload).await;
-    assert_eq!(status, 200);
+    // Redelivered while the dead claim's create window still runs: deferred, no batch.
+    let (status, answer) = handler.invoke("function-trigger", &payload).await;
+    assert_eq!(status, 200, "{:?}", answer.logs);
+    assert!(
+        !answer.logs.join("\n").contains("adopted"),
+        "{:?}",
+        answer.logs
+    );
     assert_eq!(emulator.batches().await.len(), 1);
-    // The dead claim's lease and create window (2 s each) lapse: no waiting, the handler's
+    // The dead claim's lease (2 s) and create window (30 s) lapse: no waiting, the handler's
     // clock is moved past them.
-    advance_clock(&handler, 3).await;
+    advance_clock(&handler, 31).await;
     let (status, answer) = handler.invoke("function-trigger", &payload).await;
     assert_eq!(status, 200, "{:?}", answer.logs);
     let logs = answer.logs.join("\n");
