@@ -73,6 +73,10 @@ pub async fn harvest_batch(
 
     // Results of an earlier version of this input must not mix with this one's.
     if !job.progress().cleared {
+        // This invocation may have paused past its hold (a slow call, a stalled instance)
+        // while another took the job over and filed its results: the record's If-Match
+        // write, which also renews the hold, tells before anything in the folder is deleted.
+        etag = save_progress(app, &mut job, &etag).await?;
         if first_round {
             clear_folder(app, &out, &path).await?;
         }

@@ -113,6 +113,8 @@ pub async fn combine_parts(
     let out = app.config.output_container.clone();
     let path = results_folder(app, &mut job, j).await?;
     if !job.progress().cleared {
+        // Held still? (see `harvest::harvest_batch`): asked before the folder is cleared.
+        etag = save_progress(app, &mut job, &etag).await?;
         clear_folder(app, &out, &path).await?;
         job.progress_mut().cleared = true;
         etag = save_progress(app, &mut job, &etag).await?;

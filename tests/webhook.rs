@@ -433,13 +433,11 @@ async fn a_harvester_arriving_mid_harvest_leaves_the_job_to_its_holder() {
 /// A holder that pauses between taking the job and its first step in the folder (a slow
 /// retrieve, a wait on the capacity ledger, a stalled instance) longer than its lease is
 /// taken over, rightly; the new holder moves the results and files the job. When the old one
-/// wakes, it must find it lost the job before it touches the folder: today its first step
-/// clears `results.jsonl`, `errors.jsonl` and `merged.jsonl` (the folder of an earlier input
-/// version, it assumes), and only its record write after that fails (412). The summary then
-/// names results that are gone, and the service's copy was already deleted by the new holder.
+/// wakes, it must find it lost the job before it touches the folder. Its first step clears
+/// `results.jsonl`, `errors.jsonl` and `merged.jsonl` (the folder of an earlier input version,
+/// it assumes); when only its record write after that failed (412), the summary named results
+/// that were gone, and the service's copy was already deleted by the new holder.
 #[tokio::test]
-#[ignore = "real bug, reported: a holder whose hold lapsed clears the folder its successor \
-            filled (src/harvest.rs clears before its first If-Match write)"]
 async fn a_holder_whose_hold_lapsed_does_not_clear_what_its_successor_moved() {
     // A pauses 3 s after taking the job; its hold is 2 s.
     let s = Stack::start(
