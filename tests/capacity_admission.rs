@@ -43,19 +43,6 @@ async fn unfinished(emulator: &Emulator) -> Vec<Batch> {
         .collect()
 }
 
-/// The input blob names of the emulator's batches.
-async fn inputs_of(emulator: &Emulator) -> Vec<String> {
-    let mut names: Vec<String> = emulator
-        .batches()
-        .await
-        .into_iter()
-        .filter_map(|b| b.input_blob)
-        .map(|u| u.rsplit('/').next().unwrap().to_string())
-        .collect();
-    names.sort();
-    names
-}
-
 async fn deliver(handler: &Handler, store: &aoai_blob_batch::storage::BlobStore, name: &str) {
     let body = store
         .read("batch-input", name)

@@ -400,20 +400,6 @@ async fn a_tick_lists_the_input_container_once() {
     );
 }
 
-/// The inputs the emulator has a batch for, by name.
-async fn batched_inputs(s: &Stack) -> Vec<String> {
-    let mut names: Vec<String> = s
-        .emulator
-        .batches()
-        .await
-        .into_iter()
-        .filter_map(|b| b.input_blob)
-        .map(|u| u.rsplit('/').next().unwrap().to_string())
-        .collect();
-    names.sort();
-    names
-}
-
 #[tokio::test]
 async fn a_large_input_container_is_swept_a_window_a_tick() {
     // Inputs stay in batch-input after their results are in, so the sweep must not list the
@@ -432,16 +418,24 @@ async fn a_large_input_container_is_swept_a_window_a_tick() {
         r.map(|i| format!("i{i}.jsonl")).collect()
     };
     tick(&s).await;
-    assert_eq!(batched_inputs(&s).await, names(1..=3), "the first window");
+    assert_eq!(
+        inputs_of(&s.emulator).await,
+        names(1..=3),
+        "the first window"
+    );
     // Uploaded into the range the cycle has passed: the next cycle finds it.
     upload_input(&store, "i0.jsonl", &body("i0")).await;
     tick(&s).await;
-    assert_eq!(batched_inputs(&s).await, names(1..=6), "the second window");
+    assert_eq!(
+        inputs_of(&s.emulator).await,
+        names(1..=6),
+        "the second window"
+    );
     // i2 is deleted without its event: the first window of the next cycle covers its name.
     assert!(store.delete("batch-input", "i2.jsonl", None).await.unwrap());
     let figures = tick(&s).await;
     assert_eq!(
-        batched_inputs(&s).await,
+        inputs_of(&s.emulator).await,
         names(1..=7),
         "the cycle's last window"
     );
@@ -452,7 +446,7 @@ async fn a_large_input_container_is_swept_a_window_a_tick() {
     let (status, answer) = s.handler.tick().await;
     assert_eq!(status, 200);
     assert_eq!(
-        batched_inputs(&s).await,
+        inputs_of(&s.emulator).await,
         names(0..=7),
         "the next cycle's first window: {:?}",
         answer.logs

@@ -395,17 +395,7 @@ mod tests {
             "!@#$%^&*()!@#$%^&*()!@#$%^&*()!@#$%^&*()!@#$%^&*()!@#$%^&*()!@#$%^&*()!@#$%^&*()!@#$%^&*()!@#$%^&*()!@",
             "QmFzZTY0RW5jb2RlZERhdGFRbUZ6WlRZMFJXNWpiMlJsWkVSaGRHRlJiVVo2V2xSWk1GSlhOV3BpTWxKc1drVlNhR1JIUlQ",
         ];
-        let mut state = seed
-            .wrapping_mul(6364136223846793005)
-            .wrapping_add(1442695040888963407);
-        let mut out = String::new();
-        for _ in 0..len {
-            state = state
-                .wrapping_mul(6364136223846793005)
-                .wrapping_add(1442695040888963407);
-            out.push_str(ALPHABET[(state >> 33) as usize % ALPHABET.len()]);
-        }
-        out
+        super::super::test_support::generated(seed, len, ALPHABET)
     }
 
     #[test]

@@ -307,17 +307,7 @@ mod tests {
             "`", "|", "~", "\x0B", "\x0C", " .", " /", ".\n", "\t\n", "don't", "I'M", "it'S",
             "\u{a0}", "\u{3000}", "é", "Déjà", "日本", "\n/", "\r", ".\r/",
         ];
-        let mut state = seed
-            .wrapping_mul(6364136223846793005)
-            .wrapping_add(1442695040888963407);
-        let mut out = String::new();
-        for _ in 0..len {
-            state = state
-                .wrapping_mul(6364136223846793005)
-                .wrapping_add(1442695040888963407);
-            out.push_str(ALPHABET[(state >> 33) as usize % ALPHABET.len()]);
-        }
-        out
+        super::super::test_support::generated(seed, len, ALPHABET)
     }
 
     #[test]

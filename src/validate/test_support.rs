@@ -56,3 +56,20 @@ pub(super) fn tricky_file() -> Vec<u8> {
     f.extend_from_slice(&req("last").as_bytes()[..50]);
     f
 }
+
+/// `len` pieces of `alphabet` in a deterministic order from `seed`: the tokenizer tests'
+/// generated text (a linear congruential generator, so no dependency and the same text on
+/// every machine).
+pub(super) fn generated(seed: u64, len: usize, alphabet: &[&str]) -> String {
+    let step = |s: u64| {
+        s.wrapping_mul(6364136223846793005)
+            .wrapping_add(1442695040888963407)
+    };
+    let mut state = step(seed);
+    let mut out = String::new();
+    for _ in 0..len {
+        state = step(state);
+        out.push_str(alphabet[(state >> 33) as usize % alphabet.len()]);
+    }
+    out
+}

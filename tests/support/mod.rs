@@ -313,3 +313,16 @@ pub fn chat_lines(n: usize, prefix: &str, question: &str) -> Vec<u8> {
         .collect::<String>()
         .into_bytes()
 }
+
+/// The input blob names (the last path segment) of the emulator's batches, sorted.
+pub async fn inputs_of(emulator: &Emulator) -> Vec<String> {
+    let mut names: Vec<String> = emulator
+        .batches()
+        .await
+        .into_iter()
+        .filter_map(|b| b.input_blob)
+        .map(|u| u.rsplit('/').next().unwrap().to_string())
+        .collect();
+    names.sort();
+    names
+}
