@@ -562,6 +562,61 @@ mod tests {
         .collect()
     }
 
+    /// The settings a user sets: every name in `names` but the test switches and the ones the
+    /// platform sets.
+    fn user_settings() -> Vec<&'static str> {
+        include_str!("config.rs")
+            .lines()
+            .filter(|l| l.trim_start().starts_with("pub const "))
+            .filter_map(|l| l.split('"').nth(1))
+            .filter(|n| n.starts_with("BATCH_") || n.starts_with("AZURE_OPENAI_"))
+            .filter(|n| !n.starts_with("BATCH_TEST_"))
+            .collect()
+    }
+
+    #[test]
+    fn the_readme_and_the_example_list_every_setting_at_its_default() {
+        let names = user_settings();
+        assert!(names.len() >= 20, "{names:?}");
+        let readme = include_str!("../README.md");
+        let example: serde_json::Value =
+            serde_json::from_str(include_str!("../local.settings.json.example")).unwrap();
+        let values = example["Values"].as_object().unwrap();
+        for name in &names {
+            assert!(
+                readme.contains(&format!("| `{name}` |")),
+                "{name} is not in README's settings table"
+            );
+            assert!(
+                values.contains_key(*name),
+                "{name} is not in local.settings.json.example"
+            );
+        }
+        // The example's tuning values are the defaults: copying it changes nothing.
+        let connection = [
+            names::OPENAI_ENDPOINT,
+            names::OPENAI_API_KEY,
+            names::STORAGE_ACCOUNT_URL,
+            names::STORAGE_CONNECTION_STRING,
+            names::WEBHOOK_SECRET,
+        ];
+        let mut env = base();
+        for (name, value) in values {
+            let value = value.as_str().unwrap();
+            if names.contains(&name.as_str())
+                && !connection.contains(&name.as_str())
+                && !value.is_empty()
+            {
+                env.insert(name.clone(), value.to_string());
+            }
+        }
+        assert_eq!(
+            format!("{:?}", Config::from_map(&env).unwrap()),
+            format!("{:?}", Config::from_map(&base()).unwrap()),
+            "a value in local.settings.json.example is not the default"
+        );
+    }
+
     #[test]
     fn defaults_follow_the_contract() {
         let c = Config::from_map(&base()).unwrap();
