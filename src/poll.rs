@@ -75,6 +75,10 @@ pub struct TickStats {
     pub records_read: usize,
     /// Inputs the sweep looked at: those modified since its mark, with no active job.
     pub sweep_looked_at: usize,
+    /// Names of the input container this tick's window listed, and whether the window ended
+    /// a cycle (the whole container has been listed since the cycle began).
+    pub sweep_listed: usize,
+    pub sweep_cycle_ended: bool,
     /// Queued jobs admitted (submitted) this tick, and those still waiting for room.
     pub admitted: usize,
     pub waiting: usize,
@@ -150,6 +154,8 @@ pub async fn tick(app: &App, j: &Journal) -> Result<TickStats, StepError> {
     )
     .await?;
     stats.swept = swept.taken_in;
+    stats.sweep_listed = window.inputs.len();
+    stats.sweep_cycle_ended = window.ends_cycle();
     let next_state = window.advance(&sweep_state, swept.newest, swept.all_taken, window_at);
     if next_state != sweep_state {
         app.jobs.set_sweep_state(&next_state).await?;
@@ -252,8 +258,8 @@ pub async fn tick(app: &App, j: &Journal) -> Result<TickStats, StepError> {
     no_route.report(app, j);
     j.info(format!(
         "tick done in {} ms: {} new input(s), {} active job(s), {} finished, {} fault(s); \
-         running={} list_pages={} retrieved={} records_read={} sweep_looked_at={} \
-         admitted={} waiting={}",
+         running={} list_pages={} retrieved={} records_read={} sweep_listed={} \
+         sweep_cycle_ended={} sweep_looked_at={} admitted={} waiting={}",
         started.elapsed().as_millis(),
         stats.swept,
         stats.active,
@@ -263,6 +269,8 @@ pub async fn tick(app: &App, j: &Journal) -> Result<TickStats, StepError> {
         stats.list_pages,
         stats.retrieved,
         stats.records_read,
+        stats.sweep_listed,
+        u8::from(stats.sweep_cycle_ended),
         stats.sweep_looked_at,
         stats.admitted,
         stats.waiting,

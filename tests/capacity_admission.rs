@@ -26,6 +26,22 @@ fn small_quota() -> Capacity {
     }
 }
 
+/// Azurite, an emulator in manual mode with [`small_quota`], a handler, and a store client
+/// with the output container made: what most of these tests start from.
+async fn small_quota_stack() -> (
+    Azurite,
+    Emulator,
+    Handler,
+    aoai_blob_batch::storage::BlobStore,
+) {
+    let azurite = Azurite::start();
+    let emulator = Emulator::start_with_capacity(&azurite, small_quota(), &["--step-ms", "0"]);
+    let handler = Handler::start(handler_env(&azurite, &emulator));
+    let store = azurite.store();
+    store.ensure_container("batch-output").await.unwrap();
+    (azurite, emulator, handler, store)
+}
+
 /// Creates the emulator answered with 400 `token_limit_exceeded`: its create calls less the
 /// batches it holds.
 async fn refusals(emulator: &Emulator) -> u64 {
@@ -67,11 +83,7 @@ async fn status_json(store: &aoai_blob_batch::storage::BlobStore, tag: &str) -> 
 
 #[tokio::test]
 async fn concurrent_intakes_over_a_small_quota_never_over_admit() {
-    let azurite = Azurite::start();
-    let emulator = Emulator::start_with_capacity(&azurite, small_quota(), &["--step-ms", "0"]);
-    let handler = Handler::start(handler_env(&azurite, &emulator));
-    let store = azurite.store();
-    store.ensure_container("batch-output").await.unwrap();
+    let (_azurite, emulator, handler, store) = small_quota_stack().await;
 
     let tags: Vec<String> = (0..8).map(|i| format!("f{i}")).collect();
     for tag in &tags {
@@ -136,12 +148,7 @@ async fn concurrent_intakes_over_a_small_quota_never_over_admit() {
 
 #[tokio::test]
 async fn a_queued_job_is_admitted_in_the_tick_whose_harvest_frees_room() {
-    let azurite = Azurite::start();
-    let emulator = Emulator::start_with_capacity(&azurite, small_quota(), &["--step-ms", "0"]);
-    let stack_env = handler_env(&azurite, &emulator);
-    let handler = Handler::start(stack_env);
-    let store = azurite.store();
-    store.ensure_container("batch-output").await.unwrap();
+    let (_azurite, emulator, handler, store) = small_quota_stack().await;
 
     for tag in ["a", "b", "c"] {
         upload_input(&store, &format!("{tag}.jsonl"), &quota_file(tag, REQUESTS)).await;
@@ -289,11 +296,7 @@ async fn two_instances_racing_for_the_last_room_one_wins() {
 
 #[tokio::test]
 async fn a_file_bigger_than_any_quota_is_split_by_tokens_and_completes() {
-    let azurite = Azurite::start();
-    let emulator = Emulator::start_with_capacity(&azurite, small_quota(), &["--step-ms", "0"]);
-    let handler = Handler::start(handler_env(&azurite, &emulator));
-    let store = azurite.store();
-    store.ensure_container("batch-output").await.unwrap();
+    let (_azurite, emulator, handler, store) = small_quota_stack().await;
 
     // A small file first: its create answer tells the limit, and how the service counts.
     upload_input(&store, "small.jsonl", &quota_file("small", REQUESTS)).await;
@@ -597,11 +600,7 @@ async fn the_ledger_counts_running_jobs_without_listing_them() {
     // The ledger is rewritten by every admission: with thousands of batches running it must
     // not list each of them. A tick counts what the running jobs hold from its listing of
     // active/, and admission stays as exact as before.
-    let azurite = Azurite::start();
-    let emulator = Emulator::start_with_capacity(&azurite, small_quota(), &["--step-ms", "0"]);
-    let handler = Handler::start(handler_env(&azurite, &emulator));
-    let store = azurite.store();
-    store.ensure_container("batch-output").await.unwrap();
+    let (_azurite, emulator, handler, store) = small_quota_stack().await;
     for tag in ["a", "b", "c"] {
         upload_input(&store, &format!("{tag}.jsonl"), &quota_file(tag, REQUESTS)).await;
         deliver(&handler, &store, &format!("{tag}.jsonl")).await;
@@ -677,17 +676,7 @@ async fn list_ledgers(store: &aoai_blob_batch::storage::BlobStore) -> Vec<Value>
 
 /// Steps the batch of input `name` until it has ended at the service; returns its id.
 async fn end_batch_of(emulator: &Emulator, name: &str) -> String {
-    let id = emulator
-        .batches()
-        .await
-        .into_iter()
-        .find(|b| {
-            b.input_blob
-                .as_deref()
-                .is_some_and(|u| u.ends_with(&format!("/{name}")))
-        })
-        .unwrap_or_else(|| panic!("a batch for {name}"))
-        .id;
+    let id = batch_for(emulator, name).await.id;
     for _ in 0..20 {
         if emulator.step(Some(&id), 1).await[0].status.is_terminal() {
             break;

@@ -417,11 +417,16 @@ async fn a_large_input_container_is_swept_a_window_a_tick() {
     let names = |r: std::ops::RangeInclusive<u32>| -> Vec<String> {
         r.map(|i| format!("i{i}.jsonl")).collect()
     };
-    tick(&s).await;
+    let figures = tick(&s).await;
     assert_eq!(
         inputs_of(&s.emulator).await,
         names(1..=3),
         "the first window"
+    );
+    assert_eq!(
+        (figures["sweep_listed"], figures["sweep_cycle_ended"]),
+        (3, 0),
+        "what the tick's line tells an operator"
     );
     // Uploaded into the range the cycle has passed: the next cycle finds it.
     upload_input(&store, "i0.jsonl", &body("i0")).await;
@@ -442,6 +447,10 @@ async fn a_large_input_container_is_swept_a_window_a_tick() {
     assert_eq!(
         figures["running"], 7,
         "no job cancelled by a window not covering it"
+    );
+    assert_eq!(
+        (figures["sweep_listed"], figures["sweep_cycle_ended"]),
+        (1, 1)
     );
     let (status, answer) = s.handler.tick().await;
     assert_eq!(status, 200);

@@ -409,22 +409,8 @@ async fn a_harvester_arriving_mid_harvest_leaves_the_job_to_its_holder() {
     assert_eq!(second.0, 200, "{:?}", second.1.logs);
     assert_eq!(hook.0, 200, "{}", hook.1);
 
-    let summary = summary(&s).await.expect("summary.json");
-    assert_eq!(summary["status"], "completed");
-    let store = s.azurite.store();
-    for file in ["results.jsonl", "merged.jsonl"] {
-        let text = read_text(&store, "batch-output", &format!("test/{file}"))
-            .await
-            .unwrap_or_else(|| panic!("{file} is where the summary says"));
-        assert_eq!(text.lines().count(), 3, "{file}: {text}");
-    }
-    assert!(blob_names(&store, "batch-jobs", "active/").await.is_empty());
-    assert_eq!(blob_names(&store, "batch-jobs", "done/").await.len(), 1);
+    assert_harvested_once(&s, &first.1.logs).await;
     // The holder harvested it; the other instance left it alone, by webhook and by tick.
-    let harvested = |logs: &[String]| {
-        logs.iter()
-            .any(|l| l.contains("results in batch-output/test/"))
-    };
     assert!(harvested(&first.1.logs), "{:?}", first.1.logs);
     assert!(!harvested(&second.1.logs), "{:?}", second.1.logs);
     assert!(!hook.1.contains("finished"), "{}", hook.1);
@@ -456,28 +442,31 @@ async fn a_holder_whose_hold_lapsed_does_not_clear_what_its_successor_moved() {
     });
     assert_eq!(first.0, 200, "{:?}", first.1.logs);
     assert_eq!(second.0, 200, "{:?}", second.1.logs);
-    let took_over = |logs: &[String]| {
-        logs.iter()
-            .any(|l| l.contains("results in batch-output/test/"))
-    };
     assert!(
-        took_over(&second.1.logs),
+        harvested(&second.1.logs),
         "B harvested: {:?}",
         second.1.logs
     );
+    assert_harvested_once(&s, &first.1.logs).await;
+}
 
-    let summary = summary(&s).await.expect("summary.json");
+/// Whether these logs hold the harvest of the sample input (`submit_sample`).
+fn harvested(logs: &[String]) -> bool {
+    logs.iter()
+        .any(|l| l.contains("results in batch-output/test/"))
+}
+
+/// The sample input's batch was harvested once and whole: a `completed` summary, its three
+/// answers in `results.jsonl` and `merged.jsonl`, and its job filed under done/. `logs`: the
+/// logs to show should a file be missing.
+async fn assert_harvested_once(s: &Stack, logs: &[String]) {
+    let summary = summary(s).await.expect("summary.json");
     assert_eq!(summary["status"], "completed");
     let store = s.azurite.store();
     for file in ["results.jsonl", "merged.jsonl"] {
         let text = read_text(&store, "batch-output", &format!("test/{file}"))
             .await
-            .unwrap_or_else(|| {
-                panic!(
-                    "{file} is where the summary says; A's logs: {:?}",
-                    first.1.logs
-                )
-            });
+            .unwrap_or_else(|| panic!("{file} is where the summary says; logs: {logs:?}"));
         assert_eq!(text.lines().count(), 3, "{file}: {text}");
     }
     assert!(blob_names(&store, "batch-jobs", "active/").await.is_empty());
@@ -647,17 +636,7 @@ async fn a_crash_at_each_harvest_step_of_a_webhook_loses_nothing() {
             .map(|k| chat_line(&format!("c{i}-{k}"), "why?") + "\n")
             .collect();
         s.submit(&format!("{name}.jsonl"), body.as_bytes()).await;
-        let batch = s
-            .emulator
-            .batches()
-            .await
-            .into_iter()
-            .find(|b| {
-                b.input_blob
-                    .as_deref()
-                    .is_some_and(|u| u.ends_with(&format!("/{name}.jsonl")))
-            })
-            .expect("its batch");
+        let batch = batch_for(&s.emulator, &format!("{name}.jsonl")).await;
         finish_batch(&s, &batch.id).await;
         // A second handler, which aborts at this step, gets the event.
         let mut env = s.handler.env.clone();

@@ -371,18 +371,7 @@ mod tests {
             " 日本語のテキスト",
             " 日本語のテキストです",
         ];
-        for (ours, bpe, pattern) in [
-            (
-                Tokenizer::o200k(),
-                tiktoken_rs::o200k_base_singleton(),
-                Pattern::O200k,
-            ),
-            (
-                Tokenizer::cl100k(),
-                tiktoken_rs::cl100k_base_singleton(),
-                Pattern::Cl100k,
-            ),
-        ] {
+        for (ours, bpe, pattern) in encodings() {
             let mut counter = Counter::default();
             for _ in 0..2 {
                 for s in samples {
@@ -394,6 +383,22 @@ mod tests {
                 }
             }
         }
+    }
+
+    /// Each encoding: our tokenizer, tiktoken-rs's, and the pre-tokenizer pattern.
+    fn encodings() -> [(&'static Tokenizer, &'static CoreBPE, Pattern); 2] {
+        [
+            (
+                Tokenizer::o200k(),
+                tiktoken_rs::o200k_base_singleton(),
+                Pattern::O200k,
+            ),
+            (
+                Tokenizer::cl100k(),
+                tiktoken_rs::cl100k_base_singleton(),
+                Pattern::Cl100k,
+            ),
+        ]
     }
 
     #[test]
@@ -411,18 +416,7 @@ mod tests {
             "Summarise ticket #7: \"the app crashes\" when saving — café, naïve, 日本語. Lorem ipsum.",
             "Ünïcödé wörds ánd ASCII mixed; 😀 emoji, Ñandú's nest.",
         ];
-        for (ours, bpe, pattern) in [
-            (
-                Tokenizer::o200k(),
-                tiktoken_rs::o200k_base_singleton(),
-                Pattern::O200k,
-            ),
-            (
-                Tokenizer::cl100k(),
-                tiktoken_rs::cl100k_base_singleton(),
-                Pattern::Cl100k,
-            ),
-        ] {
+        for (ours, bpe, pattern) in encodings() {
             let mut counter = Counter::default();
             for s in samples {
                 let expected = tiktoken_pieces(bpe, s);

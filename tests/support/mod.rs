@@ -326,3 +326,18 @@ pub async fn inputs_of(emulator: &Emulator) -> Vec<String> {
     names.sort();
     names
 }
+
+/// The emulator's batch for input blob `name` (the blob's name, `.jsonl` included).
+pub async fn batch_for(emulator: &Emulator, name: &str) -> aoai_blob_batch::openai::Batch {
+    let suffix = format!("/{name}");
+    emulator
+        .batches()
+        .await
+        .into_iter()
+        .find(|b| {
+            b.input_blob
+                .as_deref()
+                .is_some_and(|u| u.ends_with(&suffix))
+        })
+        .unwrap_or_else(|| panic!("a batch for {name}"))
+}
